@@ -1,0 +1,30 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both create .venv when it is
+# missing and (re)install when pyproject.toml changed; otherwise they go straight to work.
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+STAMP := .venv/.installed
+
+.PHONY: demo test test-unit bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip "setuptools>=68" wheel
+	# torch first and pinned: DeepSpeed is an sdist that builds against it (no build isolation).
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q --no-build-isolation -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) jobs/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
+bench: $(STAMP)
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf runs .pytest_cache

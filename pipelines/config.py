@@ -1,0 +1,267 @@
+"""Recipes: one typed config for every stage, read from recipes/<name>.toml plus `--set` overrides.
+
+A recipe names where things live (`paths`), how TRIM runs (`trim`) and how each stage runs. String
+paths may hold `{root}`, replaced by `paths.root`, so one override moves a whole run (e.g. to S3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trim import TrimConfig
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@dataclass
+class PathsConfig:
+    """Where each stage reads and writes. Local paths or s3:// URIs."""
+
+    root: str = "runs/tiny"
+    """Storage root: shards/, cache/, checkpoints/, eval/ and mlruns/ live beneath it."""
+    mixture: str = "{root}/data/llava_v1_5_mix665k.json"
+    """The instruction mixture: a JSON array as LLaVA ships it, or JSONL."""
+    image_root: str = "{root}/data/images"
+    """The folder that holds coco/, gqa/, ocr_vqa/, textvqa/, vg/."""
+    clip: str = "{root}/models/clip"
+    """CLIP checkpoint directory (vision + text towers with projections)."""
+    llm: str = "{root}/models/llm"
+    """Causal LM checkpoint directory (e.g. vicuna-7b-v1.5)."""
+    projector: str = ""
+    """Pretrained projector weights to start from (LLaVA stage-1 mm_projector.bin); "" = random init."""
+    eval_questions: str = "{root}/data/eval/questions.jsonl"
+    """LLaVA evaluation question file (JSONL: question_id, image, text, category?)."""
+    eval_images: str = "{root}/data/eval/images"
+    """Image folder of the evaluation questions."""
+    eval_annotations: str = "{root}/data/eval/annotations.jsonl"
+    """Annotations for scoring (JSONL: question_id, answers | answer, kind?); optional."""
+
+    @property
+    def shards(self) -> str:
+        return f"{self.root}/shards"
+
+    @property
+    def cache(self) -> str:
+        return f"{self.root}/cache"
+
+    @property
+    def checkpoints(self) -> str:
+        return f"{self.root}/checkpoints"
+
+    @property
+    def eval_dir(self) -> str:
+        return f"{self.root}/eval"
+
+    def resolved(self) -> "PathsConfig":
+        """A copy with `{root}` substituted everywhere."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return PathsConfig(**{k: v.replace("{root}", self.root) for k, v in values.items()})
+
+
+@dataclass
+class SynthConfig:
+    """The synthetic LLaVA mixture the tiny recipe generates (real format and folder layout)."""
+
+    num_samples: int = 240
+    """Rows of the mixture JSON."""
+    num_images: int = 80
+    """Distinct image files (shared by several samples, as COCO images are in the real mixture)."""
+    num_eval_questions: int = 24
+    """Questions of the synthetic evaluation split."""
+    seed: int = 0
+    """Seed of the generator: same seed, same files."""
+
+
+@dataclass
+class ShardConfig:
+    """Mixture JSON + image folders into Parquet shards."""
+
+    rows_per_shard: int = 5000
+    """Samples per Parquet file of the samples table."""
+    images_per_shard: int = 500
+    """Images (with their bytes) per Parquet file of the images table."""
+    read_batch_size: int = 256
+    """Records per Ray Data batch while reading images."""
+    concurrency: int = 2
+    """Parallel tasks that read and hash images."""
+
+
+@dataclass
+class PrecomputeConfig:
+    """Shards into the TRIM cache with the frozen CLIP towers."""
+
+    batch_size: int = 16
+    """Images per encoder forward."""
+    concurrency: int = 1
+    """Encoder actors (each loads the towers once)."""
+    num_gpus_per_actor: float = 0.0
+    """GPUs per encoder actor (0 on CPU)."""
+    layer: int = -2
+    """Vision tower layer whose patch features are cached (LLaVA-1.5: the penultimate)."""
+    rows_per_file: int = 2000
+    """Samples per cache Parquet file (the unit of resumption)."""
+    dtype: str = "float32"
+    """Encoder compute dtype: float32 on CPU, float16/bfloat16 on GPU."""
+
+
+@dataclass
+class TrainConfig:
+    """Ray Train + DeepSpeed fine-tuning on the cache."""
+
+    run_name: str = "tiny"
+    """Ray Train run name and MLflow run name; the same name resumes."""
+    num_workers: int = 2
+    """Ray Train workers (one per GPU on a GPU cluster)."""
+    use_gpu: bool = False
+    """Workers on GPUs (NCCL, bf16) or CPUs (gloo, fp32)."""
+    deepspeed_config: str = "infra/deepspeed/zero2.json"
+    """DeepSpeed config file (ZeRO stage and offload); batch sizes are filled in from this config."""
+    micro_batch_size: int = 4
+    """Samples per worker per step."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.03
+    """Share of the steps with linear warmup, then cosine decay to 0."""
+    epochs: float = 1.0
+    """Passes over the cache."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: as many as the epochs give)."""
+    max_length: int = 2048
+    """Longest sequence in tokens, visual tokens included."""
+    train_llm: bool = True
+    """Train projector + LLM (True) or the projector alone (False)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    group_by_length: bool = True
+    """Batch samples of similar length together to cut padding."""
+    checkpoint_every: int = 20
+    """Save a checkpoint every this many optimizer steps (and at the end)."""
+    seed: int = 0
+    """Seed of the data order and the projector's initialisation."""
+    visual_tokens: str = "trim"
+    """"trim": the cached reduced tokens; "full": all cached patches (the no-TRIM baseline, needs a
+    cache written with keep_full_features)."""
+
+
+@dataclass
+class EvalConfig:
+    """Inference and scoring on an evaluation split."""
+
+    kind: str = "vqa"
+    """Scorer: "vqa" (open-ended), "yesno" (POPE), "choice" (option letter)."""
+    max_new_tokens: int = 16
+    """Tokens generated per answer (greedy)."""
+    batch_size: int = 8
+    """Questions per generation batch."""
+    concurrency: int = 1
+    """Inference actors."""
+    num_pictures: int = 4
+    """TRIM pictures logged as artifacts."""
+
+
+@dataclass
+class Recipe:
+    """Everything one run needs, from the mixture to the evaluation."""
+
+    name: str = "tiny"
+    """The recipe's name (the file recipes/<name>.toml)."""
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    """Where things live."""
+    trim: TrimConfig = field(default_factory=TrimConfig)
+    """The TRIM configuration used in caching and inference."""
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    """The synthetic mixture (tiny recipe only)."""
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    """Shard stage."""
+    precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
+    """Precompute stage."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Fine-tune stage."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluate stage."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {f.name: f for f in dataclasses.fields(Recipe) if f.name != "name"}
+
+
+def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
+    """Convert an override string (or TOML value) to the declared type of cls.name."""
+    hints = typing.get_type_hints(cls)
+    if name not in hints:
+        known = ", ".join(f.name for f in dataclasses.fields(cls))
+        raise ValueError(f"{where}: unknown key {name!r} (known: {known})")
+    target = hints[name]
+    if typing.get_origin(target) is typing.Literal:
+        target = str
+    if not isinstance(value, str) or target is str:
+        return value if target is not float or not isinstance(value, int) else float(value)
+    if target is bool:
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{where}: {name}={value!r} is not a boolean")
+    try:
+        return target(value)
+    except ValueError as err:
+        raise ValueError(f"{where}: {name}={value!r} is not a {target.__name__}") from err
+
+
+def _section(name: str, values: dict[str, Any], where: str) -> Any:
+    if name == "trim":
+        values = dict(values)
+        preset = values.pop("preset", "default")
+        coerced = {k: _coerce(TrimConfig, k, v, where) for k, v in values.items()}
+        return TrimConfig.preset(preset, **coerced)
+    cls = typing.get_type_hints(Recipe)[name]
+    return cls(**{k: _coerce(cls, k, v, where) for k, v in values.items()})
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load recipes/<name>.toml (or a .toml path), apply `section.key=value` overrides, resolve
+    `{root}`. Unknown sections or keys are errors naming the file or override."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = RECIPES_DIR / f"{name_or_path}.toml"
+    if not path.exists():
+        shipped = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.toml")))
+        raise FileNotFoundError(f"recipe {name_or_path!r} not found at {path} (shipped: {shipped})")
+    data = tomllib.loads(path.read_text())
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        section, dot, field_name = key.strip().partition(".")
+        if not sep or not dot:
+            raise ValueError(f"override {override!r}: expected section.key=value")
+        data.setdefault(section, {})[field_name] = value.strip()
+    unknown = set(data) - set(_SECTIONS) - {"name"}
+    if unknown:
+        raise ValueError(f"{path}: unknown sections {sorted(unknown)} (known: {sorted(_SECTIONS)})")
+    sections = {name: _section(name, data.get(name, {}), str(path)) for name in _SECTIONS}
+    sections["paths"] = sections["paths"].resolved()
+    return Recipe(name=data.get("name", path.stem), **sections)
+
+
+def recipe_argparser(description: str) -> argparse.ArgumentParser:
+    """The command line every job shares: --recipe NAME and repeated --set section.key=value."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--recipe", default="tiny", help="recipes/<name>.toml or a path to a .toml file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one recipe field, e.g. --set paths.root=s3://bucket/run")
+    return parser
+
+
+def shipped_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))

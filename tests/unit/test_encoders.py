@@ -1,0 +1,97 @@
+"""CLIP encoders on the tiny checkpoint: shapes, LLaVA's pad-to-square, text truncation, loading."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from trim.encoders import ClipEncoder, expand_to_square
+from trim.tiny import build_tiny_models
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_models):
+    return ClipEncoder(tiny_models.clip)
+
+
+def test_expand_to_square_centres_on_the_background():
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    square = expand_to_square(image, (1, 2, 3))
+    assert square.size == (40, 40)
+    assert square.getpixel((0, 0)) == (1, 2, 3)  # padding above
+    assert square.getpixel((0, 39)) == (1, 2, 3)  # padding below
+    assert square.getpixel((20, 20)) == (255, 0, 0)  # the image, centred
+    assert square.getpixel((20, 10)) == (255, 0, 0) and square.getpixel((20, 9)) == (1, 2, 3)
+    tall = expand_to_square(Image.new("L", (5, 9), 200), (0, 0, 0))
+    assert tall.size == (9, 9) and tall.mode == "RGB" and tall.getpixel((1, 4)) == (0, 0, 0)
+
+
+def test_background_is_the_processor_mean_colour(encoder):
+    assert encoder.background == (123, 117, 104)
+
+
+@pytest.mark.parametrize("size", [(336, 336), (500, 120), (90, 700), (17, 13)])
+def test_image_features_have_576_patches_at_any_aspect_ratio(encoder, size):
+    image = Image.effect_noise(size, 40).convert("RGB")
+    pixels = encoder.preprocess([image])
+    assert pixels.shape == (1, 3, 336, 336)
+    out = encoder.encode_images([image, image])
+    assert out.features.shape == (2, 576, encoder.feature_dim)
+    assert out.patch_embeds.shape == (2, 576, encoder.model.config.projection_dim)
+    torch.testing.assert_close(out.features[0], out.features[1])
+
+
+def test_odd_aspect_ratio_is_padded_not_stretched(encoder):
+    # A wide strip padded to square: the top rows of the processed image are the mean colour,
+    # which normalises to ~0 in every channel.
+    strip = Image.new("RGB", (600, 60), (255, 255, 255))
+    pixels = encoder.preprocess([strip])[0]
+    assert pixels[:, :50, :].abs().max() < 0.02
+    assert pixels[:, 168, :].min() > 1.5  # the white strip through the middle
+
+
+def test_features_come_from_the_chosen_layer(tiny_models):
+    image = Image.effect_noise((64, 64), 40).convert("RGB")
+    penultimate = ClipEncoder(tiny_models.clip, layer=-2)
+    last = ClipEncoder(tiny_models.clip, layer=-1)
+    pixels = penultimate.preprocess([image])
+    hidden = penultimate.model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(penultimate.encode_pixels(pixels).features, hidden[-2][:, 1:])
+    torch.testing.assert_close(last.encode_pixels(pixels).features, hidden[-1][:, 1:])
+
+
+def test_text_embeddings_are_truncated_to_77_tokens(encoder):
+    long_text = "what is the colour of the car on the left " * 40
+    assert len(encoder.tokenizer(long_text)["input_ids"]) > 77
+    embeds = encoder.encode_texts([long_text, "a dog"])
+    assert embeds.shape == (2, encoder.model.config.projection_dim)
+    # Everything after the 77th token is cut: changing the tail does not change the embedding.
+    altered = encoder.encode_texts([long_text + " purple elephants riding bikes"])
+    torch.testing.assert_close(altered[0], embeds[0])
+
+
+def test_describe_records_what_a_manifest_needs(encoder):
+    info = encoder.describe()
+    assert info["num_patches"] == 576 and info["layer"] == -2 and len(info["config_hash"]) == 16
+    json.dumps(info)
+
+
+def test_tiny_models_build_is_idempotent(tiny_models):
+    before = {p: p.stat().st_mtime_ns for p in tiny_models.clip.iterdir()}
+    again = build_tiny_models(tiny_models.clip.parent)
+    assert again == tiny_models
+    assert {p: p.stat().st_mtime_ns for p in tiny_models.clip.iterdir()} == before
+
+
+def test_tiny_llm_loads_through_from_pretrained(tiny_models):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models.llm)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models.llm)
+    assert model.config.model_type == "llama"
+    assert tokenizer.eos_token == "</s>" and tokenizer.bos_token == "<s>"
+    ids = tokenizer("USER: what is the colour ASSISTANT:", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == "USER: what is the colour ASSISTANT:"
+    logits = model(torch.tensor([ids])).logits
+    assert logits.shape == (1, len(ids), len(tokenizer))

@@ -1,0 +1,263 @@
+"""Scorers for LLaVA answer files, checked against figures worked out by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from trim.scoring import (
+    Annotation,
+    find_missing,
+    load_annotations,
+    normalize_vqa_answer,
+    parse_choice,
+    parse_yes_no,
+    score,
+    score_choice,
+    score_vqa,
+    score_yes_no,
+    vqa_accuracy,
+)
+
+
+def answer(qid, text):
+    """A LLaVA answer record as model_vqa writes it."""
+    return {"question_id": qid, "prompt": "q", "text": text, "answer_id": "x", "model_id": "m",
+            "metadata": {}}
+
+
+# --- normalisation -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("Two", "2"),
+    ("The dog.", "dog"),
+    ("an apple", "apple"),
+    ("black-and-white", "black and white"),   # mark inside a word -> space
+    ("yes , it is", "yes it is"),              # mark touching a space -> removed
+    ("1,000", "1000"),                         # digit,digit -> marks removed
+    ("3.5", "3.5"),                            # period before a digit kept
+    ("dont know", "don't know"),
+    ("isnt", "isn't"),
+    ("  Ten\tApples\n", "10 apples"),
+    ("its", "its"),                            # a real word: not turned into "it's"
+])
+def test_normalize_vqa_answer(raw, expected):
+    assert normalize_vqa_answer(raw) == expected
+
+
+# --- VQA accuracy ------------------------------------------------------------------------------
+
+
+def ten(matching: int) -> list[str]:
+    return ["cat"] * matching + ["dog"] * (10 - matching)
+
+
+@pytest.mark.parametrize("matching, expected", [
+    # Leave each of the 10 annotators out; score min(matches among the other 9 / 3, 1); average.
+    (0, 0.0),
+    (1, (1 * 0 / 3 + 9 * 1 / 3) / 10),         # = 0.3
+    (2, (2 * 1 / 3 + 8 * 2 / 3) / 10),         # = 0.6
+    (3, (3 * 2 / 3 + 7 * 1) / 10),             # = 0.9, not 1.0: leaving a matching one out hurts
+    (4, (4 * 1 + 6 * 1) / 10),                 # = 1.0
+    (10, 1.0),
+])
+def test_vqa_accuracy_ten_answers(matching, expected):
+    assert vqa_accuracy("Cat", ten(matching)) == pytest.approx(expected)
+
+
+def test_vqa_accuracy_hand_figures():
+    assert vqa_accuracy("cat", ten(1)) == pytest.approx(0.3)
+    assert vqa_accuracy("cat", ten(2)) == pytest.approx(0.6)
+    assert vqa_accuracy("cat", ten(3)) == pytest.approx(0.9)
+
+
+def test_vqa_accuracy_three_answers_one_match():
+    # Out: the match -> 0/3; out: either other -> 1/3. Mean (0 + 1/3 + 1/3) / 3 = 2/9.
+    assert vqa_accuracy("two", ["2", "3", "4"]) == pytest.approx(2 / 9)
+
+
+def test_vqa_accuracy_single_answer_is_exact_match_after_normalisation():
+    assert vqa_accuracy("Two.", ["2"]) == 1.0
+    assert vqa_accuracy("two dogs", ["2"]) == 0.0
+
+
+@given(st.integers(0, 10), st.integers(0, 10))
+def test_vqa_accuracy_bounded_and_monotone(a, b):
+    lo, hi = sorted((a, b))
+    acc_lo, acc_hi = vqa_accuracy("cat", ten(lo)), vqa_accuracy("cat", ten(hi))
+    assert 0.0 <= acc_lo <= acc_hi <= 1.0
+
+
+def test_score_vqa_counts_missing_as_wrong():
+    annotations = {1: {"answers": ten(4)}, 2: {"answers": ten(2)}, 3: {"answer": "dog"}}
+    result = score_vqa([answer(1, "cat"), answer(2, "cat")], annotations)
+    # (1.0 + 0.6 + 0 for the missing q3) / 3
+    assert result["accuracy"] == pytest.approx(1.6 / 3)
+    assert (result["n"], result["answered"], result["missing"]) == (3, 2, 1)
+
+
+# --- yes/no ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("Yes, there is a dog in the image.", "yes"),
+    ("No, there is no dog.", "no"),
+    ("No.", "no"),
+    ("There is not a cat. No doubt.", "no"),
+    ("Yes. There is no cat behind it.", "yes"),   # only the first sentence is read
+    ("I cannot tell", "yes"),                     # LLaVA's rule: anything without no/not is yes
+])
+def test_parse_yes_no(reply, expected):
+    assert parse_yes_no(reply) == expected
+
+
+def test_score_yes_no_by_hand():
+    annotations = {"q1": "yes", "q2": "yes", "q3": "no", "q4": "no", "q5": "yes", "q6": "no"}
+    answers = [
+        answer("q1", "Yes, there is."),                 # TP
+        answer("q2", "No, there isn't."),               # FN
+        answer("q3", "Yes."),                           # FP
+        answer("q4", "There is not a dog in the image."),  # TN
+        # q5 (yes) missing -> FN; q6 (no) missing -> wrong, neither TN nor FP
+    ]
+    result = score_yes_no(answers, annotations)
+    assert (result["tp"], result["fp"], result["tn"], result["fn"]) == (1, 1, 1, 2)
+    assert result["accuracy"] == pytest.approx(2 / 6)
+    assert result["precision"] == pytest.approx(1 / 2)
+    assert result["recall"] == pytest.approx(1 / 3)
+    assert result["f1"] == pytest.approx(2 * (1 / 2) * (1 / 3) / (1 / 2 + 1 / 3))  # = 0.4
+    assert result["f1"] == pytest.approx(0.4)
+    assert result["yes_ratio"] == pytest.approx(2 / 4)
+    assert (result["n"], result["answered"], result["missing"]) == (6, 4, 2)
+
+
+def test_score_yes_no_rejects_non_yes_no_label():
+    with pytest.raises(ValueError, match="q9"):
+        score_yes_no([answer("q9", "yes")], {"q9": "maybe"})
+
+
+# --- multiple choice ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("B", "B"), ("B.", "B"), ("(B)", "B"), (" C ", "C"),
+    ("B. A cat", "B"), ("(D) the red one", "D"), ("E) none", "E"),
+    ("The answer is B.", "B"), ("Answer: (C)", "C"),
+    ("A cat sits on the mat", None),   # the article is not option A
+    ("b", None), ("F", None), ("I am not sure", None),
+])
+def test_parse_choice(reply, expected):
+    assert parse_choice(reply) == expected
+
+
+def test_parse_choice_custom_letters():
+    assert parse_choice("F", letters="ABCDEF") == "F"
+
+
+def test_score_choice_by_hand():
+    annotations = {1: "A", 2: "B", 3: "C", 4: "D", 5: "A"}
+    answers = [answer(1, "A"), answer(2, "The answer is B."), answer(3, "(D)"),
+               answer(4, "Not sure")]  # 5 missing
+    result = score_choice(answers, annotations)
+    assert result["accuracy"] == pytest.approx(2 / 5)
+    assert (result["n"], result["answered"], result["missing"], result["unparsed"]) == (5, 4, 1, 1)
+
+
+def test_score_choice_rejects_bad_label():
+    with pytest.raises(ValueError, match="question_id=7"):
+        score_choice([], {7: "Z"})
+
+
+# --- dispatcher and errors ---------------------------------------------------------------------
+
+
+def test_score_dispatches_and_matches_int_and_str_ids():
+    result = score([answer("1", "yes")], {1: "yes", 2: "no"}, kind="yesno")
+    assert result["accuracy"] == pytest.approx(1 / 2)
+    assert result["missing"] == 1
+
+
+def test_score_takes_kind_from_annotations():
+    annotations = {1: Annotation(1, ("B",), "choice")}
+    assert score([answer(1, "B")], annotations)["accuracy"] == 1.0
+
+
+def test_score_kind_errors():
+    with pytest.raises(ValueError, match="kind"):
+        score([], {1: "yes"})  # nothing declares a kind
+    with pytest.raises(ValueError, match="unknown kind"):
+        score([], {1: "yes"}, kind="bleu")
+    with pytest.raises(ValueError, match="question_id=1"):
+        score([], {1: Annotation(1, ("B",), "choice")}, kind="vqa")
+
+
+def test_answer_without_annotation_names_the_id():
+    with pytest.raises(ValueError, match="question_id='42'"):
+        score([answer(1, "cat"), answer(42, "dog")], {1: "cat"}, kind="vqa")
+
+
+def test_duplicate_answer_names_the_id():
+    with pytest.raises(ValueError, match="question_id=1"):
+        score([answer(1, "cat"), answer(1, "dog")], {1: "cat"}, kind="vqa")
+
+
+def test_answer_without_text_names_the_id():
+    with pytest.raises(ValueError, match="question_id=3"):
+        score([{"question_id": 3}], {3: "cat"}, kind="vqa")
+
+
+def test_no_annotations_is_an_error():
+    with pytest.raises(ValueError, match="no annotations"):
+        score([], {}, kind="vqa")
+
+
+def test_find_missing():
+    assert find_missing([answer(2, "x")], {1: "a", 2: "b", 3: "c"}) == [1, 3]
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def write_jsonl(path, records):
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n", encoding="utf-8")
+    return path
+
+
+def test_load_annotations(tmp_path):
+    path = write_jsonl(tmp_path / "ann.jsonl", [
+        {"question_id": 1, "answers": ["cat", "cat", "dog"], "kind": "vqa"},
+        {"question_id": "b", "answer": "yes"},
+        {"question_id": 3, "answers": [{"answer": "two"}, {"answer": "2"}]},  # VQAv2 style
+    ])
+    annotations = load_annotations(path)
+    assert annotations[1] == Annotation(1, ("cat", "cat", "dog"), "vqa")
+    assert annotations["b"] == Annotation("b", ("yes",), None)
+    assert annotations[3].answers == ("two", "2")
+    assert score_vqa([answer(3, "2")], {3: annotations[3]})["accuracy"] == pytest.approx(
+        # both annotators say "2" after normalisation: each left out leaves 1 match -> 1/3
+        1 / 3)
+
+
+@pytest.mark.parametrize("records, message", [
+    ([{"question_id": 1, "answer": "a"}, {"question_id": 1, "answer": "b"}],
+     "duplicate question_id=1"),
+    ([{"answer": "a"}], "no question_id"),
+    ([{"question_id": 5}], "question_id=5"),
+    ([{"question_id": 6, "answers": []}], "question_id=6"),
+    ([{"question_id": 7, "answer": "a", "kind": "bleu"}], "question_id=7"),
+])
+def test_load_annotations_errors(tmp_path, records, message):
+    path = write_jsonl(tmp_path / "ann.jsonl", records)
+    with pytest.raises(ValueError, match=message):
+        load_annotations(path)
+
+
+def test_load_annotations_bad_json_names_the_line(tmp_path):
+    path = tmp_path / "ann.jsonl"
+    path.write_text('{"question_id": 1, "answer": "a"}\n{not json\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"ann\.jsonl:2"):
+        load_annotations(path)

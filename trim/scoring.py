@@ -1,0 +1,416 @@
+"""Scorers for LLaVA answer files: open-ended VQA, yes/no (POPE) and multiple choice by letter.
+
+Answers are LLaVA's `model_vqa*` records ({question_id, prompt, text, answer_id, model_id,
+metadata}); only `question_id` and `text` are read. Annotations map question_id -> the reference
+answer(s). Question ids are matched by their string form, so 17 and "17" are the same question.
+
+Conventions shared by every scorer:
+- every annotated question counts in the denominator `n`; an annotated question with no answer is
+  wrong and counted in `missing` (see `find_missing` for the ids);
+- an answer whose question has no annotation, or two answers to one question, is an error: it means
+  the answer file and the annotation file do not belong together;
+- accuracies are fractions in [0, 1] (LLaVA's scripts print percentages).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+Kind = Literal["vqa", "yesno", "choice"]
+KINDS: tuple[str, ...] = ("vqa", "yesno", "choice")
+DEFAULT_LETTERS = "ABCDE"
+"""Option letters accepted by default (ScienceQA has up to five options, MMBench up to four)."""
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """The reference for one question: one or several answers, and optionally its kind."""
+
+    question_id: Any
+    answers: tuple[str, ...]
+    kind: str | None = None
+
+
+AnnotationLike = Annotation | Mapping[str, Any] | str | Sequence[str]
+
+
+# ------------------------------------------------------------------------------------------------
+# VQAv2 answer normalisation (the rules of the official VQA evaluation, written out here)
+# ------------------------------------------------------------------------------------------------
+
+_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<",
+                "@", "`", ",", "?", "!")
+# The official period rule intends "a period not between digits" but, as written, only checks the
+# next character; we keep its actual behaviour: a period not followed by a digit is dropped.
+_PERIOD = re.compile(r"\.(?!\d)")
+_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
+_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
+                 "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_ARTICLES = frozenset({"a", "an", "the"})
+
+# Canonical contractions; every spelling with some of the apostrophes dropped maps to them.
+# Contractions that lose to an ordinary word without the apostrophe (i'll/ill, we're/were, it's/its,
+# we'll/well, i'd/id, ...) are not listed, so normalisation never rewrites a real word.
+_CONTRACTIONS = (
+    "ain't", "aren't", "can't", "could've", "couldn't", "couldn't've", "didn't", "doesn't", "don't",
+    "hadn't", "hadn't've", "hasn't", "haven't", "he'd", "he'd've", "he's", "how'd", "how'll",
+    "how's", "i'd've", "i'm", "i've", "isn't", "it'd", "it'd've", "it'll", "let's", "ma'am",
+    "mightn't", "mightn't've", "might've", "mustn't", "must've", "needn't", "not've", "o'clock",
+    "oughtn't", "shan't", "she'd", "she'd've", "she's", "should've", "shouldn't", "shouldn't've",
+    "somebody'd", "somebody'd've", "somebody'll", "somebody's", "someone'd", "someone'd've",
+    "someone'll", "someone's", "something'd", "something'd've", "something'll", "that's", "there'd",
+    "there'd've", "there're", "there's", "they'd", "they'd've", "they'll", "they're", "they've",
+    "'twas", "wasn't", "we'd've", "we've", "weren't", "what'll", "what're", "what's", "what've",
+    "when's", "where'd", "where's", "where've", "who'd", "who'd've", "who'll", "who's", "who've",
+    "why'll", "why're", "why's", "won't", "would've", "wouldn't", "wouldn't've", "y'all",
+    "y'all'll", "y'all'd've", "you'd", "you'd've", "you'll", "you're", "you've",
+)
+_REAL_WORDS = frozenset({"shed", "lets"})
+"""Apostrophe-less spellings that are ordinary words; never rewritten."""
+
+
+def _apostrophe_variants(word: str) -> set[str]:
+    """All spellings of `word` with any subset of its apostrophes removed (word itself excluded)."""
+    parts = word.split("'")
+    variants = {parts[0]}
+    for part in parts[1:]:
+        variants = {v + sep + part for v in variants for sep in ("", "'")}
+    variants.discard(word)
+    return variants
+
+
+def _build_contraction_map() -> dict[str, str]:
+    table: dict[str, str] = {}
+    for canonical in _CONTRACTIONS:
+        for variant in _apostrophe_variants(canonical):
+            if variant not in _REAL_WORDS:
+                table[variant] = canonical
+    return table
+
+
+_CONTRACTION_MAP = _build_contraction_map()
+
+
+def _normalise_punctuation(text: str) -> str:
+    # A mark touching a space (or any "1,000"-style number in the text) is deleted; one inside a
+    # word becomes a space ("black-and-white" -> "black and white"), as the official evaluation
+    # does.
+    out = text
+    glued_number = _DIGIT_COMMA_DIGIT.search(text) is not None
+    for mark in _PUNCTUATION:
+        if glued_number or (mark + " ") in text or (" " + mark) in text:
+            out = out.replace(mark, "")
+        else:
+            out = out.replace(mark, " ")
+    return _PERIOD.sub("", out)
+
+
+def _normalise_words(text: str) -> str:
+    words = []
+    for word in text.lower().split():
+        word = _NUMBER_WORDS.get(word, word)
+        if word in _ARTICLES:
+            continue
+        words.append(_CONTRACTION_MAP.get(word, word))
+    return " ".join(words)
+
+
+def normalize_vqa_answer(text: str) -> str:
+    """Normalise an open-ended answer as VQAv2 does: whitespace, punctuation, lowercase, number
+    words to digits ("two" -> "2"), articles dropped, apostrophe-less contractions restored."""
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    return _normalise_words(_normalise_punctuation(text))
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """VQA accuracy of one prediction against the reference answers.
+
+    With several answers: for each annotator, min(#other annotators giving the prediction / 3, 1),
+    averaged over the annotators (the official leave-one-out averaging); so with ten answers, 4+
+    matches score 1.0, 3 -> 0.9, 2 -> 0.6, 1 -> 0.3. With one answer: exact match after
+    normalisation. Both sides are always normalised (the official script skips normalisation when
+    all ten answers agree; normalising anyway only forgives formatting).
+    """
+    if not answers:
+        raise ValueError("vqa_accuracy needs at least one reference answer")
+    pred = normalize_vqa_answer(prediction)
+    refs = [normalize_vqa_answer(a) for a in answers]
+    if len(refs) == 1:
+        return float(pred == refs[0])
+    matches = sum(ref == pred for ref in refs)
+    total = 0.0
+    for ref in refs:
+        # Leaving this annotator out removes one match if it agreed with the prediction.
+        others = matches - (ref == pred)
+        total += min(others / 3.0, 1.0)
+    return total / len(refs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reply parsers
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_yes_no(text: str) -> str:
+    """Read "yes" or "no" from a reply as LLaVA's POPE evaluation does: keep the first sentence,
+    drop commas, and answer "no" if the words include "No", "no" or "not", else "yes"."""
+    first = text.split(".", 1)[0].replace(",", "")
+    words = first.split(" ")
+    return "no" if ("No" in words or "no" in words or "not" in words) else "yes"
+
+
+def parse_choice(text: str, letters: str = DEFAULT_LETTERS) -> str | None:
+    """The option letter in a reply, or None when it cannot be read.
+
+    Accepted: the bare letter ("B", "B.", "(B)"), a leading letter marked as an option ("B. cat",
+    "(B) cat", "B) cat", "B: cat") and "answer is B" / "Answer: (B)". Letters are upper case only,
+    so the article in "A cat sits" is not read as option A.
+    """
+    allowed = re.escape(letters)
+    reply = text.strip()
+    bare = re.fullmatch(rf"\(?([{allowed}])\)?[.:)]?", reply)
+    if bare:
+        return bare.group(1)
+    lead = re.match(rf"(?:\(([{allowed}])\)|([{allowed}])[.:)])(?:\s|$)", reply)
+    if lead:
+        return lead.group(1) or lead.group(2)
+    stated = re.findall(rf"answer\s*(?:is|:)?\s*:?\s*\(?([{allowed}])\)?(?![A-Za-z])", reply,
+                        flags=re.IGNORECASE)
+    # re.IGNORECASE also loosens the letter class; keep only upper-case hits.
+    stated = [s for s in stated if s in letters]
+    if len(set(stated)) == 1:
+        return stated[0]
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Annotations and answers
+# ------------------------------------------------------------------------------------------------
+
+
+def _key(question_id: Any) -> str:
+    return str(question_id)
+
+
+def _answers_of(raw: Any, where: str) -> tuple[str, ...]:
+    # VQAv2 stores answers as [{"answer": ...}, ...]; our JSONL uses plain strings. Accept both.
+    items = [raw] if isinstance(raw, str) else list(raw)
+    out = []
+    for item in items:
+        value = item.get("answer") if isinstance(item, Mapping) else item
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: answers must be strings, got {value!r}")
+        out.append(value)
+    if not out:
+        raise ValueError(f"{where}: no reference answer")
+    return tuple(out)
+
+
+def _as_annotation(question_id: Any, value: AnnotationLike) -> Annotation:
+    where = f"annotation for question_id={question_id!r}"
+    if isinstance(value, Annotation):
+        return value
+    if isinstance(value, Mapping):
+        if "answers" in value:
+            answers = _answers_of(value["answers"], where)
+        elif "answer" in value:
+            answers = _answers_of(value["answer"], where)
+        else:
+            raise ValueError(f"{where}: needs 'answers' or 'answer'")
+        return Annotation(question_id, answers, value.get("kind"))
+    return Annotation(question_id, _answers_of(value, where))
+
+
+def load_annotations(path: str | Path) -> dict[Any, Annotation]:
+    """Read a JSONL file of {question_id, answers: [...] | answer: str, kind?} into a mapping
+    question_id -> Annotation. Blank lines are skipped; a duplicate id is an error."""
+    out: dict[Any, Annotation] = {}
+    seen: set[str] = set()
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not JSON ({e.msg})") from e
+            if not isinstance(record, dict) or "question_id" not in record:
+                raise ValueError(f"{where}: record has no question_id")
+            qid = record["question_id"]
+            if _key(qid) in seen:
+                raise ValueError(f"{where}: duplicate question_id={qid!r}")
+            kind = record.get("kind")
+            if kind is not None and kind not in KINDS:
+                raise ValueError(f"{where}: question_id={qid!r} has unknown kind {kind!r}")
+            try:
+                out[qid] = _as_annotation(qid, record)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from e
+            seen.add(_key(qid))
+    return out
+
+
+def load_answers(path: str | Path) -> list[dict[str, Any]]:
+    """Read a LLaVA answers JSONL file (one record per line; blank lines skipped)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _index_answers(answers: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    replies: dict[str, str] = {}
+    for i, record in enumerate(answers):
+        if "question_id" not in record:
+            raise ValueError(f"answer record #{i} has no question_id")
+        qid = record["question_id"]
+        text = record.get("text")
+        if not isinstance(text, str):
+            raise ValueError(f"answer for question_id={qid!r} has no 'text' string")
+        if _key(qid) in replies:
+            raise ValueError(f"two answers for question_id={qid!r}")
+        replies[_key(qid)] = text
+    return replies
+
+
+def _index_annotations(annotations: Mapping[Any, AnnotationLike]) -> dict[str, Annotation]:
+    out: dict[str, Annotation] = {}
+    for qid, value in annotations.items():
+        if _key(qid) in out:
+            raise ValueError(f"question_id={qid!r} is annotated twice (as {qid!r} and its string)")
+        out[_key(qid)] = _as_annotation(qid, value)
+    if not out:
+        raise ValueError("no annotations to score against")
+    return out
+
+
+def _join(answers: Iterable[Mapping[str, Any]], annotations: Mapping[Any, AnnotationLike]
+          ) -> tuple[dict[str, Annotation], dict[str, str]]:
+    refs = _index_annotations(annotations)
+    replies = _index_answers(answers)
+    for key in replies:
+        if key not in refs:
+            raise ValueError(f"answer for question_id={key!r} has no annotation")
+    return refs, replies
+
+
+def find_missing(answers: Iterable[Mapping[str, Any]],
+                 annotations: Mapping[Any, AnnotationLike]) -> list[Any]:
+    """The annotated question ids that have no answer, in annotation order."""
+    refs, replies = _join(answers, annotations)
+    return [ann.question_id for key, ann in refs.items() if key not in replies]
+
+
+# ------------------------------------------------------------------------------------------------
+# Scorers
+# ------------------------------------------------------------------------------------------------
+
+
+def score_vqa(answers: Iterable[Mapping[str, Any]],
+              annotations: Mapping[Any, AnnotationLike]) -> dict[str, float]:
+    """Mean VQA accuracy (see `vqa_accuracy`) over the annotated questions."""
+    refs, replies = _join(answers, annotations)
+    total = sum(vqa_accuracy(replies[k], ann.answers) for k, ann in refs.items() if k in replies)
+    return {"accuracy": total / len(refs), "n": len(refs), "answered": len(replies),
+            "missing": len(refs) - len(replies)}
+
+
+def _yes_no_label(ann: Annotation) -> str:
+    label = ann.answers[0].strip().lower().rstrip(".")
+    if len(ann.answers) != 1 or label not in ("yes", "no"):
+        raise ValueError(f"question_id={ann.question_id!r}: a yes/no annotation must be one 'yes' "
+                         f"or 'no', got {list(ann.answers)!r}")
+    return label
+
+
+def score_yes_no(answers: Iterable[Mapping[str, Any]],
+                 annotations: Mapping[Any, AnnotationLike]) -> dict[str, float]:
+    """POPE metrics with "yes" as the positive class: accuracy, precision, recall, F1, yes-ratio.
+
+    A missing answer is wrong: it lowers accuracy (denominator n) and, for a "yes" question, counts
+    as a false negative; it predicts nothing, so it is in neither precision nor the yes-ratio
+    (which is over the answered questions, as in LLaVA).
+    """
+    refs, replies = _join(answers, annotations)
+    tp = fp = tn = fn = 0
+    for key, ann in refs.items():
+        label = _yes_no_label(ann)
+        if key not in replies:
+            fn += label == "yes"
+            continue
+        pred = parse_yes_no(replies[key])
+        if pred == "yes":
+            tp += label == "yes"
+            fp += label == "no"
+        else:
+            tn += label == "no"
+            fn += label == "yes"
+    n, answered = len(refs), len(replies)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"accuracy": (tp + tn) / n, "precision": precision, "recall": recall, "f1": f1,
+            "yes_ratio": (tp + fp) / answered if answered else 0.0,
+            "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+            "n": n, "answered": answered, "missing": n - answered}
+
+
+def _choice_label(ann: Annotation, letters: str) -> str:
+    label = ann.answers[0].strip() if len(ann.answers) == 1 else ""
+    if len(label) != 1 or label not in letters:
+        raise ValueError(f"question_id={ann.question_id!r}: a choice annotation must be one letter "
+                         f"of {letters!r}, got {list(ann.answers)!r}")
+    return label
+
+
+def score_choice(answers: Iterable[Mapping[str, Any]],
+                 annotations: Mapping[Any, AnnotationLike],
+                 letters: str = DEFAULT_LETTERS) -> dict[str, float]:
+    """Multiple-choice accuracy by option letter (see `parse_choice`); unreadable replies are wrong
+    and counted in `unparsed`."""
+    refs, replies = _join(answers, annotations)
+    correct = unparsed = 0
+    for key, ann in refs.items():
+        label = _choice_label(ann, letters)
+        if key not in replies:
+            continue
+        pred = parse_choice(replies[key], letters)
+        unparsed += pred is None
+        correct += pred == label
+    n, answered = len(refs), len(replies)
+    return {"accuracy": correct / n, "n": n, "answered": answered, "missing": n - answered,
+            "unparsed": unparsed}
+
+
+def _resolve_kind(refs: dict[str, Annotation], kind: str | None) -> str:
+    declared = {ann.kind for ann in refs.values() if ann.kind is not None}
+    if kind is None:
+        if len(declared) != 1:
+            raise ValueError(f"pass kind= (one of {KINDS}); the annotations declare "
+                             f"{sorted(declared)}")
+        kind = declared.pop()
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+    for ann in refs.values():
+        if ann.kind is not None and ann.kind != kind:
+            raise ValueError(f"question_id={ann.question_id!r} is annotated as {ann.kind!r}, "
+                             f"scored as {kind!r}")
+    return kind
+
+
+def score(answers: Iterable[Mapping[str, Any]], annotations: Mapping[Any, AnnotationLike],
+          kind: Kind | None = None, letters: str = DEFAULT_LETTERS) -> dict[str, float]:
+    """Score answers against annotations with the scorer for `kind` ("vqa", "yesno", "choice"; None
+    takes the single kind the annotations declare). Returns metrics plus counts n, answered,
+    missing (and unparsed for "choice")."""
+    answers = list(answers)
+    kind = _resolve_kind(_index_annotations(annotations), kind)
+    if kind == "vqa":
+        return score_vqa(answers, annotations)
+    if kind == "yesno":
+        return score_yes_no(answers, annotations)
+    return score_choice(answers, annotations, letters)
