@@ -1,0 +1,29 @@
+"""Precompute the TRIM cache: frozen CLIP towers over the shards, reduced visual tokens to Parquet.
+
+    python jobs/precompute.py --recipe tiny [--set trim.preset=official] [--set paths.root=s3://bucket/run]
+
+Run again to resume a stopped job; a cache written with another configuration is refused.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipelines.config import load_recipe, recipe_argparser  # noqa: E402
+from pipelines.precompute import run_precompute  # noqa: E402
+from pipelines.runtime import init_ray  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = recipe_argparser(__doc__).parse_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+    init_ray()
+    paths = recipe.paths
+    return run_precompute(paths.shards, paths.cache, paths.clip, recipe.trim, recipe.precompute)
+
+
+if __name__ == "__main__":
+    main()

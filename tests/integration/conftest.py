@@ -1,0 +1,65 @@
+"""Integration fixtures: a tiny run (models, synthetic mixture with faulty records) and real servers."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration import servers
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+def run_job(job: str, *overrides: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run jobs/<job>.py as a user would, in its own process (its own local Ray)."""
+    args = [sys.executable, str(REPO / "jobs" / f"{job}.py"), "--recipe", "tiny"]
+    for override in overrides:
+        args += ["--set", override]
+    full_env = dict(os.environ, TRIM_PROGRESS="0", **(env or {}))
+    full_env.pop("RAY_ADDRESS", None)
+    result = subprocess.run(args, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"{job} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, tiny_models):
+    """A run root with the tiny models and a synthetic mixture that includes one bad record of each kind."""
+    from pipelines.synthetic import write_eval_split, write_mixture
+
+    root = tmp_path_factory.mktemp("run")
+    write_mixture(root / "data", num_samples=120, num_images=40, seed=0, faults=True)
+    write_eval_split(root / "data" / "eval", num_questions=8)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides(tiny_data, tiny_models):
+    return [f"paths.root={tiny_data}", f"paths.clip={tiny_models.clip}", f"paths.llm={tiny_models.llm}"]
+
+
+@pytest.fixture(scope="session")
+def s3_env(tmp_path_factory):
+    with servers.moto_s3(tmp_path_factory.mktemp("moto")) as env:
+        yield env
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    from pipelines.runtime import init_ray
+
+    os.environ["TRIM_PROGRESS"] = "0"
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()

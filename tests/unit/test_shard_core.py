@@ -1,0 +1,106 @@
+"""The shard stage's pure core: record checks, source inference, JSON/JSONL reading, image loading."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from pipelines.shard import check_record, infer_source, iter_records, load_image
+from pipelines.synthetic import write_mixture
+
+
+def _record(**kw):
+    base = {"id": "r1", "image": "coco/train2017/x.jpg",
+            "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A cat."}]}
+    base.update(kw)
+    return base
+
+
+def test_a_good_record_passes():
+    assert check_record(0, _record()) is None
+    text_only = _record(conversations=[{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}])
+    del text_only["image"]
+    assert check_record(0, text_only) is None
+
+
+@pytest.mark.parametrize("record, reason", [
+    ("not a dict", "malformed record"),
+    ({"conversations": []}, "malformed record"),
+    (_record(conversations=[]), "malformed conversation"),
+    (_record(conversations=[{"from": "gpt", "value": "<image>\nx"}, {"from": "human", "value": "y"}]), "malformed conversation"),
+    (_record(conversations=[{"from": "human", "value": "<image>\nx"}]), "malformed conversation"),
+    (_record(conversations=[{"from": "human", "value": "<image>\n"}, {"from": "gpt", "value": "y"}]), "empty turn"),
+    (_record(conversations=[{"from": "human", "value": "<image>\nx"}, {"from": "gpt", "value": " "}]), "empty turn"),
+    (_record(conversations=[{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]), "image without <image> tag"),
+    ({k: v for k, v in _record().items() if k != "image"}, "<image> tag without image"),
+    (_record(conversations=[{"from": "human", "value": "<image><image>x"}, {"from": "gpt", "value": "y"}]), "misplaced <image> tag"),
+    (_record(image=7), "malformed record"),
+])
+def test_bad_records_are_named_with_a_reason(record, reason):
+    reject = check_record(5, record)
+    assert reject is not None and reject.reason == reason and reject.index == 5
+    assert reject.id == (record["id"] if isinstance(record, dict) and "id" in record else "#5")
+    assert reject.detail
+
+
+def test_sources_are_inferred_from_folder_and_prompt():
+    def rec(image, question):
+        r = _record(conversations=[{"from": "human", "value": question}, {"from": "gpt", "value": "x"}])
+        if image:
+            r["image"] = image
+        else:
+            del r["image"]
+        return r
+    assert infer_source(rec(None, "Hi")) == "sharegpt"
+    assert infer_source(rec("gqa/images/1.jpg", "<image>\nq")) == "gqa"
+    assert infer_source(rec("ocr_vqa/images/1.jpg", "<image>\nq")) == "ocrvqa"
+    assert infer_source(rec("textvqa/train_images/1.jpg", "<image>\nq")) == "textcaps"
+    assert infer_source(rec("vg/VG_100K_2/1.jpg", "<image>\nq")) == "vg"
+    assert infer_source(rec("coco/train2017/1.jpg", "<image>\nq\nAnswer with the option's letter from the given choices directly.")) == "aokvqa"
+    assert infer_source(rec("coco/train2017/1.jpg", "<image>\nq\nAnswer the question using a single word or phrase.")) == "coco_vqa"
+    assert infer_source(rec("coco/train2017/1.jpg", "<image>\nPlease provide the bounding box coordinate of the region")) == "refcoco"
+    assert infer_source(rec("coco/train2017/1.jpg", "<image>\nWhat is happening here?")) == "llava_instruct"
+
+
+def test_json_array_and_jsonl_read_the_same_records(tmp_path):
+    records = [_record(id=f"r{i}") for i in range(3)]
+    array = list(iter_records(json.dumps(records).encode(), "a.json"))
+    lines = list(iter_records(("\n".join(json.dumps(r) for r in records) + "\n").encode(), "a.jsonl"))
+    assert array == lines == list(enumerate(records))
+
+
+def test_a_bad_jsonl_line_becomes_a_reject_and_a_bad_array_names_the_file():
+    got = list(iter_records(b'{"id": "a", "conversations": []}\n{broken\n', "m.jsonl"))
+    assert check_record(*got[1]).reason == "malformed record" and check_record(*got[1]).id == "#1"
+    with pytest.raises(ValueError, match="m.json: not valid JSON"):
+        list(iter_records(b"[{", "m.json"))
+
+
+def test_load_image_reads_hashes_and_flags_bad_files(tmp_path):
+    Image.new("RGB", (30, 20), (1, 2, 3)).save(tmp_path / "ok.png")
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    data = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+    ok = load_image(str(tmp_path), "ok.png")
+    assert ok["error"] is None and (ok["width"], ok["height"]) == (30, 20) and len(ok["image_key"]) == 64
+    assert load_image(str(tmp_path), "missing.jpg")["error"] == "missing file"
+    assert load_image(str(tmp_path), "bad.jpg")["error"] == "unreadable image"
+    assert load_image(str(tmp_path), "truncated.png")["error"] == "unreadable image"
+    assert "truncated.png" in load_image(str(tmp_path), "truncated.png")["detail"]
+
+
+def test_synthetic_mixture_has_the_real_layout(tmp_path):
+    path = write_mixture(tmp_path, num_samples=400, num_images=60, seed=3)
+    records = json.loads(path.read_text())
+    assert len(records) <= 400 and len(records) >= 395
+    assert all(check_record(i, r) is None for i, r in enumerate(records))
+    sources = {infer_source(r) for r in records}
+    assert sources >= {"sharegpt", "gqa", "ocrvqa", "textcaps", "vg", "aokvqa", "refcoco", "coco_vqa", "llava_instruct"}
+    images = [r["image"] for r in records if "image" in r]
+    assert len(set(images)) < len(images)  # images are shared
+    assert all((tmp_path / "images" / p).exists() for p in images)
+    for folder in ("coco/train2017", "gqa/images", "ocr_vqa/images", "textvqa/train_images", "vg/VG_100K", "vg/VG_100K_2"):
+        assert (tmp_path / "images" / folder).is_dir()
+    assert any(len(r["conversations"]) > 2 for r in records)  # multi-turn
+    again = write_mixture(tmp_path / "again", num_samples=400, num_images=60, seed=3)
+    assert again.read_text() == path.read_text()
