@@ -20,6 +20,7 @@ from pipelines.runtime import init_ray  # noqa: E402
 def main(argv: list[str] | None = None) -> dict:
     args = recipe_argparser(__doc__).parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
+    recipe.paths.require("clip")
     init_ray()
     paths = recipe.paths
     return run_precompute(paths.shards, paths.cache, paths.clip, recipe.trim, recipe.precompute)

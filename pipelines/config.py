@@ -7,6 +7,7 @@ paths may hold `{root}`, replaced by `paths.root`, so one override moves a whole
 from __future__ import annotations
 
 import argparse
+import os
 import dataclasses
 import tomllib
 import typing
@@ -59,9 +60,18 @@ class PathsConfig:
         return f"{self.root}/eval"
 
     def resolved(self) -> "PathsConfig":
-        """A copy with `{root}` substituted everywhere."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return PathsConfig(**{k: v.replace("{root}", self.root) for k, v in values.items()})
+        """A copy with `{root}` substituted everywhere and local paths made absolute (Ray workers
+        run in other directories)."""
+        values = {f.name: getattr(self, f.name).replace("{root}", self.root) for f in dataclasses.fields(self)}
+        return PathsConfig(**{k: v if not v or v.startswith("s3://") else os.path.abspath(v) for k, v in values.items()})
+
+    def require(self, *names: str) -> None:
+        """Fail early, naming the field and path, if a needed local model directory is missing
+        (transformers would otherwise take the path for a hub repository id)."""
+        for name in names:
+            value = getattr(self, name)
+            if value and not value.startswith("s3://") and not os.path.exists(value):
+                raise FileNotFoundError(f"paths.{name} = {value} does not exist")
 
 
 @dataclass

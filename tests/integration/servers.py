@@ -84,7 +84,7 @@ def ray_head(workdir: Path):
     env = dict(os.environ, RAY_AUTH_MODE="token")
     subprocess.run(
         [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "4",
          "--include-dashboard", "true", "--disable-usage-stats"],
         check=True, env=env, capture_output=True, text=True, timeout=120)
     try:

@@ -1,0 +1,260 @@
+"""Stage 3, fine-tune: Ray Train workers with DeepSpeed on the TRIM cache, tracked in MLflow.
+
+`run_finetune` (driver) builds the Ray Data input (cache -> tokenized rows) and a TorchTrainer;
+`train_loop` (each worker) builds the model and the DeepSpeed engine, resumes from the latest Ray
+Train checkpoint if there is one (step count, data position within the epoch, MLflow run), trains,
+checkpoints every N steps and exports a model directory at the end. No vision tower anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from pipelines import storage
+from pipelines.config import Recipe, TrainConfig
+
+WINDOW_MICRO_BATCHES = 8
+"""Micro-batches per length-grouping window (LLaVA groups within mega-batches the same way)."""
+STATE_FILE = "train_state.json"
+ENGINE_TAG = "engine"
+
+
+@dataclass
+class StepPlan:
+    """How many optimizer steps the run takes, from the cache size and the batch geometry."""
+
+    samples: int
+    micro_batches_per_epoch: int
+    steps_per_epoch: float
+    total_steps: int
+    warmup_steps: int
+    global_batch: int
+
+
+def plan_steps(samples: int, cfg: TrainConfig) -> StepPlan:
+    """Each worker sees samples // workers rows an epoch (Ray Data's equal split), in windows of
+    WINDOW_MICRO_BATCHES micro-batches; global batch = micro-batch x accumulation x workers."""
+    per_worker = samples // cfg.num_workers
+    window = cfg.micro_batch_size * WINDOW_MICRO_BATCHES
+    micro = (per_worker // window) * WINDOW_MICRO_BATCHES + math.ceil((per_worker % window) / cfg.micro_batch_size)
+    steps_per_epoch = micro / cfg.grad_accum_steps
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    return StepPlan(samples=samples, micro_batches_per_epoch=micro, steps_per_epoch=steps_per_epoch,
+                    total_steps=total, warmup_steps=int(total * cfg.warmup_ratio),
+                    global_batch=cfg.micro_batch_size * cfg.grad_accum_steps * cfg.num_workers)
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int):
+    """LR multiplier: linear warmup to 1, then cosine decay to 0 at total_steps."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def deepspeed_config(path: str, cfg: TrainConfig) -> dict:
+    """The DeepSpeed JSON with its "auto" fields filled from the train config: batch sizes, and
+    bf16 on GPU (fp32 on CPU, where bf16 matmuls are slow and gloo has no bf16 all-reduce)."""
+    config = json.loads(Path(path).read_text())
+    config["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
+    config["gradient_accumulation_steps"] = cfg.grad_accum_steps
+    config["train_batch_size"] = cfg.micro_batch_size * cfg.grad_accum_steps * cfg.num_workers
+    config.setdefault("bf16", {})["enabled"] = bool(cfg.use_gpu)
+    return config
+
+
+# Worker side --------------------------------------------------------------------------------
+
+
+def _save_checkpoint(engine, state: dict, metrics: dict, rank: int) -> None:
+    """Every rank writes its DeepSpeed shards; Ray Train gathers them into one checkpoint."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as directory:
+        engine.save_checkpoint(directory, tag=ENGINE_TAG)
+        if rank == 0:
+            Path(directory, STATE_FILE).write_text(json.dumps(state))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def _export(engine, model, tokenizer, zero_stage: int, destination: str, rank: int) -> None:
+    """Write the final model directory (gathering ZeRO-3 shards first) to local disk or S3."""
+    state = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
+    if rank != 0:
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        model.save(directory, tokenizer=tokenizer, state_dict=state)
+        fs, path = storage.fsspec_fs(destination)
+        if storage.exists(destination):
+            fs.rm(path, recursive=True)
+        fs.put(directory.rstrip("/") + "/", path, recursive=True)
+
+
+def train_loop(config: dict) -> None:
+    import deepspeed
+    import ray.train
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    from pipelines.tracking import Tracker
+    from pipelines.train_data import collate, group_by_length, rows_of
+    from trim.model import LlavaTrim
+
+    cfg = TrainConfig(**config["train"])
+    plan = StepPlan(**config["plan"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+
+    model = LlavaTrim.from_llm(config["llm"], config["feature_dim"], config["projector"] or None,
+                               settings=config["model_settings"])
+    model.set_trainable(cfg.train_llm)
+    if cfg.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable()
+    tokenizer = AutoTokenizer.from_pretrained(config["llm"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(plan.warmup_steps, plan.total_steps))
+    ds_config = config["deepspeed"]
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+
+    state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "mlflow_run_id": None, "first_loss": None}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            engine.load_checkpoint(directory, tag=ENGINE_TAG)
+            state = json.loads(Path(directory, STATE_FILE).read_text())
+    tracker = Tracker(config["tracking_uri"], config["experiment"], enabled=rank == 0)
+    if rank == 0:
+        resumed = state["mlflow_run_id"] is not None
+        state["mlflow_run_id"] = tracker.start(cfg.run_name, state["mlflow_run_id"])
+        if not resumed:
+            tracker.log_params({**config["recipe"], "plan": asdict(plan)})
+            tracker.log_dict(config["cache_manifest"], "cache_manifest.json")
+        else:
+            print(f"finetune: resumed at step {state['step']} (epoch {state['epoch']}, "
+                  f"micro-batch {state['micro_in_epoch']}), MLflow run {state['mlflow_run_id']}", flush=True)
+
+    shard = ray.train.get_dataset_shard("train")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    window_rows = cfg.micro_batch_size * WINDOW_MICRO_BATCHES
+    started, tokens_seen, visual_seen, samples_seen, losses = time.time(), 0, 0, 0, []
+    engine.train()
+    while state["step"] < plan.total_steps:
+        micro_index = 0
+        for window_index, batch in enumerate(shard.iter_torch_batches(batch_size=window_rows, collate_fn=rows_of)):
+            chunks = group_by_length(batch, cfg.micro_batch_size, seed=hash((cfg.seed, state["epoch"], window_index)),
+                                     enabled=cfg.group_by_length)
+            for chunk in chunks:
+                micro_index += 1
+                if micro_index <= state["micro_in_epoch"] or state["step"] >= plan.total_steps:
+                    continue  # resuming: this data was consumed before the checkpoint
+                boundary = engine.is_gradient_accumulation_boundary()
+                loss = engine(collate(chunk, pad_id))
+                engine.backward(loss)
+                engine.step()
+                losses.append(loss.item())
+                tokens_seen += sum(r["length"] for r in chunk)
+                visual_seen += sum(r["visual"].shape[0] for r in chunk)
+                samples_seen += len(chunk)
+                state["micro_in_epoch"] = micro_index
+                if not boundary:
+                    continue
+                state["step"] += 1
+                mean_loss = torch.tensor([sum(losses) / len(losses)])
+                dist.all_reduce(mean_loss)
+                mean_loss = float(mean_loss) / world
+                losses = []
+                state["first_loss"] = state["first_loss"] if state["first_loss"] is not None else mean_loss
+                elapsed = time.time() - started
+                metrics = {"loss": mean_loss, "lr": scheduler_lr(engine), "step": state["step"],
+                           "tokens_per_s": tokens_seen * world / max(elapsed, 1e-9),
+                           "visual_tokens_per_sample": visual_seen / max(samples_seen, 1)}
+                tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=state["step"])
+                if rank == 0 and (state["step"] % 10 == 0 or state["step"] in (1, plan.total_steps)):
+                    print(f"finetune: step {state['step']}/{plan.total_steps} loss {mean_loss:.4f} "
+                          f"lr {metrics['lr']:.2e} tokens/s {metrics['tokens_per_s']:.0f}", flush=True)
+                if state["step"] % cfg.checkpoint_every == 0 or state["step"] == plan.total_steps:
+                    _save_checkpoint(engine, state, {**metrics, "first_loss": state["first_loss"]}, rank)
+        state["epoch"] += 1
+        state["micro_in_epoch"] = 0
+        if micro_index == 0:
+            raise RuntimeError("finetune: the training data is empty (is the cache complete?)")
+
+    _export(engine, model, tokenizer, ds_config["zero_optimization"]["stage"], config["export_dir"], rank)
+    if rank == 0:
+        tracker.set_tags({"model_dir": config["export_dir"]})
+        tracker.end()
+
+
+def scheduler_lr(engine) -> float:
+    return float(engine.optimizer.param_groups[0]["lr"]) if hasattr(engine.optimizer, "param_groups") else 0.0
+
+
+# Driver side --------------------------------------------------------------------------------
+
+
+def tokenized_dataset(cache: str, llm_path: str, max_length: int):
+    """The cache as a Ray Data dataset of tokenized rows (tokenized on the fly, in small tasks)."""
+    import ray
+
+    from pipelines.train_data import Tokenize
+
+    fs, path = storage.arrow_fs(cache)
+    files = [storage.join(path, n) for n in storage.listdir(cache, ".parquet") if n.startswith("part-")]
+    columns = ["id", "conversations", "tokens", "num_tokens", "token_dim"]
+    dataset = ray.data.read_parquet(files, filesystem=fs, columns=columns, ray_remote_args={"num_cpus": 0.25})
+    return dataset.map_batches(Tokenize, fn_constructor_kwargs={"llm_path": llm_path, "max_length": max_length},
+                               batch_size=64, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25,
+                               batch_format="numpy")
+
+
+def run_finetune(recipe: Recipe, tracking_uri: str, log=print):
+    """Train (or resume) the run `recipe.train.run_name`; returns the Ray Train result."""
+    import pyarrow.fs as pafs
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cfg, paths = recipe.train, recipe.paths
+    manifest = storage.read_json(storage.join(paths.cache, "manifest.json"))
+    plan = plan_steps(manifest["samples"], cfg)
+    export_dir = storage.join(paths.checkpoints, cfg.run_name, "model")
+    log(f"finetune: {manifest['samples']} samples, {cfg.num_workers} workers, global batch {plan.global_batch}, "
+        f"{plan.total_steps} steps; mean visual tokens/sample {manifest['kept']['mean_tokens']:.1f} "
+        f"(of {manifest['encoder']['num_patches']})")
+    loop_config = {
+        "train": asdict(cfg), "plan": asdict(plan), "llm": paths.llm, "projector": paths.projector,
+        "feature_dim": manifest["encoder"]["feature_dim"], "deepspeed": deepspeed_config(cfg.deepspeed_config, cfg),
+        "model_settings": {"trim": manifest["trim"], "encoder": manifest["encoder"], "recipe": recipe.name},
+        "tracking_uri": tracking_uri, "experiment": f"trim-llava-{recipe.name}", "recipe": recipe.to_dict(),
+        "cache_manifest": manifest, "export_dir": export_dir,
+    }
+    storage_fs, storage_path = None, paths.checkpoints
+    if storage.is_s3(paths.checkpoints):
+        fs, storage_path = storage.fsspec_fs(paths.checkpoints)
+        storage_fs = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+    else:
+        storage_path = os.path.abspath(paths.checkpoints)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker={"CPU": 1, **({"GPU": 1} if cfg.use_gpu else {})}),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(name=cfg.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+        datasets={"train": tokenized_dataset(paths.cache, paths.llm, cfg.max_length)},
+    )
+    result = trainer.fit()
+    return result, export_dir

@@ -1,0 +1,86 @@
+"""From cache rows to padded micro-batches: tokenization (a Ray Data map) and the collate (pure).
+
+The cache already holds each sample's reduced visual tokens; here the conversation is tokenized in
+the vicuna_v1 template with its visual token count reserved in the length budget, and micro-batches
+are formed from a window of samples sorted by length (LLaVA's group-by-length), which cuts padding.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+
+from trim.conversation import tokenize_conversation
+from trim.model import Batch, pad_batch
+
+TOKENIZED_COLUMNS = ("id", "input_ids", "labels", "tokens", "num_tokens", "token_dim", "length")
+
+
+class Tokenize:
+    """Ray Data map_batches callable: cache rows -> input ids, labels and the final sequence length.
+
+    Samples left with nothing to learn after truncation to max_length are dropped, each named in
+    the log (LLaVA would train on them with no supervised token at all)."""
+
+    def __init__(self, llm_path: str, max_length: int):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(llm_path)
+        self.max_length = max_length
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        out: dict[str, list] = {name: [] for name in TOKENIZED_COLUMNS}
+        for i, conversations in enumerate(batch["conversations"]):
+            num_tokens = int(batch["num_tokens"][i])
+            tokenized = tokenize_conversation(json.loads(conversations), self.tokenizer, self.max_length, num_tokens)
+            if tokenized.num_supervised == 0:
+                print(f"train data: sample {batch['id'][i]} has no answer left after truncation to "
+                      f"{self.max_length} tokens; skipped", file=sys.stderr)
+                continue
+            visual = num_tokens if tokenized.image_position is not None else 0
+            out["id"].append(batch["id"][i])
+            out["input_ids"].append(np.asarray(tokenized.input_ids, dtype=np.int32))
+            out["labels"].append(np.asarray(tokenized.labels, dtype=np.int32))
+            out["tokens"].append(batch["tokens"][i] if visual else b"")
+            out["num_tokens"].append(visual)
+            out["token_dim"].append(int(batch["token_dim"][i]))
+            out["length"].append(len(tokenized.input_ids) - (1 if visual else 0) + visual)
+        return out
+
+
+def rows_of(batch: dict[str, Any]) -> list[dict]:
+    """Column batch (numpy) -> list of per-sample dicts with the visual tokens decoded."""
+    rows = []
+    for i in range(len(batch["id"])):
+        count, dim = int(batch["num_tokens"][i]), int(batch["token_dim"][i])
+        visual = (torch.from_numpy(np.frombuffer(batch["tokens"][i], dtype=np.float16).reshape(count, dim).copy())
+                  if count else torch.zeros(0, dim, dtype=torch.float16))
+        rows.append({"id": batch["id"][i], "input_ids": batch["input_ids"][i], "labels": batch["labels"][i],
+                     "visual": visual, "length": int(batch["length"][i])})
+    return rows
+
+
+def group_by_length(rows: list[dict], micro_batch_size: int, seed: int, enabled: bool = True) -> list[list[dict]]:
+    """Split a window of rows into micro-batches; with `enabled`, sorted by length first (so each
+    micro-batch pads little) and the micro-batches then put in a seeded random order."""
+    ordered = sorted(rows, key=lambda r: r["length"]) if enabled else list(rows)
+    chunks = [ordered[i:i + micro_batch_size] for i in range(0, len(ordered), micro_batch_size)]
+    if enabled:
+        random.Random(seed).shuffle(chunks)
+    return chunks
+
+
+def collate(chunk: list[dict], pad_token_id: int) -> Batch:
+    return pad_batch(chunk, pad_token_id)
+
+
+def padding_share(chunks: list[list[dict]]) -> float:
+    """Share of the padded positions that are padding (what grouping by length cuts)."""
+    padded = sum(len(c) * max(r["length"] for r in c) for c in chunks)
+    real = sum(r["length"] for c in chunks for r in c)
+    return 1 - real / padded if padded else 0.0
