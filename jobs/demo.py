@@ -1,39 +1,61 @@
-"""The embedded default, end to end on one CPU machine: `make demo`.
+"""The embedded default, end to end on one CPU machine (`make demo`):
 
-Builds the tiny models, writes a synthetic LLaVA mixture, and runs TRIM on its images and questions.
+tiny models -> synthetic LLaVA mixture -> shard -> precompute (TRIM cache) -> fine-tune (2 Ray
+workers, DeepSpeed ZeRO-2, CPU) -> evaluate -> efficiency report, all tracked in MLflow.
+
+    python jobs/demo.py [--set paths.root=runs/tiny] [--set train.epochs=1]
+
+Each stage is the real job (the same code `ray job submit -- python jobs/<stage>.py` runs); a rerun
+skips or resumes what is done.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from jobs import evaluate, finetune, precompute, report, shard  # noqa: E402
 from pipelines.config import load_recipe, recipe_argparser  # noqa: E402
-from pipelines.synthetic import write_mixture  # noqa: E402
-from trim import trim_tokens  # noqa: E402
-from trim.conversation import trim_text  # noqa: E402
-from trim.encoders import ClipEncoder  # noqa: E402
+from pipelines.runtime import init_ray  # noqa: E402
+from pipelines.synthetic import write_eval_split, write_mixture  # noqa: E402
 from trim.tiny import build_tiny_models  # noqa: E402
+
+
+def banner(text: str) -> None:
+    print(f"\n=== {text} ===", flush=True)
 
 
 def main() -> None:
     args = recipe_argparser(__doc__).parse_args()
     recipe = load_recipe(args.recipe, args.overrides)
+    argv = ["--recipe", args.recipe] + [a for o in args.overrides for a in ("--set", o)]
     root = Path(recipe.paths.root)
-    models = build_tiny_models(root / "models")
-    mixture = write_mixture(root / "data", recipe.synth.num_samples, recipe.synth.num_images, recipe.synth.seed)
-    records = [r for r in json.loads(mixture.read_text()) if "image" in r][:8]
-    encoder = ClipEncoder(models.clip)
-    from PIL import Image
+    os.environ.setdefault("TRIM_PROGRESS", "0")  # stage summaries, not progress bars, in the demo log
 
-    images = [Image.open(root / "data" / "images" / r["image"]) for r in records]
-    texts = [trim_text(r["conversations"], recipe.trim.text) for r in records]
-    out = trim_tokens(*vars(encoder.encode_images(images)).values(), encoder.encode_texts(texts), recipe.trim)
-    for record, kept in zip(records, out.num_kept.tolist()):
-        print(f"{record['id']:>24}: kept {kept}/{encoder.num_patches} patches (+1 aggregate)")
+    banner("tiny models and a synthetic LLaVA-1.5 mixture")
+    build_tiny_models(Path(recipe.paths.clip).parent)
+    mixture = write_mixture(root / "data", recipe.synth.num_samples, recipe.synth.num_images, recipe.synth.seed)
+    write_eval_split(Path(recipe.paths.eval_questions).parent, recipe.synth.num_eval_questions)
+    print(f"mixture: {mixture}")
+    init_ray(num_cpus=max(os.cpu_count() or 1, recipe.train.num_workers + 2))
+
+    banner("shard")
+    shard.main(argv)
+    banner("precompute the TRIM cache")
+    cache = precompute.main(argv)
+    kept = cache["kept"]
+    print(f"tokens kept per image: mean {kept['mean']:.1f}, median {kept['median']:.0f}, range {kept['min']}-"
+          f"{kept['max']} of {cache['encoder']['num_patches']} ({kept['mean_share']:.1%}), plus 1 aggregate token")
+    banner("fine-tune (Ray Train + DeepSpeed)")
+    finetune.main(argv)
+    banner("evaluate")
+    evaluate.main(argv)
+    banner("efficiency report")
+    report.main(argv)
+    print(f"\nDone. Browse the runs: mlflow ui --backend-store-uri sqlite:///{root.resolve()}/mlflow.db")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.config import load_recipe, recipe_argparser  # noqa: E402
+from pipelines.pictures import log_precompute  # noqa: E402
 from pipelines.precompute import run_precompute  # noqa: E402
 from pipelines.runtime import init_ray  # noqa: E402
 
@@ -23,7 +24,8 @@ def main(argv: list[str] | None = None) -> dict:
     recipe.paths.require("clip")
     init_ray()
     paths = recipe.paths
-    return run_precompute(paths.shards, paths.cache, paths.clip, recipe.trim, recipe.precompute)
+    manifest = run_precompute(paths.shards, paths.cache, paths.clip, recipe.trim, recipe.precompute)
+    return log_precompute(recipe, manifest)  # kept-token statistics and a few pictures to MLflow
 
 
 if __name__ == "__main__":

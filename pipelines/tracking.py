@@ -23,6 +23,15 @@ def default_tracking_uri(root: str) -> str:
     return f"sqlite:///{os.path.join(base, 'mlflow.db')}"
 
 
+def artifact_location(tracking_uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a sqlite store (its folder's mlartifacts/);
+    None (the server's choice) otherwise. Without this, MLflow puts them under the creating
+    process's working directory (for a Ray Train worker, a temporary Ray session folder)."""
+    if tracking_uri.startswith("sqlite:///"):
+        return os.path.join(os.path.dirname(tracking_uri[len("sqlite:///"):]), "mlartifacts")
+    return None
+
+
 def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
     """{"train": {"lr": 1}} -> {"train.lr": 1}: MLflow params are flat."""
     flat: dict[str, Any] = {}
@@ -67,6 +76,12 @@ class Tracker:
             self._mlflow = mlflow
             mlflow.set_tracking_uri(self.tracking_uri)
             if run_id is None:
+                location = artifact_location(self.tracking_uri)
+                if location and mlflow.get_experiment_by_name(self.experiment) is None:
+                    try:
+                        mlflow.create_experiment(self.experiment, artifact_location=location)
+                    except Exception:  # created meanwhile by another process: use theirs
+                        pass
                 mlflow.set_experiment(self.experiment)
                 run = mlflow.start_run(run_name=run_name)
             else:
@@ -88,6 +103,13 @@ class Tracker:
 
     def log_dict(self, data: dict, name: str) -> None:
         self._call("log dict", lambda: self._mlflow.log_dict(data, name))
+
+    def log_text(self, text: str, name: str) -> None:
+        self._call("log text", lambda: self._mlflow.log_text(text, name))
+
+    def log_table(self, data: dict[str, list], name: str) -> None:
+        """A table artifact (columns of equal length), shown as a table in the MLflow UI."""
+        self._call("log table", lambda: self._mlflow.log_table(data, name))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._call("set tags", lambda: self._mlflow.set_tags(tags))

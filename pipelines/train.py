@@ -21,6 +21,8 @@ import torch
 from pipelines import storage
 from pipelines.config import Recipe, TrainConfig
 
+MATERIALIZE_BELOW_BYTES = 512 * 2**20
+"""A cache smaller than this is tokenized once and kept in the object store for all epochs."""
 WINDOW_MICRO_BATCHES = 8
 """Micro-batches per length-grouping window (LLaVA groups within mega-batches the same way)."""
 STATE_FILE = "train_state.json"
@@ -107,7 +109,7 @@ def train_loop(config: dict) -> None:
     from transformers import AutoTokenizer
 
     from pipelines.tracking import Tracker
-    from pipelines.train_data import collate, group_by_length, rows_of
+    from pipelines.train_data import RowsCollate, collate, group_by_length
     from trim.model import LlavaTrim
 
     cfg = TrainConfig(**config["train"])
@@ -153,7 +155,7 @@ def train_loop(config: dict) -> None:
     engine.train()
     while state["step"] < plan.total_steps:
         micro_index = 0
-        for window_index, batch in enumerate(shard.iter_torch_batches(batch_size=window_rows, collate_fn=rows_of)):
+        for window_index, batch in enumerate(shard.iter_torch_batches(batch_size=window_rows, collate_fn=RowsCollate())):
             chunks = group_by_length(batch, cfg.micro_batch_size, seed=hash((cfg.seed, state["epoch"], window_index)),
                                      enabled=cfg.group_by_length)
             for chunk in chunks:
@@ -246,6 +248,9 @@ def run_finetune(recipe: Recipe, tracking_uri: str, log=print):
         storage_fs = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
     else:
         storage_path = os.path.abspath(paths.checkpoints)
+    dataset = tokenized_dataset(paths.cache, paths.llm, cfg.max_length)
+    if manifest["cache_bytes"] < MATERIALIZE_BELOW_BYTES:
+        dataset = dataset.materialize()  # later epochs then stream from memory, not from the files
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -254,7 +259,7 @@ def run_finetune(recipe: Recipe, tracking_uri: str, log=print):
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(name=cfg.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-        datasets={"train": tokenized_dataset(paths.cache, paths.llm, cfg.max_length)},
+        datasets={"train": dataset},
     )
     result = trainer.fit()
     return result, export_dir

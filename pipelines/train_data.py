@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from trim.conversation import tokenize_conversation
 from trim.model import Batch, pad_batch
@@ -51,6 +52,14 @@ class Tokenize:
             out["token_dim"].append(int(batch["token_dim"][i]))
             out["length"].append(len(tokenized.input_ids) - (1 if visual else 0) + visual)
         return out
+
+
+class RowsCollate(NumpyBatchCollateFn):
+    """iter_torch_batches collate: a numpy column batch -> per-sample dicts (see rows_of); the
+    micro-batches are padded later, after grouping by length."""
+
+    def __call__(self, batch: dict[str, Any]) -> list[dict]:
+        return rows_of(batch)
 
 
 def rows_of(batch: dict[str, Any]) -> list[dict]:

@@ -104,7 +104,13 @@ class LlavaTrim(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         """Mean next-token cross-entropy over the supervised positions."""
         embeds, mask, labels = self.splice(batch)
-        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False).loss
+        loss = self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False).loss
+        if not any(v.shape[0] for v in batch.visual):
+            # A text-only micro-batch still touches the projector (with weight 0): data-parallel
+            # workers must all reduce gradients for the same parameters (LLaVA uses a dummy image).
+            dummy = self.projector(embeds.new_zeros(1, self.settings["feature_dim"]))
+            loss = loss + 0.0 * dummy.sum()
+        return loss
 
     @torch.no_grad()
     def generate(self, batch: Batch, max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> list[list[int]]:
@@ -166,7 +172,7 @@ def pad_batch(samples: Sequence[dict], pad_token_id: int) -> Batch:
     mask = torch.zeros((len(samples), width), dtype=torch.long)
     for b, s in enumerate(samples):
         n = len(s["input_ids"])
-        ids[b, :n] = torch.as_tensor(s["input_ids"])
-        labels[b, :n] = torch.as_tensor(s.get("labels", [IGNORE_INDEX] * n))
+        ids[b, :n] = torch.tensor(s["input_ids"], dtype=torch.long)
+        labels[b, :n] = torch.tensor(s.get("labels", [IGNORE_INDEX] * n), dtype=torch.long)
         mask[b, :n] = 1
     return Batch(input_ids=ids, labels=labels, attention_mask=mask, visual=[s["visual"] for s in samples])

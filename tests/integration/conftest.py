@@ -33,7 +33,7 @@ def run_job(job: str, *overrides: str, env: dict | None = None, timeout: float =
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory, tiny_models):
-    """A run root with the tiny models and a synthetic mixture that includes one bad record of each kind."""
+    """A run root with a synthetic mixture that includes one bad record of each kind."""
     from pipelines.synthetic import write_eval_split, write_mixture
 
     root = tmp_path_factory.mktemp("run")
@@ -53,7 +53,7 @@ def s3_env(tmp_path_factory):
         yield env
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
     import ray
 
@@ -63,3 +63,25 @@ def ray_local():
     init_ray(num_cpus=2)
     yield
     ray.shutdown()
+
+
+def make_cached_root(root, tiny_models, num_samples, num_images, seed=0):
+    """A run root with shards and a TRIM cache, made by the shard and precompute jobs."""
+    from pipelines.synthetic import write_eval_split, write_mixture
+
+    write_mixture(root / "data", num_samples=num_samples, num_images=num_images, seed=seed)
+    write_eval_split(root / "data" / "eval", num_questions=8)
+    overrides = model_overrides(root, tiny_models)
+    run_job("shard", *overrides, "shard.concurrency=1")
+    run_job("precompute", *overrides, "precompute.batch_size=8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cached_root(tmp_path_factory, tiny_models):
+    """64 samples, sharded and cached: the input of fine-tuning tests."""
+    return make_cached_root(tmp_path_factory.mktemp("cached"), tiny_models, num_samples=64, num_images=24)
+
+
+def model_overrides(root, tiny_models):
+    return [f"paths.root={root}", f"paths.clip={tiny_models.clip}", f"paths.llm={tiny_models.llm}"]

@@ -78,10 +78,10 @@ def mlflow_server(workdir: Path):
 
 
 @contextmanager
-def ray_head(workdir: Path):
+def ray_head(workdir: Path, env: dict | None = None):
     """`ray start --head` on loopback; yields the dashboard address for `ray job submit`."""
     dashboard = free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="token")
+    env = dict(env or os.environ, RAY_AUTH_MODE="token")
     subprocess.run(
         [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "4",

@@ -1,0 +1,46 @@
+"""Evaluate a fine-tuned model: online CLIP + TRIM + greedy answers over a LLaVA question file, scored.
+
+    python jobs/evaluate.py --recipe tiny
+    python jobs/evaluate.py --recipe llava-1.5-7b --set paths.root=s3://bucket/run --trim full
+
+The model is paths.checkpoints/<train.run_name>/model (written by jobs/finetune.py). Answers go to
+{paths.root}/eval/answers.jsonl in LLaVA's format, set-aside questions to eval/rejects.jsonl; metrics,
+the answers and a few TRIM pictures to MLflow (run <train.run_name>-eval).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipelines import storage  # noqa: E402
+from pipelines.config import load_recipe, recipe_argparser  # noqa: E402
+from pipelines.evaluate import run_evaluate  # noqa: E402
+from pipelines.runtime import init_ray  # noqa: E402
+from pipelines.tracking import default_tracking_uri  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = recipe_argparser(__doc__)
+    parser.add_argument("--trim", default="model", metavar="SPEC",
+                        help="TRIM at inference: model (as trained; default), recipe, full (no reduction), "
+                             "or a preset: default, paper, official, ratio:<float>")
+    args = parser.parse_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+    recipe.paths.require("clip", "eval_questions", "eval_images")
+    model_dir = storage.join(recipe.paths.checkpoints, recipe.train.run_name, "model")
+    if not storage.exists(storage.join(model_dir, "trim_llava.json")):
+        raise SystemExit(f"evaluate: no model at {model_dir}; run jobs/finetune.py first")
+    init_ray()
+    tracking_uri = default_tracking_uri(recipe.paths.root)
+    manifest = run_evaluate(recipe, model_dir, args.trim, tracking_uri)
+    metrics = manifest["metrics"]
+    print("evaluate: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    print(f"evaluate: runs tracked at {tracking_uri}")
+    return manifest
+
+
+if __name__ == "__main__":
+    main()

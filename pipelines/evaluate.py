@@ -1,0 +1,361 @@
+"""Stage 4, evaluate: online CLIP + TRIM + generation over a LLaVA evaluation split, then scores.
+
+Input: LLaVA's question file (JSONL: question_id, image, text, category?) and its image folder (local
+or s3://). Output, under `eval/`:
+  answers.jsonl   LLaVA's answer-file format, one line per answered question, sorted by question_id:
+                  {question_id, prompt, text, answer_id, model_id, metadata}
+  rejects.jsonl   questions set aside (missing or unreadable image, malformed line): question_id,
+                  reason, detail; scored as missing
+  manifest.json   what produced the answers (model files, TRIM config, generation settings, questions)
+                  and the counts and metrics; written last
+
+A Ray Data actor pool runs the questions: each actor loads the model and the CLIP towers once and
+answers a batch with one CLIP forward, one TRIM call and one generate call. The driver writes the
+files, scores them when an annotation file exists, and logs metrics, the answers and a few TRIM
+pictures to MLflow. Run again with the same inputs: inference is skipped, scores and logs are redone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from pipelines import storage
+from trim import TrimConfig
+
+ANSWER_KEYS = ("question_id", "prompt", "text", "answer_id", "model_id", "metadata")
+MISSING_IMAGE = "missing image"
+UNREADABLE_IMAGE = "unreadable image"
+MALFORMED = "malformed question"
+
+
+# Pure helpers ---------------------------------------------------------------------------------
+
+
+def question_key(question_id: Any) -> tuple:
+    """Sort key of question ids: integers in numeric order, then anything else by its string."""
+    if isinstance(question_id, int) and not isinstance(question_id, bool):
+        return (0, question_id, "")
+    return (1, 0, str(question_id))
+
+
+def answer_id(question_id: Any, model_id: str) -> str:
+    """A deterministic 22-character id (the length of LLaVA's shortuuid) of (model, question)."""
+    digest = hashlib.sha256(json.dumps([model_id, question_id]).encode()).hexdigest()
+    return digest[:22]
+
+
+_PRESET_FIELDS = ("similarity", "keep", "threshold", "iqr_scope", "iqr_multiplier", "aggregate")
+
+
+def trim_name(cfg: TrimConfig) -> str:
+    """A short name of a TRIM config: its preset ("default", "paper", "official", "ratio:0.05") or
+    "custom", with "/<selection>" when the selection is a baseline ("default/all": no reduction)."""
+    def same(preset: TrimConfig) -> bool:
+        fields = _PRESET_FIELDS + (("ratio",) if preset.threshold == "ratio" else ())
+        return all(getattr(cfg, f) == getattr(preset, f) for f in fields)
+
+    name = "custom"
+    if cfg.threshold == "ratio" and same(TrimConfig.fixed_ratio(cfg.ratio)):
+        name = f"ratio:{cfg.ratio:g}"
+    else:
+        for preset in ("default", "paper", "official"):
+            if same(TrimConfig.preset(preset)):
+                name = preset
+                break
+    return name if cfg.selection == "trim" else f"{name}/{cfg.selection}"
+
+
+def resolve_trim(spec: str, recipe_trim: TrimConfig, model_trim: dict | None) -> TrimConfig:
+    """The TRIM config to evaluate with: "model" (the one the model was trained with, as its
+    directory records; the recipe's if it records none), "recipe", "full" (the model's config with
+    every patch kept: the no-TRIM baseline), or a preset name ("default", "paper", "official",
+    "ratio:<float>"), which keeps the model's text settings."""
+    model_cfg = TrimConfig.from_dict(model_trim) if model_trim else recipe_trim
+    if spec == "model":
+        return model_cfg
+    if spec == "recipe":
+        return recipe_trim
+    if spec == "full":
+        return dataclasses.replace(model_cfg, selection="all")
+    return TrimConfig.preset(spec, text=model_cfg.text, text_at_inference=model_cfg.text_at_inference)
+
+
+def parse_questions(data: bytes, where: str) -> tuple[list[dict], list[dict]]:
+    """LLaVA question JSONL -> (questions, rejects). A line without a question_id, or a repeated
+    id, is an error (the file is not a question file); a question without an image path or text
+    is set aside as malformed."""
+    questions, rejects, seen = [], [], set()
+    for lineno, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}:{lineno}: not JSON ({err.msg})") from err
+        if not isinstance(record, dict) or "question_id" not in record:
+            raise ValueError(f"{where}:{lineno}: no question_id")
+        qid = record["question_id"]
+        if str(qid) in seen:
+            raise ValueError(f"{where}:{lineno}: duplicate question_id={qid!r}")
+        seen.add(str(qid))
+        image, text = record.get("image"), record.get("text")
+        if not isinstance(image, str) or not image or not isinstance(text, str) or not text.strip():
+            rejects.append({"question_id": qid, "reason": MALFORMED,
+                            "detail": f"{where}:{lineno}: needs an 'image' path and a 'text' string"})
+            continue
+        questions.append(record)
+    return questions, rejects
+
+
+def answer_record(question: dict, answer, model_id: str, trim_label: str) -> dict:
+    """One line of LLaVA's answer file; metadata adds what TRIM did."""
+    metadata = {"visual_tokens": answer.num_visual_tokens, "kept": answer.num_kept, "trim": trim_label}
+    if "category" in question:
+        metadata["category"] = question["category"]
+    return {"question_id": question["question_id"], "prompt": question["text"], "text": answer.text,
+            "answer_id": answer_id(question["question_id"], model_id), "model_id": model_id, "metadata": metadata}
+
+
+def load_images(questions: Sequence[dict], image_root: str) -> tuple[list[tuple[dict, Any]], list[dict]]:
+    """(question, image) pairs for the questions whose image reads, and rejects for the others."""
+    from pipelines.pictures import read_image
+
+    ok, rejects = [], []
+    for question in questions:
+        uri = storage.join(image_root, question["image"])
+        try:
+            if not storage.exists(uri):
+                rejects.append({"question_id": question["question_id"], "reason": MISSING_IMAGE, "detail": uri})
+                continue
+            ok.append((question, read_image(image_root, question["image"])))
+        except Exception as err:  # PIL raises several kinds for a bad file
+            rejects.append({"question_id": question["question_id"], "reason": UNREADABLE_IMAGE,
+                            "detail": f"{uri}: {type(err).__name__}: {err}"[:500]})
+    return ok, rejects
+
+
+def answer_questions(engine, questions: Sequence[dict], image_root: str, max_new_tokens: int, model_id: str,
+                     batch_size: int, picture_ids: Iterable[str] = ()) -> list[dict]:
+    """The pure core: questions -> output rows {kind: "answer" | "reject", record, kept, scores}.
+    kept (JSON list) and scores (fp16 bytes) are filled only for the question ids in picture_ids."""
+    pictures = set(picture_ids)
+    label = trim_name(engine.trim_cfg)
+    pairs, rejects = load_images(questions, image_root)
+    rows = [{"kind": "reject", "record": json.dumps(r), "kept": "[]", "scores": b""} for r in rejects]
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        answers = engine.answer([image for _, image in chunk], [q["text"] for q, _ in chunk], max_new_tokens)
+        for (question, _), answer in zip(chunk, answers):
+            wanted = str(question["question_id"]) in pictures
+            rows.append({"kind": "answer", "record": json.dumps(answer_record(question, answer, model_id, label)),
+                         "kept": json.dumps(answer.kept_indices if wanted else []),
+                         "scores": answer.scores.astype(np.float16).tobytes() if wanted else b""})
+    return rows
+
+
+def local_copy(uri: str) -> str:
+    """A local directory with the contents of uri (uri itself when it is local)."""
+    if not storage.is_s3(uri):
+        return uri
+    fs, path = storage.fsspec_fs(uri)
+    local = tempfile.mkdtemp(prefix="trim-eval-")
+    fs.get(path.rstrip("/") + "/", local + "/", recursive=True)
+    return local
+
+
+def fingerprint(uri: str) -> list[list]:
+    """(relative name, size, modification stamp) of every file under a directory, local or S3."""
+    fs, path = storage.fsspec_fs(uri)
+    fs.invalidate_cache(path)
+    out = []
+    for name, info in sorted(fs.find(path, detail=True).items()):
+        stamp = info.get("mtime") or info.get("ETag") or info.get("LastModified") or info.get("created")
+        out.append([os.path.relpath(name, path), int(info.get("size") or 0), str(stamp)])
+    return out
+
+
+# Ray wrapper ----------------------------------------------------------------------------------
+
+
+class EvalActor:
+    """Ray Data actor: loads the model and the CLIP towers once, answers batches of questions."""
+
+    def __init__(self, model_dir: str, clip_path: str, trim_cfg: dict, image_root: str, max_new_tokens: int,
+                 model_id: str, batch_size: int, picture_ids: list[str]):
+        import torch
+
+        from trim.inference import TrimLlava
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        local_model, local_clip = local_copy(model_dir), local_copy(clip_path)
+        self.engine = TrimLlava.load(local_model, local_clip, TrimConfig.from_dict(trim_cfg), device=device)
+        for local, uri in ((local_model, model_dir), (local_clip, clip_path)):
+            if local != uri:  # a temporary copy of an S3 directory: the weights are in memory now
+                shutil.rmtree(local, ignore_errors=True)
+        self.image_root, self.max_new_tokens, self.model_id = image_root, max_new_tokens, model_id
+        self.batch_size, self.picture_ids = batch_size, picture_ids
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        questions = [json.loads(q) for q in batch["question"]]
+        rows = answer_questions(self.engine, questions, self.image_root, self.max_new_tokens, self.model_id,
+                                self.batch_size, self.picture_ids)
+        return {name: [r[name] for r in rows] for name in ("kind", "record", "kept", "scores")}
+
+
+def _jsonl(records: Iterable[dict]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in records).encode()
+
+
+def _read_jsonl(uri: str) -> list[dict]:
+    return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line.strip()]
+
+
+def _score(answers: list[dict], annotations_uri: str, kind: str) -> dict[str, float]:
+    from trim.scoring import load_annotations, score
+
+    with tempfile.TemporaryDirectory() as directory:
+        local = os.path.join(directory, "annotations.jsonl")
+        with open(local, "wb") as f:
+            f.write(storage.read_bytes(annotations_uri))
+        return score(answers, load_annotations(local), kind=kind)
+
+
+def _infer(questions: list[dict], model_dir: str, trim_cfg: TrimConfig, recipe, picture_ids: list[str]
+           ) -> tuple[list[dict], list[dict], dict[str, tuple[list[int], np.ndarray]]]:
+    """The Ray Data job: (answers, rejects, {question_id: (kept, scores)} for the pictures)."""
+    import ray
+
+    cfg, paths = recipe.eval, recipe.paths
+    answers, rejects, pictures = [], [], {}
+    if not questions:
+        return answers, rejects, pictures
+    dataset = ray.data.from_items([{"question": json.dumps(q)} for q in questions]).map_batches(
+        EvalActor, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        fn_constructor_kwargs=dict(model_dir=model_dir, clip_path=paths.clip, trim_cfg=trim_cfg.to_dict(),
+                                   image_root=paths.eval_images, max_new_tokens=cfg.max_new_tokens,
+                                   model_id=recipe.train.run_name, batch_size=cfg.batch_size,
+                                   picture_ids=picture_ids),
+        batch_format="default")
+    for row in dataset.iter_rows():
+        record = json.loads(row["record"])
+        (answers if row["kind"] == "answer" else rejects).append(record)
+        if row["scores"]:
+            scores = np.frombuffer(row["scores"], dtype=np.float16).astype(np.float32)
+            pictures[str(record["question_id"])] = (json.loads(row["kept"]), scores)
+    return answers, rejects, pictures
+
+
+def _log_run(tracker, params: dict, metrics: dict, files: list[str], pictures_uri: str) -> int:
+    """Params, metrics, the answer files and the pictures into an MLflow run; returns the picture count."""
+    from pipelines.pictures import log_pictures
+
+    tracker.log_params(params)
+    tracker.log_metrics(metrics, step=0)
+    with tempfile.TemporaryDirectory() as directory:
+        def fetch(uri: str) -> str:
+            local = os.path.join(directory, os.path.basename(uri))
+            with open(local, "wb") as f:
+                f.write(storage.read_bytes(uri))
+            return local
+
+        for uri in files:
+            tracker.log_artifact(fetch(uri))
+        pictures = [fetch(storage.join(pictures_uri, name)) for name in storage.listdir(pictures_uri, ".png")]
+        log_pictures(tracker, pictures)
+    tracker.end()
+    return len(pictures)
+
+
+def run_evaluate(recipe, model_dir: str, trim_spec: str = "model", tracking_uri: str | None = None,
+                 log=print) -> dict:
+    """Answer, write, score and log an evaluation split; returns the manifest (with "metrics")."""
+    from pipelines.tracking import Tracker, default_tracking_uri
+
+    started = time.time()
+    paths, cfg = recipe.paths, recipe.eval
+    model_id = recipe.train.run_name
+    settings = storage.read_json(storage.join(model_dir, "trim_llava.json"))
+    trim_cfg = resolve_trim(trim_spec, recipe.trim, settings.get("trim"))
+    label = trim_name(trim_cfg)
+    question_bytes = storage.read_bytes(paths.eval_questions)
+    questions, malformed = parse_questions(question_bytes, paths.eval_questions)
+    identity = {"model_dir": model_dir, "model_files": fingerprint(model_dir), "clip": paths.clip,
+                "trim": trim_cfg.to_dict(), "max_new_tokens": cfg.max_new_tokens, "model_id": model_id,
+                "questions": paths.eval_questions, "questions_sha256": hashlib.sha256(question_bytes).hexdigest(),
+                "images": paths.eval_images}
+    answers_uri, rejects_uri, manifest_uri, pictures_uri = (
+        storage.join(paths.eval_dir, name) for name in ("answers.jsonl", "rejects.jsonl", "manifest.json", "pictures"))
+
+    previous = storage.read_json(manifest_uri) if storage.exists(manifest_uri) else None
+    reused = bool(previous and previous.get("identity") == identity and storage.exists(answers_uri))
+    if reused:
+        log(f"evaluate: {paths.eval_dir} already holds these answers; scoring and logging only")
+        answers, rejects = _read_jsonl(answers_uri), _read_jsonl(rejects_uri)
+    else:
+        if previous:
+            log(f"evaluate: {paths.eval_dir} holds answers of another configuration; replacing them")
+        log(f"evaluate: {len(questions)} questions ({len(malformed)} malformed) with TRIM {label}, "
+            f"{cfg.concurrency} actor(s), batches of {cfg.batch_size}")
+        ordered = sorted(questions, key=lambda q: question_key(q["question_id"]))
+        picture_ids = [str(q["question_id"]) for q in ordered[:cfg.num_pictures]]
+        answers, rejects, picture_rows = _infer(questions, model_dir, trim_cfg, recipe, picture_ids)
+        answers.sort(key=lambda r: question_key(r["question_id"]))
+        rejects = sorted(rejects + malformed, key=lambda r: question_key(r["question_id"]))
+        storage.write_bytes(answers_uri, _jsonl(answers))
+        storage.write_bytes(rejects_uri, _jsonl(rejects))
+        _write_pictures(picture_rows, questions, paths.eval_images, pictures_uri)
+
+    # The time of the inference that wrote the answers (a rerun that only rescores keeps it).
+    seconds = previous["metrics"].get("seconds", 0.0) if reused else time.time() - started
+    visual = [a["metadata"]["visual_tokens"] for a in answers]
+    metrics: dict[str, float] = {
+        "questions": len(questions) + len(malformed), "answers": len(answers), "rejects": len(rejects),
+        "mean_visual_tokens": float(np.mean(visual)) if visual else 0.0, "seconds": round(seconds, 2)}
+    if storage.exists(paths.eval_annotations):
+        metrics.update({k: float(v) for k, v in _score(answers, paths.eval_annotations, cfg.kind).items()})
+    else:
+        log(f"evaluate: no annotations at {paths.eval_annotations}; answers are not scored")
+    manifest = {"identity": identity, "trim_name": label, "answers": answers_uri, "rejects_file": rejects_uri,
+                "metrics": metrics, "reject_reasons": _count(r["reason"] for r in rejects)}
+    storage.write_json(manifest_uri, manifest)
+
+    tracker = Tracker(tracking_uri or default_tracking_uri(paths.root), f"trim-llava-{recipe.name}")
+    manifest["mlflow_run_id"] = tracker.start(f"{model_id}-eval")
+    params = {"model_dir": model_dir, "model_id": model_id, "trim_name": label, "trim": trim_cfg.to_dict(),
+              "eval": dataclasses.asdict(cfg), "questions": paths.eval_questions}
+    pictures = _log_run(tracker, params, metrics, [answers_uri, rejects_uri], pictures_uri)
+    log(f"evaluate: {len(answers)} answers, {len(rejects)} rejects ({manifest['reject_reasons'] or 'none'}) "
+        f"in {answers_uri}; {pictures} TRIM pictures in {pictures_uri}")
+    return manifest
+
+
+def _count(values: Iterable[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for value in values:
+        out[value] = out.get(value, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def _write_pictures(picture_rows: dict[str, tuple[list[int], np.ndarray]], questions: list[dict], image_root: str,
+                    out_uri: str) -> None:
+    """PNG pictures of the answered questions the actors returned scores for, into out_uri."""
+    from pipelines.pictures import draw, read_image, safe_name
+
+    storage.remove(out_uri)
+    by_id = {str(q["question_id"]): q for q in questions}
+    with tempfile.TemporaryDirectory() as directory:
+        for qid, (kept, scores) in picture_rows.items():
+            question = by_id[qid]
+            name = f"question-{safe_name(qid)}.png"
+            title = f"{qid}: {' '.join(question['text'].split())[:70]} ({len(kept)}/{len(scores)} kept)"
+            path = draw(read_image(image_root, question["image"]), scores, kept, os.path.join(directory, name), title)
+            storage.write_bytes(storage.join(out_uri, name), path.read_bytes())

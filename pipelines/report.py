@@ -1,0 +1,199 @@
+"""The efficiency report (the TRIM paper's Fig. 1 and Table 2): a batch of one, with and without TRIM.
+
+Measured on the model at hand (the tiny one here): visual and prompt tokens, CLIP + TRIM time, the
+LLM's time to first token (projector + prefill + first token) and the decode time per token. Computed
+from the model config (trim/efficiency.py): prefill FLOPs and KV-cache bytes, for the model at hand
+and for LLaVA-1.5-7B and 13B, so the same report prints the figures of the published sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from trim.efficiency import (
+    LLAVA_15_7B,
+    LLAVA_15_13B,
+    LlmShape,
+    efficiency_rows,
+    format_table,
+    kv_cache_bytes,
+    prefill_flops,
+)
+
+PUBLISHED = (("LLaVA-1.5-7B", LLAVA_15_7B), ("LLaVA-1.5-13B", LLAVA_15_13B))
+PAPER_KEPT_SHARE = 0.21
+"""The share of patches TRIM keeps on LLaVA-1.5's benchmarks, as the paper reports it."""
+
+
+def default_visual_trim(cache_manifest: dict | None, patches: int = 576) -> int:
+    """Visual tokens of the TRIM rows of the analytic tables: the cache's mean tokens per image
+    (kept + aggregate), rounded, when a cache exists; else the paper's 21% share, rounded, + 1."""
+    if cache_manifest and cache_manifest.get("kept", {}).get("mean_tokens"):
+        return max(1, round(cache_manifest["kept"]["mean_tokens"]))
+    return round(PAPER_KEPT_SHARE * patches) + 1
+
+
+@dataclass
+class MeasuredRow:
+    label: str
+    visual_tokens: int
+    prompt_tokens: int
+    encode_ms: float
+    prefill_ms: float
+    ttft_ms: float
+    decode_ms_per_token: float
+    prefill_mflops: float
+    kv_cache_kib: float
+    ttft_ratio: float = 1.0
+    flops_ratio: float = 1.0
+
+
+_MEASURED_COLUMNS = (("", "label", "{}"), ("visual", "visual_tokens", "{:d}"), ("tokens", "prompt_tokens", "{:d}"),
+                     ("CLIP+TRIM ms", "encode_ms", "{:.1f}"), ("prefill ms", "prefill_ms", "{:.1f}"),
+                     ("TTFT ms", "ttft_ms", "{:.1f}"), ("decode ms/token", "decode_ms_per_token", "{:.2f}"),
+                     ("prefill MFLOPs", "prefill_mflops", "{:.1f}"), ("KV cache KiB", "kv_cache_kib", "{:.1f}"),
+                     ("TTFT x", "ttft_ratio", "{:.3f}"), ("FLOPs x", "flops_ratio", "{:.3f}"))
+
+
+def measured_rows(runs, shape: LlmShape, bytes_per_element: int = 2) -> list[MeasuredRow]:
+    """Rows "full" then "TRIM" from timed runs (trim.inference.TimedRun), with the analytic prefill
+    FLOPs and KV cache of their actual prompt lengths."""
+    by_label = {run.label: run for run in runs}
+    rows = []
+    for label in ("full", "TRIM"):
+        run = by_label[label]
+        rows.append(MeasuredRow(
+            label=label, visual_tokens=run.visual_tokens, prompt_tokens=run.prompt_tokens,
+            encode_ms=run.encode_s * 1e3, prefill_ms=run.prefill_s * 1e3, ttft_ms=run.ttft_s * 1e3,
+            decode_ms_per_token=run.decode_s_per_token * 1e3,
+            prefill_mflops=prefill_flops(shape, run.prompt_tokens) / 1e6,
+            kv_cache_kib=kv_cache_bytes(shape, run.prompt_tokens, bytes_per_element) / 1024))
+    full = rows[0]
+    for row in rows:
+        row.ttft_ratio = row.ttft_ms / full.ttft_ms if full.ttft_ms else math.nan
+        row.flops_ratio = row.prefill_mflops / full.prefill_mflops if full.prefill_mflops else math.nan
+    return rows
+
+
+def format_rows(rows: list, columns=_MEASURED_COLUMNS) -> str:
+    """A plain-text table, label column left-aligned, the others right-aligned."""
+    cells = [[title for title, _, _ in columns]]
+    cells += [[fmt.format(getattr(row, attr)) for _, attr, fmt in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "\n".join("  ".join([line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:])]).rstrip()
+                     for line in cells)
+
+
+@dataclass
+class Report:
+    """Every table of the report, as text, as columns (for MLflow) and as flat metrics."""
+
+    sections: list[tuple[str, str]] = field(default_factory=list)
+    tables: dict[str, dict[str, list]] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        return "\n\n".join(f"{title}\n{table}" for title, table in self.sections) + "\n"
+
+
+def _columns(rows: list) -> dict[str, list]:
+    names = list(vars(rows[0]))
+    return {name: [getattr(row, name) for row in rows] for name in names}
+
+
+def _key(name: str) -> str:
+    return name.lower().replace(" ", "_")
+
+
+def build_report(model_name: str, runs, shape: LlmShape, question_tokens: int, visual_trim: int,
+                 system_tokens: int = 0) -> Report:
+    """The measured table of the model at hand and the analytic tables of LLaVA-1.5-7B and 13B (a
+    prompt of visual + question + system_tokens tokens; 576 visual tokens without TRIM)."""
+    report = Report()
+    measured = measured_rows(runs, shape)
+    trim_run = next(run for run in runs if run.label == "TRIM")
+    report.sections.append((
+        f"{model_name} (measured; batch of one, {question_tokens}-token question, {trim_run.new_tokens} new tokens; "
+        f"FLOPs and KV cache computed for the prompt as fed, template included)", format_rows(measured)))
+    report.tables[_key(model_name)] = _columns(measured)
+    for row in measured:
+        prefix = f"{_key(model_name)}/{row.label.lower()}"
+        report.metrics.update({f"{prefix}/visual_tokens": row.visual_tokens, f"{prefix}/ttft_ms": row.ttft_ms,
+                               f"{prefix}/prefill_ms": row.prefill_ms,
+                               f"{prefix}/decode_ms_per_token": row.decode_ms_per_token,
+                               f"{prefix}/prefill_mflops": row.prefill_mflops})
+    report.metrics[f"{_key(model_name)}/ttft_ratio"] = measured[1].ttft_ratio
+    for name, published in PUBLISHED:
+        rows = efficiency_rows(published, question_tokens, visual_trim=visual_trim, system_tokens=system_tokens)
+        template = f"{system_tokens} template tokens" if system_tokens else "template tokens not counted"
+        report.sections.append((f"{name} (analytic; {question_tokens}-token question, {template}, fp16 KV cache)",
+                                format_table(rows)))
+        report.tables[_key(name)] = _columns(rows)
+        for row in rows:
+            prefix = f"{_key(name)}/{row.label.lower()}"
+            report.metrics.update({f"{prefix}/total_tokens": row.total_tokens,
+                                   f"{prefix}/prefill_tflops": row.prefill_tflops,
+                                   f"{prefix}/kv_cache_mib": row.kv_cache_mib})
+        report.metrics[f"{_key(name)}/flops_ratio"] = rows[1].flops_ratio
+        report.metrics[f"{_key(name)}/kv_ratio"] = rows[1].kv_ratio
+    return report
+
+
+def log_report(tracker, report: Report, params: dict) -> None:
+    """The report's text, its tables (MLflow table artifacts) and its metrics into the tracker's run."""
+    tracker.log_params(params)
+    tracker.log_metrics({k: float(v) for k, v in report.metrics.items()}, step=0)
+    tracker.log_text(report.text, "efficiency/report.txt")
+    for name, columns in report.tables.items():
+        tracker.log_table(columns, f"efficiency/{name}.json")
+
+
+# Inputs of the measured table ----------------------------------------------------------------------
+
+
+def load_engine(recipe, log=print):
+    """The fine-tuned model (paths.checkpoints/<train.run_name>/model) with its CLIP towers, or, when
+    there is none yet, the LLM of paths.llm with a fresh projector (timings do not depend on the
+    weights' values) and the recipe's TRIM config."""
+    from transformers import AutoTokenizer
+
+    from pipelines import storage
+    from pipelines.evaluate import local_copy
+    from trim.encoders import ClipEncoder
+    from trim.inference import TrimLlava
+    from trim.model import LlavaTrim
+
+    paths = recipe.paths
+    model_dir = storage.join(paths.checkpoints, recipe.train.run_name, "model")
+    if storage.exists(storage.join(model_dir, "trim_llava.json")):
+        log(f"report: model {model_dir}")
+        return TrimLlava.load(local_copy(model_dir), local_copy(paths.clip))
+    paths.require("llm", "clip")
+    log(f"report: no fine-tuned model at {model_dir}; timing {paths.llm} with a fresh projector")
+    encoder = ClipEncoder(paths.clip)
+    model = LlavaTrim.from_llm(paths.llm, feature_dim=encoder.feature_dim, settings={"trim": recipe.trim.to_dict()})
+    return TrimLlava(model, AutoTokenizer.from_pretrained(paths.llm), encoder, recipe.trim)
+
+
+def sample_image(recipe):
+    """The image of the first evaluation question, or a drawn one when there is no evaluation split."""
+    import json
+
+    from PIL import Image, ImageDraw
+
+    from pipelines import storage
+    from pipelines.pictures import read_image
+
+    paths = recipe.paths
+    if storage.exists(paths.eval_questions):
+        for line in storage.read_bytes(paths.eval_questions).decode().splitlines():
+            if line.strip():
+                try:
+                    return read_image(paths.eval_images, json.loads(line)["image"])
+                except Exception:
+                    break
+    image = Image.new("RGB", (480, 320), (40, 70, 220))
+    ImageDraw.Draw(image).ellipse((150, 80, 310, 240), fill=(220, 30, 30))
+    return image

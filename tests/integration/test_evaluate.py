@@ -1,0 +1,132 @@
+"""The evaluate job on real Ray (in-process local cluster) and a real MLflow server: answers in LLaVA's
+format, rejects for unusable images, scores, pictures, and the MLflow run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from pipelines.evaluate import ANSWER_KEYS, answer_id
+from tests.integration import servers
+from tests.integration.conftest import REPO
+from trim import TrimConfig
+from trim.model import LlavaTrim
+
+GOOD = 6
+MISSING_ID, CORRUPT_ID = 100, 101
+
+
+def load_job(name: str):
+    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def eval_root(tmp_path_factory, tiny_models):
+    """A run root with an exported model (fresh projector: no training needed) and an evaluation
+    split of GOOD questions plus one whose image is missing and one whose image is corrupt."""
+    from pipelines.synthetic import write_eval_split
+
+    root = tmp_path_factory.mktemp("eval-run")
+    questions, images, annotations = write_eval_split(root / "data" / "eval", num_questions=GOOD)
+    (images / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    extra = [{"question_id": MISSING_ID, "image": "nowhere.jpg", "text": "What is the colour of the square?"},
+             {"question_id": CORRUPT_ID, "image": "corrupt.jpg", "text": "What is the colour of the circle?"}]
+    # Out of order on purpose: the answers file comes back sorted by question_id.
+    lines = questions.read_text().splitlines()
+    questions.write_text("\n".join([json.dumps(extra[1]), *lines[::-1], json.dumps(extra[0])]) + "\n")
+    with annotations.open("a") as f:
+        for q in extra:
+            f.write(json.dumps({"question_id": q["question_id"], "answers": ["red"] * 10, "kind": "vqa"}) + "\n")
+    torch.manual_seed(0)
+    settings = {"trim": TrimConfig().to_dict(), "encoder": {"path": str(tiny_models.clip), "layer": -2}}
+    model = LlavaTrim.from_llm(tiny_models.llm, feature_dim=64, settings=settings)
+    model.save(root / "checkpoints" / "tiny" / "model", tokenizer=AutoTokenizer.from_pretrained(str(tiny_models.llm)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def argv(eval_root, tiny_models):
+    overrides = [f"paths.root={eval_root}", f"paths.clip={tiny_models.clip}", f"paths.llm={tiny_models.llm}",
+                 "eval.batch_size=4", "eval.max_new_tokens=4", "eval.num_pictures=2"]
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+@pytest.fixture(scope="module")
+def first_run(eval_root, argv, ray_local):
+    return load_job("evaluate").main(argv)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_answers_file_has_one_line_per_question_in_llavas_format(first_run, eval_root):
+    answers = read_jsonl(eval_root / "eval" / "answers.jsonl")
+    assert [a["question_id"] for a in answers] == list(range(GOOD))
+    prompts = {q["question_id"]: q["text"] for q in read_jsonl(eval_root / "data" / "eval" / "questions.jsonl")}
+    for a in answers:
+        assert tuple(a) == ANSWER_KEYS
+        assert isinstance(a["text"], str) and a["prompt"] == prompts[a["question_id"]]
+        assert a["model_id"] == "tiny" and a["answer_id"] == answer_id(a["question_id"], "tiny")
+        assert len(a["answer_id"]) == 22
+        meta = a["metadata"]
+        assert meta["trim"] == "default" and meta["category"] == "colour"
+        assert 1 <= meta["visual_tokens"] < 576 and meta["visual_tokens"] == meta["kept"] + 1
+    assert len({a["answer_id"] for a in answers}) == GOOD
+
+
+def test_unusable_images_are_set_aside_and_scored_as_missing(first_run, eval_root):
+    rejects = read_jsonl(eval_root / "eval" / "rejects.jsonl")
+    assert {r["question_id"]: r["reason"] for r in rejects} == {MISSING_ID: "missing image",
+                                                                CORRUPT_ID: "unreadable image"}
+    assert all(r["detail"] for r in rejects)
+    metrics = first_run["metrics"]
+    assert metrics["n"] == GOOD + 2 and metrics["answered"] == GOOD and metrics["missing"] == 2
+    assert metrics["rejects"] == 2 and metrics["answers"] == GOOD and metrics["questions"] == GOOD + 2
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["mean_visual_tokens"] > 0
+    assert first_run["reject_reasons"] == {"missing image": 1, "unreadable image": 1}
+    pictures = sorted(p.name for p in (eval_root / "eval" / "pictures").iterdir())
+    assert pictures == ["question-0.png", "question-1.png"]
+
+
+def test_local_tracking_keeps_the_artifacts_beside_the_store(first_run, eval_root):
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{eval_root}/mlflow.db")
+    run = client.get_run(first_run["mlflow_run_id"])
+    assert run.info.run_name == "tiny-eval" and run.data.metrics["missing"] == 2
+    stored = list((eval_root / "mlartifacts").rglob("answers.jsonl"))
+    assert len(stored) == 1 and stored[0].read_bytes() == (eval_root / "eval" / "answers.jsonl").read_bytes()
+    assert len(list((eval_root / "mlartifacts").rglob("question-*.png"))) == 2
+
+
+def test_rerun_against_mlflow_server_logs_metrics_answers_and_pictures(first_run, eval_root, argv, monkeypatch,
+                                                                      tmp_path):
+    import mlflow
+
+    answers_before = (eval_root / "eval" / "answers.jsonl").read_bytes()
+    with servers.mlflow_server(tmp_path) as uri:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        again = load_job("evaluate").main(argv)  # same inputs: answers reused, scored and logged again
+        assert (eval_root / "eval" / "answers.jsonl").read_bytes() == answers_before
+        assert again["metrics"] == first_run["metrics"]
+        client = mlflow.MlflowClient(uri)
+        experiment = client.get_experiment_by_name("trim-llava-tiny")
+        runs = client.search_runs([experiment.experiment_id], "attributes.run_name = 'tiny-eval'")
+        assert len(runs) == 1 and runs[0].info.run_id == again["mlflow_run_id"]
+        run = runs[0]
+        assert run.data.metrics["accuracy"] == pytest.approx(first_run["metrics"]["accuracy"])
+        assert run.data.metrics["missing"] == 2 and run.data.metrics["n"] == GOOD + 2
+        assert run.data.params["trim_name"] == "default" and run.data.params["model_id"] == "tiny"
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"answers.jsonl", "rejects.jsonl", "pictures"} <= artifacts
+        assert len(client.list_artifacts(run.info.run_id, "pictures")) == 2
+        local = client.download_artifacts(run.info.run_id, "answers.jsonl", str(tmp_path / "download"))
+        assert open(local, "rb").read() == answers_before

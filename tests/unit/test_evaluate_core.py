@@ -1,0 +1,109 @@
+"""The evaluate stage's pure core and the efficiency report's tables, without Ray or models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.evaluate import (
+    ANSWER_KEYS,
+    answer_id,
+    answer_questions,
+    parse_questions,
+    question_key,
+    resolve_trim,
+    trim_name,
+)
+from pipelines.report import build_report, default_visual_trim
+from trim import TrimConfig
+from trim.efficiency import LlmShape
+from trim.inference import Answer, TimedRun
+
+
+class FakeEngine:
+    """Answers "red" with 3 visual tokens; records the batches it was given."""
+
+    trim_cfg = TrimConfig()
+
+    def __init__(self):
+        self.batches = []
+
+    def answer(self, images, questions, max_new_tokens):
+        self.batches.append(len(questions))
+        return [Answer(text="red", token_ids=[5], num_visual_tokens=3, num_kept=2, kept_indices=[4, 9],
+                       scores=np.full(576, 1 / 576, dtype=np.float32), prompt_tokens=40) for _ in questions]
+
+
+def test_parse_questions_sets_aside_malformed_and_refuses_foreign_files():
+    lines = [{"question_id": 1, "image": "a.jpg", "text": "What?"}, {"question_id": 2, "text": "No image"},
+             {"question_id": "x", "image": "b.jpg", "text": "  "}]
+    questions, rejects = parse_questions("\n".join(json.dumps(x) for x in lines).encode() + b"\n\n", "q.jsonl")
+    assert [q["question_id"] for q in questions] == [1]
+    assert [(r["question_id"], r["reason"]) for r in rejects] == [(2, "malformed question"),
+                                                                  ("x", "malformed question")]
+    with pytest.raises(ValueError, match="q.jsonl:2: duplicate question_id='1'"):
+        parse_questions(b'{"question_id": 1}\n{"question_id": "1"}\n', "q.jsonl")
+    with pytest.raises(ValueError, match="q.jsonl:1: no question_id"):
+        parse_questions(b'{"id": 1}\n', "q.jsonl")
+
+
+def test_ids_sort_numerically_and_answer_ids_are_deterministic():
+    assert sorted([10, "b", 2, "a", 1], key=question_key) == [1, 2, 10, "a", "b"]
+    assert answer_id(3, "tiny") == answer_id(3, "tiny") != answer_id(3, "other") != answer_id("3", "tiny")
+    assert len(answer_id(3, "tiny")) == 22
+
+
+def test_trim_names_and_resolution():
+    assert trim_name(TrimConfig()) == "default"
+    assert trim_name(TrimConfig.paper()) == "paper" and trim_name(TrimConfig.official()) == "official"
+    assert trim_name(TrimConfig.fixed_ratio(0.05)) == "ratio:0.05"
+    assert trim_name(TrimConfig(selection="all")) == "default/all"
+    assert trim_name(TrimConfig(iqr_multiplier=3.0)) == "custom"
+    model = {**TrimConfig.paper().to_dict(), "text_at_inference": "questions"}
+    recipe = TrimConfig()
+    assert resolve_trim("model", recipe, model) == TrimConfig.from_dict(model)
+    assert resolve_trim("model", recipe, None) == recipe
+    assert resolve_trim("recipe", recipe, model) == recipe
+    assert resolve_trim("full", recipe, model).selection == "all"
+    official = resolve_trim("official", recipe, model)
+    assert trim_name(official) == "official" and official.text_at_inference == "questions"
+
+
+def test_answer_questions_rejects_unusable_images_and_batches_the_rest(tmp_path):
+    for i in range(5):
+        Image.new("RGB", (40, 30), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    questions = [{"question_id": i, "image": f"{i}.png", "text": f"Q{i}", "category": "c"} for i in range(5)]
+    questions += [{"question_id": 7, "image": "gone.png", "text": "Q"},
+                  {"question_id": 8, "image": "bad.png", "text": "Q"}]
+    engine = FakeEngine()
+    rows = answer_questions(engine, questions, str(tmp_path), 4, "m", batch_size=2, picture_ids=["1"])
+    assert engine.batches == [2, 2, 1]
+    answers = [json.loads(r["record"]) for r in rows if r["kind"] == "answer"]
+    rejects = {json.loads(r["record"])["question_id"]: json.loads(r["record"])["reason"]
+               for r in rows if r["kind"] == "reject"}
+    assert rejects == {7: "missing image", 8: "unreadable image"}
+    assert [a["question_id"] for a in answers] == [0, 1, 2, 3, 4]
+    assert all(tuple(a) == ANSWER_KEYS for a in answers)
+    assert answers[0]["metadata"] == {"visual_tokens": 3, "kept": 2, "trim": "default", "category": "c"}
+    with_scores = [r for r in rows if r["scores"]]
+    assert len(with_scores) == 1 and json.loads(with_scores[0]["kept"]) == [4, 9]
+    assert len(with_scores[0]["scores"]) == 576 * 2
+
+
+def test_report_tables_and_metrics():
+    runs = [TimedRun("TRIM", 21, 80, 0.010, 0.002, 0.001, 8), TimedRun("full", 576, 635, 0.010, 0.008, 0.002, 8)]
+    shape = LlmShape(hidden=64, layers=2, heads=4, kv_heads=4, intermediate=192, vocab=1000)
+    report = build_report("tiny", runs, shape, question_tokens=32, visual_trim=122)
+    text = report.text
+    assert "tiny (measured" in text and "LLaVA-1.5-7B (analytic" in text and "LLaVA-1.5-13B (analytic" in text
+    assert report.tables["tiny"]["label"] == ["full", "TRIM"]
+    assert report.tables["llava-1.5-7b"]["total_tokens"] == [608, 154]
+    assert report.metrics["tiny/full/ttft_ms"] == pytest.approx(18.0)
+    assert report.metrics["tiny/ttft_ratio"] == pytest.approx(12 / 18)
+    assert report.metrics["llava-1.5-13b/trim/total_tokens"] == 154
+    assert default_visual_trim(None) == 122
+    assert default_visual_trim({"kept": {"mean_tokens": 20.4}}) == 20
