@@ -158,9 +158,9 @@ class TrainConfig:
     """Save a checkpoint every this many optimizer steps (and at the end)."""
     seed: int = 0
     """Seed of the data order and the projector's initialisation."""
-    visual_tokens: str = "trim"
-    """"trim": the cached reduced tokens; "full": all cached patches (the no-TRIM baseline, needs a
-    cache written with keep_full_features)."""
+    preload: bool = False
+    """Read each worker's whole shard into memory before the first step (benchmarks: isolates the
+    input pipeline's cost; leave off for real runs)."""
 
 
 @dataclass

@@ -50,8 +50,12 @@ class DrawnImage:
     box: tuple[float, float, float, float]
 
 
-def _draw(path: Path, rng: random.Random, colour: str, shape: str, count: int) -> tuple[float, float, float, float]:
-    width, height = rng.choice([(336, 336), (480, 320), (320, 480), (400, 240), (256, 384), (97, 61)])
+SIZES = ((336, 336), (480, 320), (320, 480), (400, 240), (256, 384), (97, 61))
+
+
+def _draw(path: Path, rng: random.Random, colour: str, shape: str, count: int,
+          size: tuple[int, int] | None = None) -> tuple[float, float, float, float]:
+    width, height = size or rng.choice(SIZES)
     background = rng.choice([c for c in COLOURS if c != colour])
     image = Image.new("RGB", (width, height), COLOURS[background])
     draw = ImageDraw.Draw(image)
@@ -73,14 +77,15 @@ def _draw(path: Path, rng: random.Random, colour: str, shape: str, count: int) -
     return box
 
 
-def _image_pool(image_root: Path, folder: str, count: int, rng: random.Random, prefix: str) -> list[DrawnImage]:
+def _image_pool(image_root: Path, folder: str, count: int, rng: random.Random, prefix: str,
+                size: tuple[int, int] | None = None) -> list[DrawnImage]:
     pool = []
     for i in range(count):
         # VG's images really are split over two folders.
         sub = "vg/VG_100K_2" if folder == "vg/VG_100K" and i % 2 else folder
         relpath = f"{sub}/{prefix}{i:012d}.jpg"
         colour, shape, n = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.randint(1, 4)
-        box = _draw(image_root / relpath, rng, colour, shape, n)
+        box = _draw(image_root / relpath, rng, colour, shape, n, size)
         pool.append(DrawnImage(relpath, colour, shape, n, box))
     return pool
 
@@ -150,11 +155,12 @@ def _faulty_records(image_root: Path, pool: list[DrawnImage]) -> list[dict]:
 
 
 def write_mixture(root: str | Path, num_samples: int, num_images: int, seed: int = 0, faults: bool = False,
-                  json_lines: bool = False) -> Path:
+                  json_lines: bool = False, image_size: tuple[int, int] | None = None) -> Path:
     """Write the mixture JSON (or JSONL) and its images under root; return the JSON path.
 
     Images are spread over the sources' folders in proportion; samples draw from their folder's pool,
-    so images are shared. Idempotent for a given argument set (same seed, same bytes).
+    so images are shared (at 665K rows a small pool stands in for the real image folders). One
+    image_size for all images makes a pool cheap to decode. Same arguments, same bytes.
     """
     root = Path(root)
     rng = random.Random(seed)
@@ -166,7 +172,7 @@ def write_mixture(root: str | Path, num_samples: int, num_images: int, seed: int
     pools = {}
     for folder in folders:
         count = max(1, round(num_images * folder_share[folder] / image_share))
-        pools[folder] = _image_pool(image_root, folder, count, rng, prefix=f"{folder.split('/')[0]}_")
+        pools[folder] = _image_pool(image_root, folder, count, rng, prefix=f"{folder.split('/')[0]}_", size=image_size)
     records = []
     for source, share, folder in SOURCES:
         for i in range(max(1, round(num_samples * share / total))):

@@ -151,11 +151,16 @@ def train_loop(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     window_rows = cfg.micro_batch_size * WINDOW_MICRO_BATCHES
+    def windows():
+        return shard.iter_torch_batches(batch_size=window_rows, collate_fn=RowsCollate())
+
+    preloaded = list(windows()) if cfg.preload else None
     started, tokens_seen, visual_seen, samples_seen, losses = time.time(), 0, 0, 0, []
+    step_started = time.time()
     engine.train()
     while state["step"] < plan.total_steps:
         micro_index = 0
-        for window_index, batch in enumerate(shard.iter_torch_batches(batch_size=window_rows, collate_fn=RowsCollate())):
+        for window_index, batch in enumerate(preloaded if preloaded is not None else windows()):
             chunks = group_by_length(batch, cfg.micro_batch_size, seed=hash((cfg.seed, state["epoch"], window_index)),
                                      enabled=cfg.group_by_length)
             for chunk in chunks:
@@ -179,8 +184,9 @@ def train_loop(config: dict) -> None:
                 mean_loss = float(mean_loss) / world
                 losses = []
                 state["first_loss"] = state["first_loss"] if state["first_loss"] is not None else mean_loss
-                elapsed = time.time() - started
-                metrics = {"loss": mean_loss, "lr": scheduler_lr(engine), "step": state["step"],
+                now = time.time()
+                elapsed, step_time, step_started = now - started, now - step_started, now
+                metrics = {"loss": mean_loss, "lr": scheduler_lr(engine), "step": state["step"], "step_time_s": step_time,
                            "tokens_per_s": tokens_seen * world / max(elapsed, 1e-9),
                            "visual_tokens_per_sample": visual_seen / max(samples_seen, 1)}
                 tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=state["step"])

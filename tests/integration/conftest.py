@@ -18,14 +18,19 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.integration)
 
 
+def job_env(extra: dict | None = None) -> dict:
+    """The environment of a job the tests start: this one, minus what an in-process job may have left
+    behind (mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; a Ray address), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    return dict(env, TRIM_PROGRESS="0", **(extra or {}))
+
+
 def run_job(job: str, *overrides: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run jobs/<job>.py as a user would, in its own process (its own local Ray)."""
     args = [sys.executable, str(REPO / "jobs" / f"{job}.py"), "--recipe", "tiny"]
     for override in overrides:
         args += ["--set", override]
-    full_env = dict(os.environ, TRIM_PROGRESS="0", **(env or {}))
-    full_env.pop("RAY_ADDRESS", None)
-    result = subprocess.run(args, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(args, cwd=REPO, env=job_env(env), capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         raise AssertionError(f"{job} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
     return result

@@ -16,7 +16,7 @@ from pipelines import storage
 from pipelines.config import PrecomputeConfig, ShardConfig
 from pipelines.precompute import decode_scores, decode_tokens, iter_cache, run_precompute
 from pipelines.shard import run_shard
-from tests.integration.conftest import REPO, run_job
+from tests.integration.conftest import REPO, job_env, run_job
 from trim import TrimConfig, trim_tokens
 from trim.conversation import trim_text
 from trim.encoders import ClipEncoder
@@ -142,8 +142,7 @@ def test_killed_precompute_resumes_with_every_sample_once(shards, tiny_data, tin
     args = [sys.executable, str(REPO / "jobs" / "precompute.py"), "--recipe", "tiny"]
     for o in overrides:
         args += ["--set", o]
-    env = dict(os.environ, TRIM_PROGRESS="0")
-    env.pop("RAY_ADDRESS", None)
+    env = job_env()
     process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     cache_dir = resume_root / "cache"

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.integration import servers
-from tests.integration.conftest import REPO, make_cached_root, model_overrides, run_job
+from tests.integration.conftest import REPO, job_env, make_cached_root, model_overrides, run_job
 from trim.model import LlavaTrim
 
 
@@ -52,8 +52,7 @@ def test_a_killed_run_resumes_its_step_count_data_position_and_mlflow_run(cached
     args = [sys.executable, str(REPO / "jobs" / "finetune.py"), "--recipe", "tiny"]
     for o in overrides:
         args += ["--set", o]
-    env = dict(os.environ, TRIM_PROGRESS="0")
-    env.pop("RAY_ADDRESS", None)
+    env = job_env()
     log = cached_root / "killed-run.log"
     process = subprocess.Popen(args, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                                start_new_session=True)
@@ -104,8 +103,7 @@ def test_zero3_trains_and_an_unreachable_mlflow_server_does_not_stop_training(ca
 
 
 def test_ray_job_submit_runs_the_finetune_job(cached_root, tiny_models, tmp_path):
-    env = dict(os.environ, PATH=f"{servers.BIN}:{os.environ['PATH']}", RAY_AUTH_MODE="token", TRIM_PROGRESS="0")
-    env.pop("RAY_ADDRESS", None)
+    env = job_env({"PATH": f"{servers.BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"})
     with servers.ray_head(tmp_path, env) as address:
         command = [str(servers.BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
                    "python", "jobs/finetune.py", "--recipe", "tiny"]

@@ -1,0 +1,117 @@
+"""Training step time fed all 576 visual tokens / fed the TRIM cache: same samples, same batch, through
+the real Ray Train + DeepSpeed (ZeRO-2, 2 CPU workers) loop, in one run. Beside it, the same ratio for
+a bare forward+backward+step of the model on tensors already in memory, and whether the input
+pipeline is the bottleneck: step time from the Ray Data loader / step time on batches preloaded into
+the workers' memory.
+
+    python benchmarks/bench_train.py [--samples 128] [--steps 30]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import torch
+
+from common import REPO, run_measured, table
+
+from pipelines.precompute import decode_tokens, iter_cache
+from pipelines.synthetic import write_mixture
+from trim.conversation import tokenize_conversation
+from trim.model import LlavaTrim, pad_batch
+from trim.tiny import build_tiny_models
+
+
+def job(name, root, *overrides):
+    args = [sys.executable, str(REPO / "jobs" / f"{name}.py"), "--recipe", "tiny", "--set", f"paths.root={root}"]
+    for o in overrides:
+        args += ["--set", o]
+    return run_measured(args)
+
+
+def median_step_time(root: Path, run_name: str, skip: int, every: int) -> float:
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+            if r.info.run_name == run_name]
+    history = client.get_metric_history(runs[0].info.run_id, "step_time_s")
+    # Leave out warm-up steps and checkpoint steps (their time includes saving).
+    times = [m.value for m in history if m.step > skip and m.step % every]
+    return statistics.median(times)
+
+
+def bare_ratio(root: Path, llm: Path, micro: int, repeats: int = 15) -> tuple[float, float, float]:
+    """Median forward+backward+AdamW step, micro-batch of the first samples, full vs TRIM tokens."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llm)
+    timings = {}
+    for kind in ("full", "trim"):
+        rows = [r for r in iter_cache(str(root / kind / "cache")) if r["num_tokens"]]
+        rows = sorted(rows, key=lambda r: r["id"])[:micro]
+        samples = []
+        for r in rows:
+            tok = tokenize_conversation(json.loads(r["conversations"]), tokenizer, 2048, r["num_tokens"])
+            samples.append({"input_ids": tok.input_ids, "labels": tok.labels, "visual": decode_tokens(r)})
+        batch = pad_batch(samples, tokenizer.pad_token_id)
+        model = LlavaTrim.from_llm(llm, feature_dim=samples[0]["visual"].shape[1])
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        times = []
+        for _ in range(repeats + 3):
+            started = time.perf_counter()
+            loss = model(batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            times.append(time.perf_counter() - started)
+        timings[kind] = (statistics.median(times[3:]), int(batch.attention_mask.sum(1).float().mean())
+                         + sum(s["visual"].shape[0] - 1 for s in samples) // len(samples))
+    return timings["full"][0] / timings["trim"][0], timings["full"][1], timings["trim"][1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--micro", type=int, default=4)
+    parser.add_argument("--workdir", default="/tmp/bench-train")
+    args = parser.parse_args()
+    work = Path(args.workdir)
+    models = build_tiny_models(work / "models")
+    model_sets = [f"paths.clip={models.clip}", f"paths.llm={models.llm}"]
+    for kind, preset in (("trim", "default"), ("full", "default")):
+        root = work / kind
+        if not (root / "cache" / "manifest.json").exists():
+            write_mixture(root / "data", args.samples, args.samples // 2, seed=2)
+            job("shard", root, *model_sets)
+            extra = ["trim.selection=all"] if kind == "full" else []
+            job("precompute", root, *model_sets, *extra)
+
+    common = [*model_sets, f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro}",
+              "train.checkpoint_every=10", "train.deepspeed_config=infra/deepspeed/zero2.json"]
+    results = {}
+    for kind in ("full", "trim"):
+        for preload in (False, True):
+            run_name = f"{kind}-{'preload' if preload else 'loader'}-{int(time.time())}"
+            job("finetune", work / kind, *common, f"train.run_name={run_name}", f"train.preload={preload}")
+            results[(kind, preload)] = median_step_time(work / kind, run_name, skip=3, every=10)
+    manifest = json.loads((work / "trim" / "cache" / "manifest.json").read_text())
+    bare, full_len, trim_len = bare_ratio(work, models.llm, args.micro)
+    pipeline = results[("full", False)] / results[("trim", False)]
+    print(table([[f"{k} {'preloaded' if p else 'Ray Data loader'}", v * 1000] for (k, p), v in results.items()],
+                ["step (2 workers, ZeRO-2, micro-batch %d)" % args.micro, "median ms"]))
+    print(f"visual tokens per image: full 576, TRIM mean {manifest['kept']['mean_tokens']:.1f}; "
+          f"sequence ~{full_len} vs ~{trim_len} tokens")
+    print(f"step time full / TRIM through Ray Train + DeepSpeed: {pipeline:.2f}x (target >= 4.0)")
+    print(f"bare forward+backward+step full / TRIM:            {bare:.2f}x; pipeline / bare = {pipeline / bare:.2f} "
+          f"(target >= 0.85)")
+    print(f"loader / preloaded step time, TRIM: {results[('trim', False)] / results[('trim', True)]:.3f}, "
+          f"full: {results[('full', False)] / results[('full', True)]:.3f} (target <= 1.1)")
+
+
+if __name__ == "__main__":
+    main()
