@@ -4,7 +4,7 @@ a bare forward+backward+step of the model on tensors already in memory, and whet
 pipeline is the bottleneck: step time from the Ray Data loader / step time on batches preloaded into
 the workers' memory.
 
-    python benchmarks/bench_train.py [--samples 128] [--steps 30]
+    python benchmarks/bench_train.py [--samples 512] [--steps 40]
 """
 
 import argparse
@@ -34,11 +34,19 @@ def job(name, root, *overrides):
     return run_measured(args)
 
 
-def median_step_time(root: Path, run_name: str, skip: int, every: int) -> float:
+def metric_history(root: Path, run_name: str, metric: str):
     client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
             if r.info.run_name == run_name]
-    history = client.get_metric_history(runs[0].info.run_id, "step_time_s")
+    return client.get_metric_history(runs[0].info.run_id, metric)
+
+
+def visual_per_sample(root: Path, run_name: str) -> float:
+    return max(m.value for m in metric_history(root, run_name, "visual_tokens_per_sample"))
+
+
+def median_step_time(root: Path, run_name: str, skip: int, every: int) -> float:
+    history = metric_history(root, run_name, "step_time_s")
     # Leave out warm-up steps and checkpoint steps (their time includes saving).
     times = [m.value for m in history if m.step > skip and m.step % every]
     return statistics.median(times)
@@ -75,8 +83,8 @@ def bare_ratio(root: Path, llm: Path, micro: int, repeats: int = 15) -> tuple[fl
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--samples", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--samples", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--micro", type=int, default=4)
     parser.add_argument("--workdir", default="/tmp/bench-train")
     args = parser.parse_args()
@@ -92,18 +100,22 @@ def main() -> None:
             job("precompute", root, *model_sets, *extra)
 
     common = [*model_sets, f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro}",
-              "train.checkpoint_every=10", "train.deepspeed_config=infra/deepspeed/zero2.json"]
-    results = {}
+              "train.checkpoint_every=10", "train.deepspeed_config=infra/deepspeed/zero2.json",
+              "train.max_length=1024"]  # room for all 576 visual tokens plus the text
+    results, runs = {}, {}
     for kind in ("full", "trim"):
         for preload in (False, True):
             run_name = f"{kind}-{'preload' if preload else 'loader'}-{int(time.time())}"
             job("finetune", work / kind, *common, f"train.run_name={run_name}", f"train.preload={preload}")
             results[(kind, preload)] = median_step_time(work / kind, run_name, skip=3, every=10)
+            runs[(kind, preload)] = run_name
     manifest = json.loads((work / "trim" / "cache" / "manifest.json").read_text())
     bare, full_len, trim_len = bare_ratio(work, models.llm, args.micro)
     pipeline = results[("full", False)] / results[("trim", False)]
     print(table([[f"{k} {'preloaded' if p else 'Ray Data loader'}", v * 1000] for (k, p), v in results.items()],
                 ["step (2 workers, ZeRO-2, micro-batch %d)" % args.micro, "median ms"]))
+    for kind in ("full", "trim"):  # the full runs must really have seen 576 tokens an image
+        assert visual_per_sample(work / kind, runs[(kind, False)]) > (400 if kind == "full" else 0), kind
     print(f"visual tokens per image: full 576, TRIM mean {manifest['kept']['mean_tokens']:.1f}; "
           f"sequence ~{full_len} vs ~{trim_len} tokens")
     print(f"step time full / TRIM through Ray Train + DeepSpeed: {pipeline:.2f}x (target >= 4.0)")

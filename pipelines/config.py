@@ -112,6 +112,8 @@ class PrecomputeConfig:
     """Encoder actors (each loads the towers once)."""
     num_gpus_per_actor: float = 0.0
     """GPUs per encoder actor (0 on CPU)."""
+    num_cpus_per_actor: int = 1
+    """CPUs per encoder actor; on CPU the encoder runs this many torch threads."""
     layer: int = -2
     """Vision tower layer whose patch features are cached (LLaVA-1.5: the penultimate)."""
     rows_per_file: int = 2000

@@ -189,9 +189,11 @@ def _text_only_row(sample: dict, dim: int) -> dict:
 class TrimActor:
     """Ray Data actor: loads the CLIP towers once, turns batches of work items into cache rows."""
 
-    def __init__(self, clip_path: str, shards: str, layer: int, trim_cfg: dict, batch_size: int, dtype: str):
+    def __init__(self, clip_path: str, shards: str, layer: int, trim_cfg: dict, batch_size: int, dtype: str,
+                 threads: int = 1):
         from trim.encoders import ClipEncoder
 
+        torch.set_num_threads(threads)  # Ray gives an actor one thread unless told otherwise
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.encoder = ClipEncoder(clip_path, layer=layer, device=device, dtype=getattr(torch, dtype))
         self.images = ImageStore(shards)
@@ -269,9 +271,10 @@ def run_precompute(shards: str, cache: str, clip_path: str, trim_cfg: TrimConfig
             [{"part": i.part, "samples": json.dumps(i.samples)} for i in pending]
         ).map_batches(
             TrimActor, batch_size=per_call, compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-            num_gpus=cfg.num_gpus_per_actor,
+            num_gpus=cfg.num_gpus_per_actor, num_cpus=cfg.num_cpus_per_actor,
             fn_constructor_kwargs=dict(clip_path=clip_path, shards=shards, layer=cfg.layer,
-                                       trim_cfg=trim_cfg.to_dict(), batch_size=cfg.batch_size, dtype=cfg.dtype),
+                                       trim_cfg=trim_cfg.to_dict(), batch_size=cfg.batch_size, dtype=cfg.dtype,
+                                       threads=cfg.num_cpus_per_actor),
             batch_format="default")
         part_of = {s["id"]: item.part for item in pending for s in item.samples}
         buffers: dict[int, list[dict]] = {}

@@ -50,7 +50,14 @@ def iter_records(data: bytes, name: str) -> Iterator[tuple[int, Any]]:
             records = json.loads(data)
         except json.JSONDecodeError as err:
             raise ValueError(f"{name}: not valid JSON ({err})") from err
-        yield from enumerate(records)
+        del data
+        # Hand records over one by one, dropping each from the list: the parsed mixture shrinks as
+        # the (smaller) sample rows grow, instead of both being held whole.
+        records.reverse()
+        index = 0
+        while records:
+            yield index, records.pop()
+            index += 1
         return
     for index, line in enumerate(data.splitlines()):
         if not line.strip():

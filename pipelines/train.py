@@ -152,7 +152,7 @@ def train_loop(config: dict) -> None:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     window_rows = cfg.micro_batch_size * WINDOW_MICRO_BATCHES
     def windows():
-        return shard.iter_torch_batches(batch_size=window_rows, collate_fn=RowsCollate())
+        return shard.iter_torch_batches(batch_size=window_rows, collate_fn=RowsCollate(), prefetch_batches=2)
 
     preloaded = list(windows()) if cfg.preload else None
     started, tokens_seen, visual_seen, samples_seen, losses = time.time(), 0, 0, 0, []
