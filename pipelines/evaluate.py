@@ -30,6 +30,7 @@ import numpy as np
 
 from pipelines import storage
 from trim import TrimConfig
+from trim.scoring import iter_question_records
 
 ANSWER_KEYS = ("question_id", "prompt", "text", "answer_id", "model_id", "metadata")
 MISSING_IMAGE = "missing image"
@@ -93,24 +94,13 @@ def parse_questions(data: bytes, where: str) -> tuple[list[dict], list[dict]]:
     """LLaVA question JSONL -> (questions, rejects). A line without a question_id, or a repeated
     id, is an error (the file is not a question file); a question without an image path or text
     is set aside as malformed."""
-    questions, rejects, seen = [], [], set()
-    for lineno, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}:{lineno}: not JSON ({err.msg})") from err
-        if not isinstance(record, dict) or "question_id" not in record:
-            raise ValueError(f"{where}:{lineno}: no question_id")
+    questions, rejects = [], []
+    for here, record in iter_question_records(data.decode("utf-8"), where):
         qid = record["question_id"]
-        if str(qid) in seen:
-            raise ValueError(f"{where}:{lineno}: duplicate question_id={qid!r}")
-        seen.add(str(qid))
         image, text = record.get("image"), record.get("text")
         if not isinstance(image, str) or not image or not isinstance(text, str) or not text.strip():
             rejects.append({"question_id": qid, "reason": MALFORMED,
-                            "detail": f"{where}:{lineno}: needs an 'image' path and a 'text' string"})
+                            "detail": f"{here}: needs an 'image' path and a 'text' string"})
             continue
         questions.append(record)
     return questions, rejects

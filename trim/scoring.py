@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -226,33 +226,41 @@ def _as_annotation(question_id: Any, value: AnnotationLike) -> Annotation:
     return Annotation(question_id, _answers_of(value, where))
 
 
+def iter_question_records(text: str, where: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where:line, record) for each line of a JSONL file keyed by question_id (question, answer
+    and annotation files alike). Blank lines are skipped; a line that is not a JSON object with a
+    question_id, or a repeated id, is an error naming the file and line."""
+    seen: set[str] = set()
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        here = f"{where}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{here}: not JSON ({e.msg})") from e
+        if not isinstance(record, dict) or "question_id" not in record:
+            raise ValueError(f"{here}: record has no question_id")
+        qid = record["question_id"]
+        if _key(qid) in seen:
+            raise ValueError(f"{here}: duplicate question_id={qid!r}")
+        seen.add(_key(qid))
+        yield here, record
+
+
 def load_annotations(path: str | Path) -> dict[Any, Annotation]:
     """Read a JSONL file of {question_id, answers: [...] | answer: str, kind?} into a mapping
     question_id -> Annotation. Blank lines are skipped; a duplicate id is an error."""
     out: dict[Any, Annotation] = {}
-    seen: set[str] = set()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not JSON ({e.msg})") from e
-            if not isinstance(record, dict) or "question_id" not in record:
-                raise ValueError(f"{where}: record has no question_id")
-            qid = record["question_id"]
-            if _key(qid) in seen:
-                raise ValueError(f"{where}: duplicate question_id={qid!r}")
-            kind = record.get("kind")
-            if kind is not None and kind not in KINDS:
-                raise ValueError(f"{where}: question_id={qid!r} has unknown kind {kind!r}")
-            try:
-                out[qid] = _as_annotation(qid, record)
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from e
-            seen.add(_key(qid))
+    for where, record in iter_question_records(Path(path).read_text(encoding="utf-8"), str(path)):
+        qid = record["question_id"]
+        kind = record.get("kind")
+        if kind is not None and kind not in KINDS:
+            raise ValueError(f"{where}: question_id={qid!r} has unknown kind {kind!r}")
+        try:
+            out[qid] = _as_annotation(qid, record)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from e
     return out
 
 
