@@ -46,7 +46,7 @@ def test_parse_questions_sets_aside_malformed_and_refuses_foreign_files():
                                                                   ("x", "malformed question")]
     with pytest.raises(ValueError, match="q.jsonl:2: duplicate question_id='1'"):
         parse_questions(b'{"question_id": 1}\n{"question_id": "1"}\n', "q.jsonl")
-    with pytest.raises(ValueError, match="q.jsonl:1: no question_id"):
+    with pytest.raises(ValueError, match="q.jsonl:1: record has no question_id"):
         parse_questions(b'{"id": 1}\n', "q.jsonl")
 
 
