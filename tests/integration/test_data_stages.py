@@ -163,16 +163,18 @@ def test_killed_precompute_resumes_with_every_sample_once(shards, tiny_data, tin
 
 def test_shard_and_precompute_on_s3(s3_env, tiny_data, tiny_models):
     os.environ.update(s3_env)  # the in-test s3fs client; the jobs get the env explicitly
+    # With the run root on S3 the default MLflow store is ./mlflow.db: keep it out of the checkout.
+    job_env_s3 = dict(s3_env, MLFLOW_TRACKING_URI=f"sqlite:///{tiny_data}/mlflow-s3.db")
     try:
         fs, _ = storage.fsspec_fs("s3://trim-test/")
         fs.mkdir("trim-test")
         fs.put(str(tiny_data / "data"), "trim-test/run/data", recursive=True)
         overrides = ["paths.root=s3://trim-test/run", f"paths.clip={tiny_models.clip}", "shard.images_per_shard=16",
                      "precompute.rows_per_file=64"]
-        shard_out = run_job("shard", *overrides, env=s3_env)
+        shard_out = run_job("shard", *overrides, env=job_env_s3)
         assert "set aside" in shard_out.stdout
         assert "testing" not in shard_out.stdout + shard_out.stderr  # credentials never printed
-        run_job("precompute", *overrides, env=s3_env)
+        run_job("precompute", *overrides, env=job_env_s3)
         manifest = storage.read_json("s3://trim-test/run/cache/manifest.json")
         shards_manifest = storage.read_json("s3://trim-test/run/shards/manifest.json")
         rejects = storage.read_parquet("s3://trim-test/run/shards/rejects.parquet").to_pylist()
