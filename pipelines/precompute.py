@@ -243,11 +243,11 @@ def run_precompute(shards: str, cache: str, clip_path: str, trim_cfg: TrimConfig
     """Write the TRIM cache; resume where a stopped run left off; refuse a foreign cache."""
     import ray
 
-    from trim.encoders import ClipEncoder
+    from trim.encoders import describe_checkpoint
 
     started = time.time()
     shards_manifest = storage.read_json(storage.join(shards, "manifest.json"))
-    info = ClipEncoder(clip_path, layer=cfg.layer).describe()
+    info = describe_checkpoint(clip_path, layer=cfg.layer)  # config only: the weights load in the actors
     _check_identity(cache, cache_identity(info, trim_cfg, shards_manifest, cfg.layer))
     manifest_uri = storage.join(cache, "manifest.json")
     if storage.exists(manifest_uri):

@@ -48,6 +48,27 @@ def checkpoint_hash(path: str | Path) -> str:
     return hashlib.sha256(config.read_bytes()).hexdigest()[:16]
 
 
+def describe_checkpoint(path: str | Path, layer: int = -2) -> dict:
+    """What a cache manifest records about a CLIP checkpoint, read from its config and processor
+    files alone (no weights loaded)."""
+    from transformers import CLIPConfig
+
+    config = CLIPConfig.from_pretrained(str(path))
+    vision = config.vision_config
+    return {
+        "path": str(path),
+        "config_hash": checkpoint_hash(path),
+        "layer": layer,
+        "image_size": vision.image_size,
+        "patch_size": vision.patch_size,
+        "num_patches": (vision.image_size // vision.patch_size) ** 2,
+        "feature_dim": int(vision.hidden_size),
+        "projection_dim": int(config.projection_dim),
+        "preprocessing": "llava-1.5: pad to square with processor mean colour, then CLIP processor",
+        "image_mean": list(CLIPImageProcessorPil.from_pretrained(str(path)).image_mean),
+    }
+
+
 class ClipEncoder:
     """CLIP vision + text towers with projections, frozen, for TRIM scoring and LLaVA features."""
 
@@ -83,19 +104,7 @@ class ClipEncoder:
 
     def describe(self) -> dict:
         """What a cache manifest records about this encoder."""
-        config = self.model.config.vision_config
-        return {
-            "path": self.path,
-            "config_hash": checkpoint_hash(self.path),
-            "layer": self.layer,
-            "image_size": config.image_size,
-            "patch_size": config.patch_size,
-            "num_patches": self.num_patches,
-            "feature_dim": self.feature_dim,
-            "projection_dim": int(self.model.config.projection_dim),
-            "preprocessing": "llava-1.5: pad to square with processor mean colour, then CLIP processor",
-            "image_mean": list(self.processor.image_mean),
-        }
+        return describe_checkpoint(self.path, self.layer)
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """LLaVA-1.5 preprocessing: pad to square with the mean colour, then CLIP-process. [B,3,H,W]."""
