@@ -1,9 +1,13 @@
 """Stage 3, fine-tune: Ray Train workers with DeepSpeed on the TRIM cache, tracked in MLflow.
 
 `run_finetune` (driver) builds the Ray Data input (cache -> tokenized rows) and a TorchTrainer;
-`train_loop` (each worker) builds the model and the DeepSpeed engine, resumes from the latest Ray
-Train checkpoint if there is one (step count, data position within the epoch, MLflow run), trains,
+`train_loop` (each worker) builds the model and the DeepSpeed engine, resumes from the newest
+complete checkpoint if there is one (step count, data position within the epoch, MLflow run), trains,
 checkpoints every N steps and exports a model directory at the end. No vision tower anywhere.
+
+A checkpoint counts as complete once every rank has uploaded its part: rank 0 then writes
+COMPLETE_FILE into it. Ray Train registers a checkpoint a moment after the upload, so a job killed in
+between leaves a complete checkpoint that Ray does not know; the driver finds it and resumes there.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ MATERIALIZE_BELOW_BYTES = 512 * 2**20
 WINDOW_MICRO_BATCHES = 8
 """Micro-batches per length-grouping window (LLaVA groups within mega-batches the same way)."""
 STATE_FILE = "train_state.json"
+COMPLETE_FILE = "complete.json"
 ENGINE_TAG = "engine"
+CHECKPOINT_PREFIX = "checkpoint_step_"
 
 
 @dataclass
@@ -78,15 +84,49 @@ def deepspeed_config(path: str, cfg: TrainConfig) -> dict:
 # Worker side --------------------------------------------------------------------------------
 
 
-def _save_checkpoint(engine, state: dict, metrics: dict, rank: int) -> None:
-    """Every rank writes its DeepSpeed shards; Ray Train gathers them into one checkpoint."""
-    import ray.train
+def checkpoint_dir_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
 
+
+def _save_checkpoint(engine, state: dict, metrics: dict, rank: int, run_dir: str) -> None:
+    """Every rank writes its DeepSpeed shards; Ray Train gathers them into one checkpoint directory.
+    Once all ranks have uploaded (the barrier), rank 0 marks it complete."""
+    import ray.train
+    import torch.distributed as dist
+
+    name = checkpoint_dir_name(state["step"])
     with tempfile.TemporaryDirectory() as directory:
         engine.save_checkpoint(directory, tag=ENGINE_TAG)
         if rank == 0:
             Path(directory, STATE_FILE).write_text(json.dumps(state))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                         checkpoint_dir_name=name)
+    dist.barrier()  # report() returns once this rank's upload is done, not every rank's
+    if rank == 0:
+        storage.write_json(storage.join(run_dir, name, COMPLETE_FILE), state)
+
+
+def _read_state(checkpoint) -> dict:
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{STATE_FILE}") as f:
+        return json.loads(f.read())
+
+
+def _restore(engine, registered, found: str | None) -> dict:
+    """Load the newer of Ray Train's registered checkpoint and the newest complete one the driver
+    found on storage; returns the training state (a fresh one when there is neither)."""
+    import ray.train
+
+    checkpoint = registered
+    if found:
+        found_step = storage.read_json(storage.join(found, COMPLETE_FILE))["step"]
+        if registered is None or _read_state(registered)["step"] < found_step:
+            fs, path = storage.arrow_fs(found)
+            checkpoint = ray.train.Checkpoint(path, filesystem=fs)
+    if checkpoint is None:
+        return {"step": 0, "epoch": 0, "micro_in_epoch": 0, "mlflow_run_id": None, "first_loss": None}
+    with checkpoint.as_directory() as directory:
+        engine.load_checkpoint(directory, tag=ENGINE_TAG)
+        return json.loads(Path(directory, STATE_FILE).read_text())
 
 
 def _export(engine, model, tokenizer, zero_stage: int, destination: str, rank: int) -> None:
@@ -131,12 +171,7 @@ def train_loop(config: dict) -> None:
     ds_config = config["deepspeed"]
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
 
-    state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "mlflow_run_id": None, "first_loss": None}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            engine.load_checkpoint(directory, tag=ENGINE_TAG)
-            state = json.loads(Path(directory, STATE_FILE).read_text())
+    state = _restore(engine, ray.train.get_checkpoint(), config["resume_from"])
     tracker = Tracker(config["tracking_uri"], config["experiment"], enabled=rank == 0)
     if rank == 0:
         resumed = state["mlflow_run_id"] is not None
@@ -194,7 +229,8 @@ def train_loop(config: dict) -> None:
                     print(f"finetune: step {state['step']}/{plan.total_steps} loss {mean_loss:.4f} "
                           f"lr {metrics['lr']:.2e} tokens/s {metrics['tokens_per_s']:.0f}", flush=True)
                 if state["step"] % cfg.checkpoint_every == 0 or state["step"] == plan.total_steps:
-                    _save_checkpoint(engine, state, {**metrics, "first_loss": state["first_loss"]}, rank)
+                    _save_checkpoint(engine, state, {**metrics, "first_loss": state["first_loss"]}, rank,
+                                     config["run_dir"])
         state["epoch"] += 1
         state["micro_in_epoch"] = 0
         if micro_index == 0:
@@ -228,6 +264,38 @@ def tokenized_dataset(cache: str, llm_path: str, max_length: int):
                                batch_format="numpy")
 
 
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+"""Where Ray Train lists the checkpoints it registered in a run directory."""
+
+
+def find_resume_point(run_dir: str, log=print) -> str | None:
+    """The newest complete checkpoint under run_dir (registered with Ray Train or not), or None.
+    Unregistered checkpoints older than it are removed (`remove_unregistered_before`)."""
+    names = [n for n in storage.listdir(run_dir) if n.startswith(CHECKPOINT_PREFIX)]
+    complete = [n for n in names if storage.exists(storage.join(run_dir, n, COMPLETE_FILE))]
+    if not complete:
+        return None
+    newest = max(complete)  # the names sort by step
+    remove_unregistered_before(run_dir, newest, log)
+    return storage.join(run_dir, newest)
+
+
+def remove_unregistered_before(run_dir: str, newest: str, log=print) -> None:
+    """Delete the checkpoints older than `newest` that Ray Train never registered (the job was killed
+    first, or one was resumed from): nothing would ever use or clean them up otherwise."""
+    snapshot = storage.join(run_dir, RAY_SNAPSHOT_FILE)
+    try:
+        registered = ({r["checkpoint_dir_name"] for r in storage.read_json(snapshot)["checkpoint_results"]}
+                      if storage.exists(snapshot) else set())
+    except (KeyError, TypeError, ValueError) as error:
+        log(f"finetune: cannot read {snapshot} ({error!r}); keeping every checkpoint")
+        return
+    for name in storage.listdir(run_dir):
+        if name.startswith(CHECKPOINT_PREFIX) and name < newest and name not in registered:
+            log(f"finetune: removing {name}, a checkpoint Ray Train never registered, older than {newest}")
+            storage.remove(storage.join(run_dir, name))
+
+
 def run_finetune(recipe: Recipe, tracking_uri: str, log=print):
     """Train (or resume) the run `recipe.train.run_name`; returns the Ray Train result."""
     import pyarrow.fs as pafs
@@ -237,7 +305,8 @@ def run_finetune(recipe: Recipe, tracking_uri: str, log=print):
     cfg, paths = recipe.train, recipe.paths
     manifest = storage.read_json(storage.join(paths.cache, "manifest.json"))
     plan = plan_steps(manifest["samples"], cfg)
-    export_dir = storage.join(paths.checkpoints, cfg.run_name, "model")
+    run_dir = storage.join(paths.checkpoints, cfg.run_name)
+    export_dir = storage.join(run_dir, "model")
     log(f"finetune: {manifest['samples']} samples, {cfg.num_workers} workers, global batch {plan.global_batch}, "
         f"{plan.total_steps} steps; mean visual tokens/sample {manifest['kept']['mean_tokens']:.1f} "
         f"(of {manifest['encoder']['num_patches']})")
@@ -246,7 +315,8 @@ def run_finetune(recipe: Recipe, tracking_uri: str, log=print):
         "feature_dim": manifest["encoder"]["feature_dim"], "deepspeed": deepspeed_config(cfg.deepspeed_config, cfg),
         "model_settings": {"trim": manifest["trim"], "encoder": manifest["encoder"], "recipe": recipe.name},
         "tracking_uri": tracking_uri, "experiment": f"trim-llava-{recipe.name}", "recipe": recipe.to_dict(),
-        "cache_manifest": manifest, "export_dir": export_dir,
+        "cache_manifest": manifest, "export_dir": export_dir, "run_dir": run_dir,
+        "resume_from": find_resume_point(run_dir, log),
     }
     storage_fs, storage_path = None, paths.checkpoints
     if storage.is_s3(paths.checkpoints):
@@ -268,4 +338,6 @@ def run_finetune(recipe: Recipe, tracking_uri: str, log=print):
         datasets={"train": dataset},
     )
     result = trainer.fit()
+    if result.checkpoint:  # the checkpoint resumed from, if Ray Train never registered it, is spent now
+        remove_unregistered_before(run_dir, os.path.basename(result.checkpoint.path.rstrip("/")), log)
     return result, export_dir

@@ -13,6 +13,7 @@ import mlflow
 import pytest
 import torch
 
+from pipelines import storage
 from tests.integration import servers
 from tests.integration.conftest import REPO, job_env, make_cached_root, model_overrides, run_job
 from trim.model import LlavaTrim
@@ -58,27 +59,30 @@ def test_a_killed_run_resumes_its_step_count_data_position_and_mlflow_run(cached
                                start_new_session=True)
     run_dir = cached_root / "checkpoints" / "resume"
     deadline = time.time() + 300
-    while time.time() < deadline and not list(run_dir.glob("checkpoint_*/train_state.json")):
+    while time.time() < deadline and not list(run_dir.glob("checkpoint_*/complete.json")):
         assert process.poll() is None, f"finetune ended before it could be stopped:\n{log.read_text()[-3000:]}"
-        time.sleep(0.2)
+        time.sleep(0.05)
+    # Killed as soon as the first checkpoint is complete: most often before Ray Train registered it.
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
-    states = [json.loads(p.read_text()) for p in run_dir.glob("checkpoint_*/train_state.json")]
-    killed_at = max(s["step"] for s in states)
+    killed_at = max(json.loads(p.read_text())["step"] for p in run_dir.glob("checkpoint_*/complete.json"))
     assert 4 <= killed_at < 40
     assert not (run_dir / "model").exists()
 
     result = run_job("finetune", *overrides)
-    # The latest checkpoint Ray Train registered before the kill (the newest may not have been).
-    resumed_at = int(re.search(r"resumed at step (\d+)", result.stdout + result.stderr).group(1))
-    assert 4 <= resumed_at <= killed_at and resumed_at % 4 == 0
+    resumed_line = re.search(r"resumed at step (\d+)", result.stdout + result.stderr)
+    assert resumed_line, result.stdout[-3000:]
+    assert int(resumed_line.group(1)) == killed_at
     final = max((json.loads(p.read_text()) for p in run_dir.glob("checkpoint_*/train_state.json")),
                 key=lambda s: s["step"])
     assert final["step"] == 40
     # 64 samples / 2 workers / micro-batch 2 = 16 micro-batches an epoch: step 40 is micro-batch 8 of
     # the third epoch (epochs count from 0).
     assert final["epoch"] == 2 and final["micro_in_epoch"] == 8
+    # Only Ray Train's last two are left: the killed run's checkpoints are removed once spent.
+    assert sorted(p.name for p in run_dir.glob("checkpoint_step_*")) == ["checkpoint_step_00000036",
+                                                                         "checkpoint_step_00000040"]
     client, runs = _runs(tracking)
     resumed = [r for r in runs if r.info.run_name == "resume"]
     assert len(resumed) == 1 and resumed[0].info.status == "FINISHED"
@@ -114,3 +118,33 @@ def test_ray_job_submit_runs_the_finetune_job(cached_root, tiny_models, tmp_path
         assert "succeeded" in result.stdout
         assert "over 2 steps" in result.stdout
     assert (cached_root / "checkpoints" / "submitted" / "model" / "trim_llava.json").exists()
+
+
+def test_checkpoints_and_model_on_s3_and_a_rerun_resumes_from_there(s3_env, cached_root, tiny_models, tmp_path):
+    os.environ.update(s3_env)  # the in-test s3fs client; the jobs get the env explicitly
+    try:
+        fs, _ = storage.fsspec_fs("s3://trim-train/")
+        fs.mkdir("trim-train")
+        fs.put(str(cached_root / "cache"), "trim-train/run/cache", recursive=True)
+        overrides = ["paths.root=s3://trim-train/run", f"paths.clip={tiny_models.clip}",
+                     f"paths.llm={tiny_models.llm}", "train.run_name=s3", "train.max_steps=4",
+                     "train.checkpoint_every=2"]
+        env = dict(s3_env, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
+        first = run_job("finetune", *overrides, env=env)
+        assert "resumed" not in first.stdout + first.stderr
+        run_dir = "s3://trim-train/run/checkpoints/s3"
+        names = storage.listdir(run_dir)
+        assert [n for n in names if n.startswith("checkpoint_step_")] == ["checkpoint_step_00000002",
+                                                                          "checkpoint_step_00000004"]
+        assert storage.read_json(f"{run_dir}/checkpoint_step_00000004/complete.json")["step"] == 4
+        fs.get("trim-train/run/checkpoints/s3/model", str(tmp_path / "model"), recursive=True)
+        model, tokenizer = LlavaTrim.load(tmp_path / "model")
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+        again = run_job("finetune", *overrides, env=env)
+        assert "resumed at step 4" in again.stdout + again.stderr
+        client, runs = _runs(env["MLFLOW_TRACKING_URI"])
+        assert [r.info.status for r in runs if r.info.run_name == "s3"] == ["FINISHED"]
+    finally:
+        for key in s3_env:
+            os.environ.pop(key, None)

@@ -1,11 +1,15 @@
-"""Pure parts of training: step plan, schedule, DeepSpeed config, length grouping, recipes."""
+"""Pure parts of training: step plan, schedule, DeepSpeed config, length grouping, recipes, and
+the choice of checkpoint to resume from."""
+
+import json
 
 import math
 
 import pytest
 
 from pipelines.config import load_recipe, shipped_recipes
-from pipelines.train import WINDOW_MICRO_BATCHES, deepspeed_config, plan_steps, warmup_cosine
+from pipelines.train import (COMPLETE_FILE, RAY_SNAPSHOT_FILE, WINDOW_MICRO_BATCHES, checkpoint_dir_name,
+                             deepspeed_config, find_resume_point, plan_steps, warmup_cosine)
 from pipelines.train_data import group_by_length, padding_share
 from pipelines.config import TrainConfig
 
@@ -76,3 +80,49 @@ def test_overrides_are_typed_and_unknown_keys_named():
         load_recipe("tiny", ["train.num_workers=two"])
     with pytest.raises(FileNotFoundError, match="shipped: "):
         load_recipe("nope")
+
+
+def _checkpoint(run_dir, step, complete):
+    directory = run_dir / checkpoint_dir_name(step)
+    directory.mkdir(parents=True)
+    (directory / "train_state.json").write_text(json.dumps({"step": step}))
+    if complete:
+        (directory / COMPLETE_FILE).write_text(json.dumps({"step": step}))
+
+
+def test_resume_point_is_the_newest_complete_checkpoint_registered_or_not(tmp_path):
+    run_dir = tmp_path / "run"
+    assert find_resume_point(str(run_dir)) is None  # a new run
+    _checkpoint(run_dir, 4, complete=True)
+    _checkpoint(run_dir, 8, complete=True)
+    _checkpoint(run_dir, 12, complete=False)  # killed while uploading
+    (run_dir / RAY_SNAPSHOT_FILE).write_text(json.dumps(
+        {"checkpoint_results": [{"checkpoint_dir_name": checkpoint_dir_name(4)}]}))
+    said = []
+    assert find_resume_point(str(run_dir), log=said.append) == str(run_dir / checkpoint_dir_name(8))
+    # Ray Train's own checkpoint stays (it deletes those itself); the unfinished newer one is left to be
+    # overwritten when the run gets there again.
+    assert sorted(p.name for p in run_dir.glob("checkpoint_step_*")) == [checkpoint_dir_name(s) for s in (4, 8, 12)]
+    assert said == []
+
+
+def test_resume_point_removes_unregistered_checkpoints_it_passes_over(tmp_path):
+    run_dir = tmp_path / "run"
+    for step in (4, 8):
+        _checkpoint(run_dir, step, complete=True)
+    _checkpoint(run_dir, 2, complete=False)
+    said = []
+    assert find_resume_point(str(run_dir), log=said.append) == str(run_dir / checkpoint_dir_name(8))
+    assert [p.name for p in run_dir.glob("checkpoint_step_*")] == [checkpoint_dir_name(8)]
+    assert len(said) == 2 and all("never registered" in line for line in said)
+
+
+def test_an_unreadable_ray_snapshot_keeps_every_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    for step in (4, 8):
+        _checkpoint(run_dir, step, complete=True)
+    (run_dir / RAY_SNAPSHOT_FILE).write_text("{not json")
+    said = []
+    assert find_resume_point(str(run_dir), log=said.append) == str(run_dir / checkpoint_dir_name(8))
+    assert len(list(run_dir.glob("checkpoint_step_*"))) == 2
+    assert len(said) == 1 and RAY_SNAPSHOT_FILE in said[0]
