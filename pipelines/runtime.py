@@ -21,6 +21,9 @@ def init_ray(num_cpus: int | None = None) -> None:
     kwargs = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
     if not os.environ.get("RAY_ADDRESS"):
         kwargs["num_cpus"] = num_cpus
-        kwargs["include_dashboard"] = False
+        # Ray Train's placement-group cleaner polls the State API, which the dashboard serves: without
+        # it the cleaner warns every second. On loopback, like every server the project starts.
+        kwargs["include_dashboard"] = True
+        kwargs["dashboard_host"] = "127.0.0.1"
     ray.init(**kwargs)
     ray.data.DataContext.get_current().enable_progress_bars = os.environ.get("TRIM_PROGRESS", "1") == "1"

@@ -258,7 +258,7 @@ def tokenized_dataset(cache: str, llm_path: str, max_length: int):
     fs, path = storage.arrow_fs(cache)
     files = [storage.join(path, n) for n in storage.listdir(cache, ".parquet") if n.startswith("part-")]
     columns = ["id", "conversations", "tokens", "num_tokens", "token_dim"]
-    dataset = ray.data.read_parquet(files, filesystem=fs, columns=columns, ray_remote_args={"num_cpus": 0.25})
+    dataset = ray.data.read_parquet(files, filesystem=fs, columns=columns, num_cpus=0.25)
     return dataset.map_batches(Tokenize, fn_constructor_kwargs={"llm_path": llm_path, "max_length": max_length},
                                batch_size=64, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25,
                                batch_format="numpy")
