@@ -114,6 +114,7 @@ def _read_state(checkpoint) -> dict:
 def _restore(engine, registered, found: str | None) -> dict:
     """Load the newer of Ray Train's registered checkpoint and the newest complete one the driver
     found on storage; returns the training state (a fresh one when there is neither)."""
+    import pyarrow.fs
     import ray.train
 
     checkpoint = registered
@@ -124,7 +125,11 @@ def _restore(engine, registered, found: str | None) -> dict:
             checkpoint = ray.train.Checkpoint(path, filesystem=fs)
     if checkpoint is None:
         return {"step": 0, "epoch": 0, "micro_in_epoch": 0, "mlflow_run_id": None, "first_loss": None}
-    with checkpoint.as_directory() as directory:
+    with tempfile.TemporaryDirectory() as scratch:
+        # Each rank downloads into its own directory: with Ray's shared as_directory() download, one
+        # rank on a node can delete it before another has read it.
+        local = isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem)
+        directory = checkpoint.path if local else checkpoint.to_directory(scratch)
         engine.load_checkpoint(directory, tag=ENGINE_TAG)
         return json.loads(Path(directory, STATE_FILE).read_text())
 
