@@ -12,9 +12,11 @@ between leaves a complete checkpoint that Ray does not know; the driver finds it
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -116,6 +118,7 @@ def _restore(engine, registered, found: str | None) -> dict:
     found on storage; returns the training state (a fresh one when there is neither)."""
     import pyarrow.fs
     import ray.train
+    import torch.distributed as dist
 
     checkpoint = registered
     if found:
@@ -125,13 +128,24 @@ def _restore(engine, registered, found: str | None) -> dict:
             checkpoint = ray.train.Checkpoint(path, filesystem=fs)
     if checkpoint is None:
         return {"step": 0, "epoch": 0, "micro_in_epoch": 0, "mlflow_run_id": None, "first_loss": None}
-    with tempfile.TemporaryDirectory() as scratch:
-        # Each rank downloads into its own directory: with Ray's shared as_directory() download, one
-        # rank on a node can delete it before another has read it.
-        local = isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem)
-        directory = checkpoint.path if local else checkpoint.to_directory(scratch)
-        engine.load_checkpoint(directory, tag=ENGINE_TAG)
-        return json.loads(Path(directory, STATE_FILE).read_text())
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        engine.load_checkpoint(checkpoint.path, tag=ENGINE_TAG)
+        return json.loads(Path(checkpoint.path, STATE_FILE).read_text())
+    # One download per node, by its local rank 0, read by every rank there, removed once all have
+    # loaded (Ray's shared as_directory() lets one rank delete it before another has read it).
+    name = "trim-restore-" + hashlib.sha1(checkpoint.path.encode()).hexdigest()
+    directory = os.path.join(tempfile.gettempdir(), name)
+    first_on_node = ray.train.get_context().get_local_rank() == 0
+    if first_on_node:
+        shutil.rmtree(directory, ignore_errors=True)
+        checkpoint.to_directory(directory)
+    dist.barrier()
+    engine.load_checkpoint(directory, tag=ENGINE_TAG)
+    state = json.loads(Path(directory, STATE_FILE).read_text())
+    dist.barrier()
+    if first_on_node:
+        shutil.rmtree(directory, ignore_errors=True)
+    return state
 
 
 def _export(engine, model, tokenizer, zero_stage: int, destination: str, rank: int) -> None:
