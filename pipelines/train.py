@@ -113,6 +113,17 @@ def _read_state(checkpoint) -> dict:
         return json.loads(f.read())
 
 
+def _load(engine, directory: str, source: str) -> dict:
+    """Load a checkpoint directory into the engine; returns its training state. A checkpoint that
+    cannot be read is named, with what to do about it."""
+    try:
+        engine.load_checkpoint(directory, tag=ENGINE_TAG)
+        return json.loads(Path(directory, STATE_FILE).read_text())
+    except Exception as error:
+        raise RuntimeError(f"finetune: cannot resume from checkpoint {source}: {error!r}. Delete that folder "
+                           "to resume from the one before it, or choose another train.run_name.") from error
+
+
 def _restore(engine, registered, found: str | None) -> dict:
     """Load the newer of Ray Train's registered checkpoint and the newest complete one the driver
     found on storage; returns the training state (a fresh one when there is neither)."""
@@ -129,8 +140,7 @@ def _restore(engine, registered, found: str | None) -> dict:
     if checkpoint is None:
         return {"step": 0, "epoch": 0, "micro_in_epoch": 0, "mlflow_run_id": None, "first_loss": None}
     if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
-        engine.load_checkpoint(checkpoint.path, tag=ENGINE_TAG)
-        return json.loads(Path(checkpoint.path, STATE_FILE).read_text())
+        return _load(engine, checkpoint.path, checkpoint.path)
     # One download per node, by its local rank 0, read by every rank there, removed once all have
     # loaded (Ray's shared as_directory() lets one rank delete it before another has read it).
     name = "trim-restore-" + hashlib.sha1(checkpoint.path.encode()).hexdigest()
@@ -140,12 +150,12 @@ def _restore(engine, registered, found: str | None) -> dict:
         shutil.rmtree(directory, ignore_errors=True)
         checkpoint.to_directory(directory)
     dist.barrier()
-    engine.load_checkpoint(directory, tag=ENGINE_TAG)
-    state = json.loads(Path(directory, STATE_FILE).read_text())
-    dist.barrier()
-    if first_on_node:
-        shutil.rmtree(directory, ignore_errors=True)
-    return state
+    try:
+        return _load(engine, directory, checkpoint.path)
+    finally:
+        dist.barrier()
+        if first_on_node:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def _export(engine, model, tokenizer, zero_stage: int, destination: str, rank: int) -> None:

@@ -126,3 +126,18 @@ def test_an_unreadable_ray_snapshot_keeps_every_checkpoint(tmp_path):
     assert find_resume_point(str(run_dir), log=said.append) == str(run_dir / checkpoint_dir_name(8))
     assert len(list(run_dir.glob("checkpoint_step_*"))) == 2
     assert len(said) == 1 and RAY_SNAPSHOT_FILE in said[0]
+
+
+def test_a_checkpoint_that_cannot_be_loaded_is_named(tmp_path):
+    from pipelines.train import _load
+
+    class Engine:  # stands in for a DeepSpeed engine: the checkpoint files are what is under test
+        def load_checkpoint(self, directory, tag):
+            return directory, tag
+
+    _checkpoint(tmp_path, 4, complete=True)
+    directory = str(tmp_path / checkpoint_dir_name(4))
+    assert _load(Engine(), directory, directory) == {"step": 4}
+    (tmp_path / checkpoint_dir_name(4) / "train_state.json").write_text("{truncated")
+    with pytest.raises(RuntimeError, match=f"cannot resume from checkpoint {directory}.*Delete that folder"):
+        _load(Engine(), directory, directory)
