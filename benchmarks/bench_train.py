@@ -9,7 +9,6 @@ the workers' memory.
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -17,10 +16,9 @@ from pathlib import Path
 
 import mlflow
 import torch
-
 from common import REPO, run_measured, table
 
-from pipelines.precompute import decode_tokens, iter_cache
+from pipelines.cache_format import decode_tokens, iter_cache
 from pipelines.synthetic import write_mixture
 from trim.conversation import tokenize_conversation
 from trim.model import LlavaTrim, pad_batch
@@ -61,7 +59,7 @@ def bare_ratio(root: Path, llm: Path, micro: int, batches: int = 8, repeats: int
     tokenizer = AutoTokenizer.from_pretrained(llm)
     timings = {}
     for kind in ("full", "trim"):
-        rows = sorted((r for r in iter_cache(str(root / kind / "cache")) if r["num_tokens"]), key=lambda r: r["id"])
+        rows = sorted((r for r in iter_cache(str(root / kind / "cache")) if r["num_tokens"]), key=lambda r: r["index"])
         samples = []
         for r in rows[: micro * batches]:
             tok = tokenize_conversation(json.loads(r["conversations"]), tokenizer, 2048, r["num_tokens"])
@@ -93,7 +91,7 @@ def main() -> None:
     work = Path(args.workdir)
     models = build_tiny_models(work / "models")
     model_sets = [f"paths.clip={models.clip}", f"paths.llm={models.llm}"]
-    for kind, preset in (("trim", "default"), ("full", "default")):
+    for kind in ("trim", "full"):
         root = work / kind
         if not (root / "cache" / "manifest.json").exists():
             write_mixture(root / "data", args.samples, args.samples // 2, seed=2)
@@ -115,7 +113,7 @@ def main() -> None:
     bare, full_len, trim_len = bare_ratio(work, models.llm, args.micro)
     pipeline = results[("full", False)] / results[("trim", False)]
     print(table([[f"{k} {'preloaded' if p else 'Ray Data loader'}", v * 1000] for (k, p), v in results.items()],
-                ["step (2 workers, ZeRO-2, micro-batch %d)" % args.micro, "median ms"]))
+                [f"step (2 workers, ZeRO-2, micro-batch {args.micro})", "median ms"]))
     for kind in ("full", "trim"):  # the full runs must really have seen 576 tokens an image
         assert visual_per_sample(work / kind, runs[(kind, False)]) > (400 if kind == "full" else 0), kind
     print(f"visual tokens per image: full 576, TRIM mean {manifest['kept']['mean_tokens']:.1f}; "

@@ -11,6 +11,7 @@ skips or resumes what is done.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -19,17 +20,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs import evaluate, finetune, precompute, report, shard  # noqa: E402
 from pipelines.config import load_recipe, recipe_argparser  # noqa: E402
+from pipelines.logs import setup_logging  # noqa: E402
 from pipelines.runtime import init_ray  # noqa: E402
 from pipelines.synthetic import write_eval_split, write_mixture  # noqa: E402
 from trim.tiny import build_tiny_models  # noqa: E402
 
+logger = logging.getLogger("jobs.demo")
+
 
 def banner(text: str) -> None:
-    print(f"\n=== {text} ===", flush=True)
+    logger.info("=== %s ===", text)
 
 
 def main() -> None:
     args = recipe_argparser(__doc__).parse_args()
+    setup_logging()
     recipe = load_recipe(args.recipe, args.overrides)
     argv = ["--recipe", args.recipe] + [a for o in args.overrides for a in ("--set", o)]
     root = Path(recipe.paths.root)
@@ -39,23 +44,23 @@ def main() -> None:
     build_tiny_models(Path(recipe.paths.clip).parent)
     mixture = write_mixture(root / "data", recipe.synth.num_samples, recipe.synth.num_images, recipe.synth.seed)
     write_eval_split(Path(recipe.paths.eval_questions).parent, recipe.synth.num_eval_questions)
-    print(f"mixture: {mixture}")
+    logger.info("mixture: %s", mixture)
     init_ray(num_cpus=max(os.cpu_count() or 1, recipe.train.num_workers + 2))
 
     banner("shard")
     shard.main(argv)
     banner("precompute the TRIM cache")
     cache = precompute.main(argv)
-    kept = cache["kept"]
-    print(f"tokens kept per image: mean {kept['mean']:.1f}, median {kept['median']:.0f}, range {kept['min']}-"
-          f"{kept['max']} of {cache['encoder']['num_patches']} ({kept['mean_share']:.1%}), plus 1 aggregate token")
+    kept = cache.kept
+    logger.info("tokens kept per image: mean %.1f, median %.0f, range %d-%d of %d (%.1f%%), plus 1 aggregate token",
+                kept.mean, kept.median, kept.min, kept.max, cache.encoder["num_patches"], 100 * kept.mean_share)
     banner("fine-tune (Ray Train + DeepSpeed)")
     finetune.main(argv)
     banner("evaluate")
     evaluate.main(argv)
     banner("efficiency report")
     report.main(argv)
-    print(f"\nDone. Browse the runs: mlflow ui --backend-store-uri sqlite:///{root.resolve()}/mlflow.db")
+    logger.info("Done. Browse the runs: mlflow ui --backend-store-uri sqlite:///%s/mlflow.db", root.resolve())
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ the answers and a few TRIM pictures to MLflow (run <train.run_name>-eval).
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -18,27 +19,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipelines import storage  # noqa: E402
 from pipelines.config import load_recipe, recipe_argparser  # noqa: E402
 from pipelines.evaluate import run_evaluate  # noqa: E402
+from pipelines.logs import setup_logging  # noqa: E402
+from pipelines.manifests import EvalManifest  # noqa: E402
 from pipelines.runtime import init_ray  # noqa: E402
 from pipelines.tracking import default_tracking_uri  # noqa: E402
 
+logger = logging.getLogger("jobs.evaluate")
 
-def main(argv: list[str] | None = None) -> dict:
+
+def main(argv: list[str] | None = None) -> EvalManifest:
     parser = recipe_argparser(__doc__)
     parser.add_argument("--trim", default="model", metavar="SPEC",
                         help="TRIM at inference: model (as trained; default), recipe, full (no reduction), "
                              "or a preset: default, paper, official, ratio:<float>")
     args = parser.parse_args(argv)
+    setup_logging()
     recipe = load_recipe(args.recipe, args.overrides)
     recipe.paths.require("clip", "eval_questions", "eval_images")
-    model_dir = storage.join(recipe.paths.checkpoints, recipe.train.run_name, "model")
+    model_dir = recipe.paths.model_dir(recipe.train.run_name)
     if not storage.exists(storage.join(model_dir, "trim_llava.json")):
         raise SystemExit(f"evaluate: no model at {model_dir}; run jobs/finetune.py first")
     init_ray()
     tracking_uri = default_tracking_uri(recipe.paths.root)
     manifest = run_evaluate(recipe, model_dir, args.trim, tracking_uri)
-    metrics = manifest["metrics"]
-    print("evaluate: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-    print(f"evaluate: runs tracked at {tracking_uri}")
+    logger.info(", ".join(f"{k} {v:.4g}" for k, v in manifest.metrics.items()))
+    logger.info("runs tracked at %s", tracking_uri)
     return manifest
 
 

@@ -8,6 +8,7 @@ The same train.run_name resumes from its latest checkpoint (step, data position 
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -15,13 +16,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.config import load_recipe, recipe_argparser  # noqa: E402
+from pipelines.logs import setup_logging  # noqa: E402
 from pipelines.runtime import init_ray  # noqa: E402
 from pipelines.tracking import default_tracking_uri  # noqa: E402
 from pipelines.train import run_finetune  # noqa: E402
 
+logger = logging.getLogger("jobs.finetune")
+
 
 def main(argv: list[str] | None = None) -> dict:
     args = recipe_argparser(__doc__).parse_args(argv)
+    setup_logging()
     recipe = load_recipe(args.recipe, args.overrides)
     recipe.paths.require("llm")
     # Locally, leave CPUs beside the workers for the data pipeline (Ray CPUs are logical).
@@ -31,9 +36,9 @@ def main(argv: list[str] | None = None) -> dict:
     if result.error:
         raise SystemExit(f"finetune failed: {result.error}")
     metrics = result.metrics or {}
-    print(f"finetune: loss {metrics.get('first_loss', float('nan')):.4f} -> {metrics.get('loss', float('nan')):.4f} "
-          f"over {metrics.get('step')} steps; model in {export_dir}")
-    print(f"finetune: runs tracked at {tracking_uri}; look with: mlflow ui --backend-store-uri {tracking_uri}")
+    logger.info("loss %.4f -> %.4f over %s steps; model in %s", metrics.get("first_loss", float("nan")),
+                metrics.get("loss", float("nan")), metrics.get("step"), export_dir)
+    logger.info("runs tracked at %s; look with: mlflow ui --backend-store-uri %s", tracking_uri, tracking_uri)
     return metrics
 
 

@@ -12,6 +12,7 @@ eval.num_pictures evaluation questions. Prints the paths written.
 from __future__ import annotations
 
 import io
+import logging
 import sys
 from pathlib import Path
 
@@ -22,7 +23,11 @@ from PIL import Image  # noqa: E402
 from pipelines import storage  # noqa: E402
 from pipelines.config import load_recipe, recipe_argparser  # noqa: E402
 from pipelines.evaluate import parse_questions, question_key  # noqa: E402
-from pipelines.pictures import cache_pictures, default_out_dir, online_pictures, read_image  # noqa: E402
+from pipelines.images import ImageStore, read_image  # noqa: E402
+from pipelines.logs import setup_logging  # noqa: E402
+from pipelines.pictures import cache_pictures, default_out_dir, online_pictures  # noqa: E402
+
+logger = logging.getLogger("jobs.pictures")
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
@@ -32,6 +37,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--out", default=None, help="output folder (default {paths.root}/pictures)")
     parser.add_argument("--from-cache", action="store_true", help="draw samples from the TRIM cache")
     args = parser.parse_args(argv)
+    setup_logging()
     recipe = load_recipe(args.recipe, args.overrides)
     paths, cfg = recipe.paths, recipe.trim
     out = Path(args.out or default_out_dir(paths.root))
@@ -39,7 +45,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     if args.samples and args.from_cache:
         written = cache_pictures(paths.shards, paths.cache, out, ids=args.samples)
     else:
-        from pipelines.precompute import ImageStore, load_samples
+        from pipelines.precompute import load_samples
         from trim.encoders import ClipEncoder
         from trim.inference import inference_text
 
@@ -48,7 +54,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
             wanted = set(args.samples)
             samples = [s for s in load_samples(paths.shards, cfg) if s["id"] in wanted and s["image_key"]]
             images = ImageStore(paths.shards)
-            items += [(s["id"], Image.open(io.BytesIO(images.get(s["image_key"]))), s["text"]) for s in samples]
+            items += [(f"sample-{s['index']:07d}-{s['id']}", Image.open(io.BytesIO(images.get(s["image_key"]))),
+                       s["text"]) for s in samples]
         if args.questions or not args.samples:
             questions, _ = parse_questions(storage.read_bytes(paths.eval_questions), paths.eval_questions)
             questions.sort(key=lambda q: question_key(q["question_id"]))
@@ -63,9 +70,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     found = len(written)
     asked = len(args.samples) + len(args.questions)
     if asked and found < asked:
-        print(f"pictures: {asked - found} of the {asked} ids were not found (or have no image)", file=sys.stderr)
+        logger.warning("%d of the %d ids were not found (or have no image)", asked - found, asked)
     for path in written:
-        print(path)
+        logger.info("wrote %s", path)
     return written
 
 

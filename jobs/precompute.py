@@ -13,13 +13,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.config import load_recipe, recipe_argparser  # noqa: E402
-from pipelines.pictures import log_precompute  # noqa: E402
-from pipelines.precompute import run_precompute  # noqa: E402
+from pipelines.logs import setup_logging  # noqa: E402
+from pipelines.manifests import CacheManifest  # noqa: E402
+from pipelines.precompute import log_precompute, run_precompute  # noqa: E402
 from pipelines.runtime import init_ray  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> CacheManifest:
     args = recipe_argparser(__doc__).parse_args(argv)
+    setup_logging()
     recipe = load_recipe(args.recipe, args.overrides)
     recipe.paths.require("clip")
     init_ray()

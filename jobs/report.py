@@ -9,52 +9,62 @@ logs them to MLflow (run <train.run_name>-report): the text, one table artifact 
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines import storage  # noqa: E402
 from pipelines.config import load_recipe, recipe_argparser  # noqa: E402
-from pipelines.report import build_report, default_visual_trim, load_engine, log_report, sample_image  # noqa: E402
-from pipelines.tracking import Tracker, default_tracking_uri  # noqa: E402
+from pipelines.logs import setup_logging  # noqa: E402
+from pipelines.manifests import CacheManifest  # noqa: E402
+from pipelines.report import (  # noqa: E402
+    PAPER_VISUAL_TOKENS,
+    build_report,
+    cache_share,
+    load_answerer,
+    log_report,
+    sample_image,
+)
+from pipelines.tracking import Tracker, default_tracking_uri, experiment_name  # noqa: E402
 from trim.efficiency import LlmShape  # noqa: E402
 from trim.inference import question_of_length, timed_generation  # noqa: E402
+
+logger = logging.getLogger("jobs.report")
 
 
 def main(argv: list[str] | None = None):
     parser = recipe_argparser(__doc__)
     parser.add_argument("--question-tokens", type=int, default=32, help="question length in tokens (default 32)")
-    parser.add_argument("--visual-trim", type=int, default=None,
-                        help="visual tokens with TRIM in the 7B/13B tables (default: the cache's mean tokens per "
-                             "image if a cache exists, else round(0.21 * 576) + 1)")
+    parser.add_argument("--visual-trim", type=int, default=PAPER_VISUAL_TOKENS,
+                        help="visual tokens with TRIM in the 7B/13B tables (default: the paper's 21%% share, "
+                             f"{PAPER_VISUAL_TOKENS}); rows at the share measured in the cache are added beside them")
     parser.add_argument("--system-tokens", type=int, default=0, help="template tokens counted in the 7B/13B tables")
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per timed run")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting (medians are reported)")
     args = parser.parse_args(argv)
+    setup_logging()
     recipe = load_recipe(args.recipe, args.overrides)
     paths = recipe.paths
 
-    manifest_uri = storage.join(paths.cache, "manifest.json")
-    manifest = storage.read_json(manifest_uri) if storage.exists(manifest_uri) else None
-    visual_trim = args.visual_trim if args.visual_trim is not None else default_visual_trim(manifest)
-    engine = load_engine(recipe)
-    question = question_of_length(engine.tokenizer, args.question_tokens)
-    runs = timed_generation(engine, sample_image(recipe), question, new_tokens=args.new_tokens, repeats=args.repeats)
-    report = build_report(recipe.name, runs, LlmShape.from_config(engine.model.llm.config), args.question_tokens,
-                          visual_trim, args.system_tokens)
+    manifest = CacheManifest.read_if_exists(paths.cache)
+    share = cache_share(manifest)
+    answerer = load_answerer(recipe)
+    question = question_of_length(answerer.tokenizer, args.question_tokens)
+    runs = timed_generation(answerer, sample_image(recipe), question, new_tokens=args.new_tokens, repeats=args.repeats)
+    report = build_report(recipe.name, runs, LlmShape.from_config(answerer.model.llm.config), args.question_tokens,
+                          args.visual_trim, args.system_tokens, share)
     print(report.text, end="")
 
     tracking_uri = default_tracking_uri(paths.root)
-    tracker = Tracker(tracking_uri, f"trim-llava-{recipe.name}")
-    tracker.start(f"{recipe.train.run_name}-report")
-    log_report(tracker, report, {"question_tokens": args.question_tokens, "visual_trim": visual_trim,
-                                 "visual_trim_source": "argument" if args.visual_trim is not None
-                                 else ("cache" if manifest else "paper share 0.21"),
-                                 "system_tokens": args.system_tokens, "new_tokens": args.new_tokens,
-                                 "repeats": args.repeats, "trim": engine.trim_cfg.to_dict()})
-    tracker.end()
-    print(f"report: logged to {tracking_uri} (run {tracker.run_id})")
+    with Tracker(tracking_uri, experiment_name(recipe.name)) as tracker:
+        tracker.start(f"{recipe.train.run_name}-report")
+        log_report(tracker, report, {"question_tokens": args.question_tokens, "visual_trim": args.visual_trim,
+                                     "cache_visual_tokens": share.visual_tokens if share else None,
+                                     "cache_encoder": share.encoder if share else None,
+                                     "system_tokens": args.system_tokens, "new_tokens": args.new_tokens,
+                                     "repeats": args.repeats, "trim": answerer.trim_cfg.to_dict()})
+    logger.info("logged to %s (run %s)", tracking_uri, tracker.run_id)
     return report
 
 

@@ -7,8 +7,8 @@ paths may hold `{root}`, replaced by `paths.root`, so one override moves a whole
 from __future__ import annotations
 
 import argparse
-import os
 import dataclasses
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -59,11 +59,20 @@ class PathsConfig:
     def eval_dir(self) -> str:
         return f"{self.root}/eval"
 
-    def resolved(self) -> "PathsConfig":
+    def run_dir(self, run_name: str) -> str:
+        """A fine-tuning run's checkpoints (Ray Train's run folder)."""
+        return f"{self.checkpoints}/{run_name}"
+
+    def model_dir(self, run_name: str) -> str:
+        """The model a fine-tuning run exports at its end."""
+        return f"{self.run_dir(run_name)}/model"
+
+    def resolved(self) -> PathsConfig:
         """A copy with `{root}` substituted everywhere and local paths made absolute (Ray workers
         run in other directories)."""
         values = {f.name: getattr(self, f.name).replace("{root}", self.root) for f in dataclasses.fields(self)}
-        return PathsConfig(**{k: v if not v or v.startswith("s3://") else os.path.abspath(v) for k, v in values.items()})
+        return PathsConfig(**{k: v if not v or v.startswith("s3://") else os.path.abspath(v)
+                              for k, v in values.items()})
 
     def require(self, *names: str) -> None:
         """Fail early, naming the field and path, if a needed local model directory is missing

@@ -20,17 +20,24 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 import time
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
 from pipelines import storage
+from pipelines.answer_scoring import iter_question_records
+from pipelines.config import Recipe
+from pipelines.manifests import EvalManifest
+from pipelines.tracking import Tracker, default_tracking_uri, experiment_name
 from trim import TrimConfig
-from trim.scoring import iter_question_records
+
+logger = logging.getLogger(__name__)
 
 ANSWER_KEYS = ("question_id", "prompt", "text", "answer_id", "model_id", "metadata")
 MISSING_IMAGE = "missing image"
@@ -117,11 +124,15 @@ def answer_record(question: dict, answer, model_id: str, trim_label: str) -> dic
 
 def load_images(questions: Sequence[dict], image_root: str) -> tuple[list[tuple[dict, Any]], list[dict]]:
     """(question, image) pairs for the questions whose image reads, and rejects for the others."""
-    from pipelines.pictures import read_image
+    from pipelines.images import OUTSIDE_ROOT, OutsideRoot, read_image, resolve
 
     ok, rejects = [], []
     for question in questions:
-        uri = storage.join(image_root, question["image"])
+        try:
+            uri = resolve(image_root, question["image"])
+        except OutsideRoot as err:
+            rejects.append({"question_id": question["question_id"], "reason": OUTSIDE_ROOT, "detail": str(err)})
+            continue
         try:
             if not storage.exists(uri):
                 rejects.append({"question_id": question["question_id"], "reason": MISSING_IMAGE, "detail": uri})
@@ -133,44 +144,23 @@ def load_images(questions: Sequence[dict], image_root: str) -> tuple[list[tuple[
     return ok, rejects
 
 
-def answer_questions(engine, questions: Sequence[dict], image_root: str, max_new_tokens: int, model_id: str,
+def answer_questions(answerer, questions: Sequence[dict], image_root: str, max_new_tokens: int, model_id: str,
                      batch_size: int, picture_ids: Iterable[str] = ()) -> list[dict]:
     """The pure core: questions -> output rows {kind: "answer" | "reject", record, kept, scores}.
     kept (JSON list) and scores (fp16 bytes) are filled only for the question ids in picture_ids."""
     pictures = set(picture_ids)
-    label = trim_name(engine.trim_cfg)
+    label = trim_name(answerer.trim_cfg)
     pairs, rejects = load_images(questions, image_root)
     rows = [{"kind": "reject", "record": json.dumps(r), "kept": "[]", "scores": b""} for r in rejects]
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        answers = engine.answer([image for _, image in chunk], [q["text"] for q, _ in chunk], max_new_tokens)
+        answers = answerer.answer([image for _, image in chunk], [q["text"] for q, _ in chunk], max_new_tokens)
         for (question, _), answer in zip(chunk, answers):
             wanted = str(question["question_id"]) in pictures
             rows.append({"kind": "answer", "record": json.dumps(answer_record(question, answer, model_id, label)),
                          "kept": json.dumps(answer.kept_indices if wanted else []),
                          "scores": answer.scores.astype(np.float16).tobytes() if wanted else b""})
     return rows
-
-
-def local_copy(uri: str) -> str:
-    """A local directory with the contents of uri (uri itself when it is local)."""
-    if not storage.is_s3(uri):
-        return uri
-    fs, path = storage.fsspec_fs(uri)
-    local = tempfile.mkdtemp(prefix="trim-eval-")
-    fs.get(path.rstrip("/") + "/", local + "/", recursive=True)
-    return local
-
-
-def fingerprint(uri: str) -> list[list]:
-    """(relative name, size, modification stamp) of every file under a directory, local or S3."""
-    fs, path = storage.fsspec_fs(uri)
-    fs.invalidate_cache(path)
-    out = []
-    for name, info in sorted(fs.find(path, detail=True).items()):
-        stamp = info.get("mtime") or info.get("ETag") or info.get("LastModified") or info.get("created")
-        out.append([os.path.relpath(name, path), int(info.get("size") or 0), str(stamp)])
-    return out
 
 
 # Ray wrapper ----------------------------------------------------------------------------------
@@ -183,11 +173,11 @@ class EvalActor:
                  model_id: str, batch_size: int, picture_ids: list[str]):
         import torch
 
-        from trim.inference import TrimLlava
+        from trim.inference import Answerer
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        local_model, local_clip = local_copy(model_dir), local_copy(clip_path)
-        self.engine = TrimLlava.load(local_model, local_clip, TrimConfig.from_dict(trim_cfg), device=device)
+        local_model, local_clip = storage.local_copy(model_dir), storage.local_copy(clip_path)
+        self.answerer = Answerer.load(local_model, local_clip, TrimConfig.from_dict(trim_cfg), device=device)
         for local, uri in ((local_model, model_dir), (local_clip, clip_path)):
             if local != uri:  # a temporary copy of an S3 directory: the weights are in memory now
                 shutil.rmtree(local, ignore_errors=True)
@@ -196,7 +186,7 @@ class EvalActor:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         questions = [json.loads(q) for q in batch["question"]]
-        rows = answer_questions(self.engine, questions, self.image_root, self.max_new_tokens, self.model_id,
+        rows = answer_questions(self.answerer, questions, self.image_root, self.max_new_tokens, self.model_id,
                                 self.batch_size, self.picture_ids)
         return {name: [r[name] for r in rows] for name in ("kind", "record", "kept", "scores")}
 
@@ -210,13 +200,13 @@ def _read_jsonl(uri: str) -> list[dict]:
 
 
 def _score(answers: list[dict], annotations_uri: str, kind: str) -> dict[str, float]:
-    from trim.scoring import load_annotations, score
+    from pipelines.answer_scoring import load_annotations, score
 
     with tempfile.TemporaryDirectory() as directory:
         local = os.path.join(directory, "annotations.jsonl")
         with open(local, "wb") as f:
             f.write(storage.read_bytes(annotations_uri))
-        return score(answers, load_annotations(local), kind=kind)
+        return score(answers, load_annotations(local), kind=kind)  # type: ignore[arg-type]  # checked there
 
 
 def _infer(questions: list[dict], model_dir: str, trim_cfg: TrimConfig, recipe, picture_ids: list[str]
@@ -225,7 +215,9 @@ def _infer(questions: list[dict], model_dir: str, trim_cfg: TrimConfig, recipe, 
     import ray
 
     cfg, paths = recipe.eval, recipe.paths
-    answers, rejects, pictures = [], [], {}
+    answers: list[dict] = []
+    rejects: list[dict] = []
+    pictures: dict[str, tuple[list[int], np.ndarray]] = {}
     if not questions:
         return answers, rejects, pictures
     dataset = ray.data.from_items([{"question": json.dumps(q)} for q in questions]).map_batches(
@@ -261,15 +253,12 @@ def _log_run(tracker, params: dict, metrics: dict, files: list[str], pictures_ur
             tracker.log_artifact(fetch(uri))
         pictures = [fetch(storage.join(pictures_uri, name)) for name in storage.listdir(pictures_uri, ".png")]
         log_pictures(tracker, pictures)
-    tracker.end()
     return len(pictures)
 
 
-def run_evaluate(recipe, model_dir: str, trim_spec: str = "model", tracking_uri: str | None = None,
-                 log=print) -> dict:
+def run_evaluate(recipe: Recipe, model_dir: str, trim_spec: str = "model",
+                 tracking_uri: str | None = None) -> EvalManifest:
     """Answer, write, score and log an evaluation split; returns the manifest (with "metrics")."""
-    from pipelines.tracking import Tracker, default_tracking_uri
-
     started = time.time()
     paths, cfg = recipe.paths, recipe.eval
     model_id = recipe.train.run_name
@@ -278,23 +267,23 @@ def run_evaluate(recipe, model_dir: str, trim_spec: str = "model", tracking_uri:
     label = trim_name(trim_cfg)
     question_bytes = storage.read_bytes(paths.eval_questions)
     questions, malformed = parse_questions(question_bytes, paths.eval_questions)
-    identity = {"model_dir": model_dir, "model_files": fingerprint(model_dir), "clip": paths.clip,
+    identity = {"model_dir": model_dir, "model_files": storage.fingerprint(model_dir), "clip": paths.clip,
                 "trim": trim_cfg.to_dict(), "max_new_tokens": cfg.max_new_tokens, "model_id": model_id,
                 "questions": paths.eval_questions, "questions_sha256": hashlib.sha256(question_bytes).hexdigest(),
                 "images": paths.eval_images}
-    answers_uri, rejects_uri, manifest_uri, pictures_uri = (
-        storage.join(paths.eval_dir, name) for name in ("answers.jsonl", "rejects.jsonl", "manifest.json", "pictures"))
+    answers_uri, rejects_uri, pictures_uri = (
+        storage.join(paths.eval_dir, name) for name in ("answers.jsonl", "rejects.jsonl", "pictures"))
 
-    previous = storage.read_json(manifest_uri) if storage.exists(manifest_uri) else None
-    reused = bool(previous and previous.get("identity") == identity and storage.exists(answers_uri))
+    previous = EvalManifest.read_if_exists(paths.eval_dir)
+    reused = bool(previous and previous.identity == identity and storage.exists(answers_uri))
     if reused:
-        log(f"evaluate: {paths.eval_dir} already holds these answers; scoring and logging only")
+        logger.info("%s already holds these answers; scoring and logging only", paths.eval_dir)
         answers, rejects = _read_jsonl(answers_uri), _read_jsonl(rejects_uri)
     else:
         if previous:
-            log(f"evaluate: {paths.eval_dir} holds answers of another configuration; replacing them")
-        log(f"evaluate: {len(questions)} questions ({len(malformed)} malformed) with TRIM {label}, "
-            f"{cfg.concurrency} actor(s), batches of {cfg.batch_size}")
+            logger.info("%s holds answers of another configuration; replacing them", paths.eval_dir)
+        logger.info("%d questions (%d malformed) with TRIM %s, %d actor(s), batches of %d", len(questions),
+                    len(malformed), label, cfg.concurrency, cfg.batch_size)
         ordered = sorted(questions, key=lambda q: question_key(q["question_id"]))
         picture_ids = [str(q["question_id"]) for q in ordered[:cfg.num_pictures]]
         answers, rejects, picture_rows = _infer(questions, model_dir, trim_cfg, recipe, picture_ids)
@@ -305,27 +294,30 @@ def run_evaluate(recipe, model_dir: str, trim_spec: str = "model", tracking_uri:
         _write_pictures(picture_rows, questions, paths.eval_images, pictures_uri)
 
     # The time of the inference that wrote the answers (a rerun that only rescores keeps it).
-    seconds = previous["metrics"].get("seconds", 0.0) if reused else time.time() - started
-    visual = [a["metadata"]["visual_tokens"] for a in answers]
-    metrics: dict[str, float] = {
-        "questions": len(questions) + len(malformed), "answers": len(answers), "rejects": len(rejects),
-        "mean_visual_tokens": float(np.mean(visual)) if visual else 0.0, "seconds": round(seconds, 2)}
+    seconds = previous.metrics.get("seconds", 0.0) if reused and previous else time.time() - started
+    metrics = _metrics(answers, rejects, len(questions) + len(malformed), seconds)
     if storage.exists(paths.eval_annotations):
         metrics.update({k: float(v) for k, v in _score(answers, paths.eval_annotations, cfg.kind).items()})
     else:
-        log(f"evaluate: no annotations at {paths.eval_annotations}; answers are not scored")
-    manifest = {"identity": identity, "trim_name": label, "answers": answers_uri, "rejects_file": rejects_uri,
-                "metrics": metrics, "reject_reasons": _count(r["reason"] for r in rejects)}
-    storage.write_json(manifest_uri, manifest)
+        logger.info("no annotations at %s; answers are not scored", paths.eval_annotations)
+    manifest = EvalManifest(identity=identity, trim_name=label, answers=answers_uri, rejects_file=rejects_uri,
+                            metrics=metrics, reject_reasons=_count(r["reason"] for r in rejects))
+    manifest.write(paths.eval_dir)
 
-    tracker = Tracker(tracking_uri or default_tracking_uri(paths.root), f"trim-llava-{recipe.name}")
-    manifest["mlflow_run_id"] = tracker.start(f"{model_id}-eval")
-    params = {"model_dir": model_dir, "model_id": model_id, "trim_name": label, "trim": trim_cfg.to_dict(),
-              "eval": dataclasses.asdict(cfg), "questions": paths.eval_questions}
-    pictures = _log_run(tracker, params, metrics, [answers_uri, rejects_uri], pictures_uri)
-    log(f"evaluate: {len(answers)} answers, {len(rejects)} rejects ({manifest['reject_reasons'] or 'none'}) "
-        f"in {answers_uri}; {pictures} TRIM pictures in {pictures_uri}")
+    with Tracker(tracking_uri or default_tracking_uri(paths.root), experiment_name(recipe.name)) as tracker:
+        manifest.mlflow_run_id = tracker.start(f"{model_id}-eval")
+        params = {"model_dir": model_dir, "model_id": model_id, "trim_name": label, "trim": trim_cfg.to_dict(),
+                  "eval": dataclasses.asdict(cfg), "questions": paths.eval_questions}
+        pictures = _log_run(tracker, params, metrics, [answers_uri, rejects_uri], pictures_uri)
+    logger.info("%d answers, %d rejects (%s) in %s; %d TRIM pictures in %s", len(answers), len(rejects),
+                manifest.reject_reasons or "none", answers_uri, pictures, pictures_uri)
     return manifest
+
+
+def _metrics(answers: list[dict], rejects: list[dict], questions: int, seconds: float) -> dict[str, float]:
+    visual = [a["metadata"]["visual_tokens"] for a in answers]
+    return {"questions": questions, "answers": len(answers), "rejects": len(rejects),
+            "mean_visual_tokens": float(np.mean(visual)) if visual else 0.0, "seconds": round(seconds, 2)}
 
 
 def _count(values: Iterable[str]) -> dict[str, int]:
@@ -338,7 +330,8 @@ def _count(values: Iterable[str]) -> dict[str, int]:
 def _write_pictures(picture_rows: dict[str, tuple[list[int], np.ndarray]], questions: list[dict], image_root: str,
                     out_uri: str) -> None:
     """PNG pictures of the answered questions the actors returned scores for, into out_uri."""
-    from pipelines.pictures import draw, read_image, safe_name
+    from pipelines.images import read_image
+    from pipelines.pictures import draw, safe_name
 
     storage.remove(out_uri)
     by_id = {str(q["question_id"]): q for q in questions}

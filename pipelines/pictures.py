@@ -7,14 +7,13 @@ training saw; shard samples and evaluation questions are scored online with the 
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
 import re
-import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -39,7 +38,7 @@ def draw(image: Image.Image, scores: np.ndarray, kept_indices: Sequence[int], pa
          title: str | None = None, background: tuple[int, int, int] | None = None) -> Path:
     """One picture from an image, its [N] scores and kept patch indices."""
     scores = np.asarray(scores, dtype=np.float32)
-    kwargs = {"background": background} if background else {}
+    kwargs: dict[str, Any] = {"background": background} if background else {}
     return save_trim_picture(image, scores, keep_mask(kept_indices, len(scores)), path, title=title, **kwargs)
 
 
@@ -52,11 +51,13 @@ def cache_pictures(shards: str, cache: str, out_dir: str | Path, ids: Iterable[s
                    count: int = 4) -> list[Path]:
     """Pictures of cached samples (the given ids, else the first `count` samples with an image, in
     cache order) from the cache's kept indices and scores and the shards' image bytes."""
-    from pipelines.precompute import ImageStore, decode_scores, iter_cache
+    from pipelines.cache_format import decode_scores, iter_cache
+    from pipelines.images import ImageStore
 
     wanted = None if ids is None else {str(i) for i in ids}
     rows = []
-    for row in iter_cache(cache, ["id", "image_key", "num_tokens", "kept_indices", "scores", "conversations"]):
+    columns = ["index", "id", "image_key", "num_tokens", "kept_indices", "scores", "conversations"]
+    for row in iter_cache(cache, columns):
         if not row["num_tokens"] or (wanted is not None and row["id"] not in wanted):
             continue
         rows.append(row)
@@ -73,7 +74,9 @@ def cache_pictures(shards: str, cache: str, out_dir: str | Path, ids: Iterable[s
         scores = decode_scores(row)
         question = json.loads(row["conversations"])[0]["value"].replace("<image>", "")
         title = _title(row["id"], question, len(row["kept_indices"]), len(scores))
-        paths.append(draw(image, scores, row["kept_indices"], out_dir / f"{safe_name(row['id'])}.png", title))
+        # ids repeat in LLaVA's mixture: the file is named by the sample's position too
+        name = f"sample-{row['index']:07d}-{safe_name(row['id'])}.png"
+        paths.append(draw(image, scores, row["kept_indices"], out_dir / name, title))
     return paths
 
 
@@ -101,42 +104,6 @@ def log_pictures(tracker, paths: Sequence[str | Path], artifact_path: str = "pic
     """Log picture files as MLflow artifacts under artifact_path (no-op for a disabled tracker)."""
     for path in paths:
         tracker.log_artifact(str(path), artifact_path)
-
-
-def log_precompute(recipe, manifest: dict, log=print) -> dict:
-    """Log a finished precompute to MLflow (run `<train.run_name>-precompute` in experiment
-    `trim-llava-<recipe.name>`): kept-token statistics, the manifest and recipe.eval.num_pictures
-    pictures of cached samples. Returns the manifest, so a job can `return log_precompute(...)`."""
-    from pipelines.tracking import Tracker, default_tracking_uri
-
-    paths = recipe.paths
-    tracker = Tracker(default_tracking_uri(paths.root), f"trim-llava-{recipe.name}")
-    tracker.start(f"{recipe.train.run_name}-precompute")
-    tracker.log_params({"trim": recipe.trim.to_dict(), "precompute": dataclasses.asdict(recipe.precompute),
-                        "paths": {"shards": paths.shards, "cache": paths.cache, "clip": paths.clip}})
-    kept = manifest.get("kept", {})
-    tracker.log_metrics({f"kept_{k}": float(v) for k, v in kept.items()} | {
-        "samples": float(manifest.get("samples", 0)), "visual_samples": float(manifest.get("visual_samples", 0)),
-        "bytes_per_visual_sample": float(manifest.get("bytes_per_visual_sample", 0.0))}, step=0)
-    tracker.log_dict(manifest, "manifest.json")
-    with tempfile.TemporaryDirectory() as directory:
-        try:
-            pictures = cache_pictures(paths.shards, paths.cache, directory, count=recipe.eval.num_pictures)
-        except Exception as err:  # pictures are a courtesy: never fail the stage for them
-            log(f"precompute: no pictures ({type(err).__name__}: {err})")
-            pictures = []
-        log_pictures(tracker, pictures)
-    tracker.end()
-    if tracker.run_id:
-        log(f"precompute: logged {len(pictures)} pictures to MLflow run {tracker.run_id}")
-    return manifest
-
-
-def read_image(image_root: str, relpath: str) -> Image.Image:
-    """An image of a folder (local or s3://), fully decoded (so a truncated file fails here)."""
-    image = Image.open(io.BytesIO(storage.read_bytes(storage.join(image_root, relpath))))
-    image.load()
-    return image.convert("RGB")
 
 
 def default_out_dir(root: str) -> str:

@@ -9,58 +9,36 @@ Output, under `cache/`:
 
 Work is planned deterministically from the shards: with a per-sample IQR each work item is one
 distinct image with all the samples that share it (each image encoded once); with the batch-wide IQR
-of `official`, an item is a "micro-batch": `batch_group_size` consecutive image samples in id order
+of `official`, an item is a "micro-batch": `batch_group_size` consecutive image samples in mixture order
 (an image shared across two groups is encoded in each). A Ray Data actor pool loads the encoder once
 per actor and turns items into cache rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import logging
+import tempfile
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
 from pipelines import storage
-from pipelines.config import PrecomputeConfig
+from pipelines.cache_format import CACHE_SCHEMA, iter_cache, to_bytes
+from pipelines.config import PrecomputeConfig, Recipe
+from pipelines.images import ImageStore
+from pipelines.manifests import CacheManifest, KeptStats, ShardsManifest
 from trim import TrimConfig, trim_tokens
 from trim.conversation import trim_text
 
-CACHE_SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("source", pa.string()),
-    ("index", pa.int64()),
-    ("image_key", pa.string()),
-    ("conversations", pa.string()),
-    ("num_tokens", pa.int32()),       # visual tokens fed to the projector: kept + aggregate (0: text-only)
-    ("num_kept", pa.int32()),         # patches kept, aggregate not counted
-    ("has_aggregate", pa.bool_()),
-    ("token_dim", pa.int32()),
-    ("tokens", pa.binary()),          # fp16 [num_tokens, token_dim], row-major
-    ("kept_indices", pa.list_(pa.int16())),
-    ("scores", pa.binary()),          # fp16 [num_patches]: the softmax values thresholded
-])
-
-
-def decode_tokens(row: dict) -> torch.Tensor:
-    """A cache row's visual tokens as a [num_tokens, token_dim] fp16 tensor."""
-    count, dim = int(row["num_tokens"]), int(row["token_dim"])
-    if count == 0:
-        return torch.zeros(0, dim, dtype=torch.float16)
-    return torch.from_numpy(np.frombuffer(row["tokens"], dtype=np.float16).reshape(count, dim).copy())
-
-
-def decode_scores(row: dict) -> np.ndarray:
-    return np.frombuffer(row["scores"], dtype=np.float16).astype(np.float32) if row["scores"] else np.zeros(0)
-
+logger = logging.getLogger(__name__)
 
 # Planning (pure) ------------------------------------------------------------------------------
 
@@ -79,16 +57,17 @@ def plan(samples: list[dict], image_order: list[str], trim_cfg: TrimConfig, rows
     samples: rows of the shards (id, index, source, image_key, conversations) with "text" added.
     image_order: image keys in the order of the image shards (for read locality)."""
     with_image = [s for s in samples if s["image_key"]]
-    text_only = sorted((s for s in samples if not s["image_key"]), key=lambda s: s["id"])
+    # A sample is its position in the mixture ("index"): ids repeat in the real 665K file.
+    text_only = sorted((s for s in samples if not s["image_key"]), key=lambda s: s["index"])
     groups: list[list[dict]]
     if trim_cfg.iqr_scope == "batch" and trim_cfg.threshold == "iqr":
-        ordered = sorted(with_image, key=lambda s: s["id"])
+        ordered = sorted(with_image, key=lambda s: s["index"])
         size = trim_cfg.batch_group_size
         groups = [ordered[i:i + size] for i in range(0, len(ordered), size)]
     else:
         rank = {key: i for i, key in enumerate(image_order)}
         by_image: dict[str, list[dict]] = {}
-        for s in sorted(with_image, key=lambda s: (rank.get(s["image_key"], len(rank)), s["id"])):
+        for s in sorted(with_image, key=lambda s: (rank.get(s["image_key"], len(rank)), s["index"])):
             by_image.setdefault(s["image_key"], []).append(s)
         groups = list(by_image.values())
     groups += [text_only[i:i + 64] for i in range(0, len(text_only), 64)]
@@ -102,43 +81,6 @@ def plan(samples: list[dict], image_order: list[str], trim_cfg: TrimConfig, rows
 
 
 # The encoder actor's work (pure given an encoder) ----------------------------------------------
-
-
-class ImageStore:
-    """Images of the shards fetched by content key (row groups read on demand, a few kept)."""
-
-    def __init__(self, shards: str, cached_groups: int = 8):
-        self.shards = shards
-        self.where: dict[str, tuple[str, int, int]] = {}
-        for name in storage.listdir(shards, ".parquet"):
-            if not name.startswith("images-"):
-                continue
-            uri = storage.join(shards, name)
-            fs, path = storage.arrow_fs(uri)
-            meta = pq.ParquetFile(path, filesystem=fs)
-            for group in range(meta.num_row_groups):
-                keys = meta.read_row_group(group, columns=["image_key"]).column(0).to_pylist()
-                for row, key in enumerate(keys):
-                    self.where[key] = (uri, group, row)
-        self.order = list(self.where)
-        self._groups: OrderedDict[tuple[str, int], list[bytes]] = OrderedDict()
-        self._cached = cached_groups
-
-    def get(self, key: str) -> bytes:
-        if key not in self.where:
-            raise KeyError(f"image {key} is not in the shards at {self.shards}")
-        uri, group, row = self.where[key]
-        if (uri, group) not in self._groups:
-            fs, path = storage.arrow_fs(uri)
-            table = pq.ParquetFile(path, filesystem=fs).read_row_group(group, columns=["bytes"])
-            self._groups[(uri, group)] = table.column(0).to_pylist()
-            if len(self._groups) > self._cached:
-                self._groups.popitem(last=False)
-        return self._groups[(uri, group)][row]
-
-
-def _to_bytes(tensor: torch.Tensor) -> bytes:
-    return tensor.detach().to(torch.float16).cpu().numpy().tobytes()
 
 
 def reduce_items(encoder, images: ImageStore, items: list[dict], trim_cfg: TrimConfig, batch_size: int) -> list[dict]:
@@ -161,6 +103,7 @@ def reduce_items(encoder, images: ImageStore, items: list[dict], trim_cfg: TrimC
         rows += [_text_only_row(s, encoder.feature_dim) for s in samples if not s["image_key"]]
         if not visual:
             continue
+        assert all_features is not None and all_embeds is not None  # visual samples have images
         index = torch.tensor([position[s["image_key"]] for s in visual])
         text_embeds = encoder.encode_texts([s["text"] for s in visual])
         result = trim_tokens(all_features[index], all_embeds[index], text_embeds, trim_cfg,
@@ -170,9 +113,9 @@ def reduce_items(encoder, images: ImageStore, items: list[dict], trim_cfg: TrimC
             rows.append({
                 **_base(s), "num_tokens": tokens.shape[0], "num_kept": int(result.num_kept[j]),
                 "has_aggregate": bool(result.has_aggregate[j]), "token_dim": tokens.shape[1],
-                "tokens": _to_bytes(tokens),
+                "tokens": to_bytes(tokens),
                 "kept_indices": torch.nonzero(result.keep_mask[j]).flatten().tolist(),
-                "scores": _to_bytes(result.scores[j]),
+                "scores": to_bytes(result.scores[j]),
             })
     return rows
 
@@ -209,10 +152,10 @@ class TrimActor:
 # Ray wrapper ----------------------------------------------------------------------------------
 
 
-def cache_identity(encoder_info: dict, trim_cfg: TrimConfig, shards_manifest: dict, layer: int) -> dict:
+def cache_identity(encoder_info: dict, trim_cfg: TrimConfig, shards_manifest: ShardsManifest, layer: int) -> dict:
     """What must match for two runs to write into the same cache."""
     return {"encoder": encoder_info, "layer": layer, "trim": trim_cfg.to_dict(),
-            "shards": {"input": shards_manifest["input"], "samples": shards_manifest["samples"]}}
+            "shards": {"input": shards_manifest.input, "samples": shards_manifest.samples}}
 
 
 def _check_identity(cache: str, identity: dict) -> None:
@@ -238,78 +181,81 @@ def load_samples(shards: str, trim_cfg: TrimConfig) -> list[dict]:
     return rows
 
 
-def run_precompute(shards: str, cache: str, clip_path: str, trim_cfg: TrimConfig, cfg: PrecomputeConfig,
-                   log=print) -> dict:
+def run_precompute(shards: str, cache: str, clip_path: str, trim_cfg: TrimConfig,
+                   cfg: PrecomputeConfig) -> CacheManifest:
     """Write the TRIM cache; resume where a stopped run left off; refuse a foreign cache."""
-    import ray
-
     from trim.encoders import describe_checkpoint
 
     started = time.time()
-    shards_manifest = storage.read_json(storage.join(shards, "manifest.json"))
+    shards_manifest = ShardsManifest.read(shards)
     info = describe_checkpoint(clip_path, layer=cfg.layer)  # config only: the weights load in the actors
     _check_identity(cache, cache_identity(info, trim_cfg, shards_manifest, cfg.layer))
-    manifest_uri = storage.join(cache, "manifest.json")
-    if storage.exists(manifest_uri):
-        log(f"precompute: {cache} is complete; nothing to do")
-        return storage.read_json(manifest_uri)
+    finished = CacheManifest.read_if_exists(cache)
+    if finished is not None:
+        logger.info("%s is complete; nothing to do", cache)
+        return finished
 
     samples = load_samples(shards, trim_cfg)
     items = plan(samples, ImageStore(shards).order, trim_cfg, cfg.rows_per_file)
     parts = sorted({item.part for item in items})
     done = {int(n[5:10]) for n in storage.listdir(cache, ".parquet") if n.startswith("part-")}
     pending = [item for item in items if item.part not in done]
-    expected = {p: sum(len(i.samples) for i in items if i.part == p) for p in parts}
-    log(f"precompute: {len(samples)} samples in {len(items)} work items, {len(parts)} parts; "
-        f"{len(done)} already written, {len(parts) - len(done)} to go")
-
+    logger.info("%d samples in %d work items, %d parts; %d already written, %d to go", len(samples), len(items),
+                len(parts), len(done), len(parts) - len(done))
     if pending:
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True  # rows come back in plan order: parts complete in turn
-        per_call = 1 if trim_cfg.iqr_scope == "batch" else cfg.batch_size
-        dataset = ray.data.from_items(
-            [{"part": i.part, "samples": json.dumps(i.samples)} for i in pending]
-        ).map_batches(
-            TrimActor, batch_size=per_call, compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-            num_gpus=cfg.num_gpus_per_actor, num_cpus=cfg.num_cpus_per_actor,
-            fn_constructor_kwargs=dict(clip_path=clip_path, shards=shards, layer=cfg.layer,
-                                       trim_cfg=trim_cfg.to_dict(), batch_size=cfg.batch_size, dtype=cfg.dtype,
-                                       threads=cfg.num_cpus_per_actor),
-            batch_format="default")
-        part_of = {s["id"]: item.part for item in pending for s in item.samples}
-        buffers: dict[int, list[dict]] = {}
-        for row in dataset.iter_rows():  # row by row: a part is written as soon as it is whole
-            part = part_of[row["id"]]
-            buffers.setdefault(part, []).append(row)
-            if len(buffers[part]) == expected[part]:
-                rows = sorted(buffers.pop(part), key=lambda r: r["id"])
-                storage.write_parquet(storage.join(cache, f"part-{part:05d}.parquet"),
-                                      pa.Table.from_pylist(rows, schema=CACHE_SCHEMA))
-                done.add(part)
-                kept = [r["num_kept"] for r in rows if r["num_tokens"]]
-                log(f"precompute: part {len(done)}/{len(parts)} written ({len(rows)} samples, "
-                    f"mean kept {np.mean(kept) if kept else 0:.1f}/{info['num_patches']} patches)")
+        _write_parts(pending, items, cache, clip_path, shards, trim_cfg, cfg, info)
     manifest = summarize(cache, identity_info=info, trim_cfg=trim_cfg, seconds=time.time() - started)
-    if manifest["samples"] != len(samples):
-        raise RuntimeError(f"precompute: cache holds {manifest['samples']} samples, shards {len(samples)}")
-    storage.write_json(manifest_uri, manifest)
-    log(f"precompute: {manifest['samples']} samples cached in {cache}; kept share "
-        f"{manifest['kept']['mean_share']:.3f}, {manifest['bytes_per_visual_sample']:.0f} B/sample")
+    if manifest.samples != len(samples):
+        raise RuntimeError(f"precompute: cache holds {manifest.samples} samples, shards {len(samples)}")
+    manifest.write(cache)
+    logger.info("%d samples cached in %s; kept share %.3f, %.0f B/sample", manifest.samples, cache,
+                manifest.kept.mean_share, manifest.bytes_per_visual_sample)
     return manifest
 
 
-def iter_cache(cache: str, columns: list[str] | None = None) -> Iterator[dict]:
-    for name in storage.listdir(cache, ".parquet"):
-        if name.startswith("part-"):
-            yield from storage.read_parquet(storage.join(cache, name), columns=columns).to_pylist()
+def _write_parts(pending: list[WorkItem], items: list[WorkItem], cache: str, clip_path: str, shards: str,
+                 trim_cfg: TrimConfig, cfg: PrecomputeConfig, info: dict) -> None:
+    """Run the pending work items through the encoder actors; write each part once it is whole.
+    Rows are matched to parts by the sample's position in the mixture (ids may repeat)."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # rows come back in plan order: parts complete in turn
+    per_call = 1 if trim_cfg.iqr_scope == "batch" else cfg.batch_size
+    dataset = ray.data.from_items(
+        [{"part": i.part, "samples": json.dumps(i.samples)} for i in pending]
+    ).map_batches(
+        TrimActor, batch_size=per_call, compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        num_gpus=cfg.num_gpus_per_actor, num_cpus=cfg.num_cpus_per_actor,
+        fn_constructor_kwargs=dict(clip_path=clip_path, shards=shards, layer=cfg.layer,
+                                   trim_cfg=trim_cfg.to_dict(), batch_size=cfg.batch_size, dtype=cfg.dtype,
+                                   threads=cfg.num_cpus_per_actor),
+        batch_format="default")
+    expected = {p: sum(len(i.samples) for i in items if i.part == p) for p in {i.part for i in items}}
+    total = len(expected)
+    written = total - len({i.part for i in pending})
+    part_of = {s["index"]: item.part for item in pending for s in item.samples}
+    buffers: dict[int, list[dict]] = {}
+    for row in dataset.iter_rows():  # row by row: a part is written as soon as it is whole
+        part = part_of[row["index"]]
+        buffers.setdefault(part, []).append(row)
+        if len(buffers[part]) == expected[part]:
+            rows = sorted(buffers.pop(part), key=lambda r: r["index"])
+            storage.write_parquet(storage.join(cache, f"part-{part:05d}.parquet"),
+                                  pa.Table.from_pylist(rows, schema=CACHE_SCHEMA))
+            written += 1
+            kept = [r["num_kept"] for r in rows if r["num_tokens"]]
+            logger.info("part %d/%d written (%d samples, mean kept %.1f/%d patches)", written, total, len(rows),
+                        np.mean(kept) if kept else 0, info["num_patches"])
 
 
-def summarize(cache: str, identity_info: dict, trim_cfg: TrimConfig, seconds: float) -> dict:
-    """Counts and kept-token statistics of a finished cache (the manifest's body)."""
-    rows = list(iter_cache(cache, ["id", "source", "num_tokens", "num_kept", "token_dim"]))
-    ids = [r["id"] for r in rows]
-    if len(ids) != len(set(ids)):
-        raise RuntimeError(f"precompute: {cache} holds duplicate sample ids")
+def summarize(cache: str, identity_info: dict, trim_cfg: TrimConfig, seconds: float) -> CacheManifest:
+    """Counts and kept-token statistics of a finished cache (the manifest's body). Each sample (its
+    position in the mixture) must be there exactly once."""
+    rows = list(iter_cache(cache, ["index", "source", "num_tokens", "num_kept", "token_dim"]))
+    positions = [r["index"] for r in rows]
+    if len(positions) != len(set(positions)):
+        raise RuntimeError(f"precompute: {cache} holds a sample more than once")
     visual = [r for r in rows if r["num_tokens"]]
     kept = np.array([r["num_kept"] for r in visual] or [0])
     num_patches = identity_info["num_patches"]
@@ -317,14 +263,40 @@ def summarize(cache: str, identity_info: dict, trim_cfg: TrimConfig, seconds: fl
     per_source: dict[str, int] = {}
     for r in rows:
         per_source[r["source"]] = per_source.get(r["source"], 0) + 1
-    return {
-        "encoder": identity_info, "trim": trim_cfg.to_dict(), "samples": len(rows), "visual_samples": len(visual),
-        "text_only_samples": len(rows) - len(visual), "per_source": dict(sorted(per_source.items())),
-        "kept": {"mean": float(kept.mean()), "median": float(np.median(kept)), "min": int(kept.min()),
-                 "max": int(kept.max()), "mean_share": float(kept.mean() / num_patches),
-                 "mean_tokens": float(np.mean([r["num_tokens"] for r in visual] or [0]))},
-        "cache_bytes": int(size),
-        "bytes_per_visual_sample": size / max(len(visual), 1),
-        "full_feature_bytes_per_image": num_patches * identity_info["feature_dim"] * 2,
-        "seconds": round(seconds, 2),
-    }
+    return CacheManifest(
+        encoder=identity_info, trim=trim_cfg.to_dict(), samples=len(rows), visual_samples=len(visual),
+        text_only_samples=len(rows) - len(visual), per_source=dict(sorted(per_source.items())),
+        kept=KeptStats(mean=float(kept.mean()), median=float(np.median(kept)), min=int(kept.min()),
+                       max=int(kept.max()), mean_share=float(kept.mean() / num_patches),
+                       mean_tokens=float(np.mean([r["num_tokens"] for r in visual] or [0]))),
+        cache_bytes=int(size), bytes_per_visual_sample=size / max(len(visual), 1),
+        full_feature_bytes_per_image=num_patches * identity_info["feature_dim"] * 2, seconds=round(seconds, 2))
+
+
+def log_precompute(recipe: Recipe, manifest: CacheManifest) -> CacheManifest:
+    """Log a finished precompute to MLflow (run `<train.run_name>-precompute` in the recipe's
+    experiment): kept-token statistics, the manifest and recipe.eval.num_pictures pictures of cached
+    samples. Returns the manifest, so a job can `return log_precompute(...)`."""
+    from pipelines.pictures import cache_pictures, log_pictures
+    from pipelines.tracking import Tracker, default_tracking_uri, experiment_name
+
+    paths = recipe.paths
+    with Tracker(default_tracking_uri(paths.root), experiment_name(recipe.name)) as tracker:
+        tracker.start(f"{recipe.train.run_name}-precompute")
+        tracker.log_params({"trim": recipe.trim.to_dict(), "precompute": dataclasses.asdict(recipe.precompute),
+                            "paths": {"shards": paths.shards, "cache": paths.cache, "clip": paths.clip}})
+        kept = dataclasses.asdict(manifest.kept)
+        tracker.log_metrics({f"kept_{k}": float(v) for k, v in kept.items()} | {
+            "samples": float(manifest.samples), "visual_samples": float(manifest.visual_samples),
+            "bytes_per_visual_sample": float(manifest.bytes_per_visual_sample)}, step=0)
+        tracker.log_dict(manifest.to_dict(), "manifest.json")
+        with tempfile.TemporaryDirectory() as directory:
+            try:
+                pictures = cache_pictures(paths.shards, paths.cache, directory, count=recipe.eval.num_pictures)
+            except Exception as err:  # pictures are a courtesy: never fail the stage for them
+                logger.warning("no pictures (%s: %s)", type(err).__name__, err)
+                pictures = []
+            log_pictures(tracker, pictures)
+        if tracker.run_id:
+            logger.info("logged %d pictures to MLflow run %s", len(pictures), tracker.run_id)
+    return manifest

@@ -8,9 +8,12 @@ and for LLaVA-1.5-7B and 13B, so the same report prints the figures of the publi
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
 
+from pipelines.manifests import CacheManifest
 from trim.efficiency import (
     LLAVA_15_7B,
     LLAVA_15_13B,
@@ -21,17 +24,34 @@ from trim.efficiency import (
     prefill_flops,
 )
 
+logger = logging.getLogger(__name__)
+
 PUBLISHED = (("LLaVA-1.5-7B", LLAVA_15_7B), ("LLaVA-1.5-13B", LLAVA_15_13B))
 PAPER_KEPT_SHARE = 0.21
 """The share of patches TRIM keeps on LLaVA-1.5's benchmarks, as the paper reports it."""
 
 
-def default_visual_trim(cache_manifest: dict | None, patches: int = 576) -> int:
-    """Visual tokens of the TRIM rows of the analytic tables: the cache's mean tokens per image
-    (kept + aggregate), rounded, when a cache exists; else the paper's 21% share, rounded, + 1."""
-    if cache_manifest and cache_manifest.get("kept", {}).get("mean_tokens"):
-        return max(1, round(cache_manifest["kept"]["mean_tokens"]))
-    return round(PAPER_KEPT_SHARE * patches) + 1
+PAPER_VISUAL_TOKENS = round(PAPER_KEPT_SHARE * 576) + 1
+"""Visual tokens of the analytic TRIM rows: the paper's 21% of 576 patches, plus the aggregate (122)."""
+
+
+@dataclass
+class CacheShare:
+    """The kept share measured in a cache, for the analytic rows labelled with it."""
+
+    visual_tokens: int
+    """Mean visual tokens per image in the cache (kept + aggregate), rounded."""
+    encoder: str
+    """The encoder that produced it (its path), named in the rows' label."""
+
+
+def cache_share(cache_manifest: CacheManifest | None) -> CacheShare | None:
+    """The cache's measured share, or None without a cache. It describes this cache's encoder (a tiny
+    CLIP keeps a few percent), not LLaVA-1.5's: the 7B/13B rows use it only in rows labelled so."""
+    if not cache_manifest or not cache_manifest.kept.mean_tokens:
+        return None
+    encoder = str(cache_manifest.encoder.get("path") or cache_manifest.encoder.get("name") or "unnamed encoder")
+    return CacheShare(max(1, round(cache_manifest.kept.mean_tokens)), encoder)
 
 
 @dataclass
@@ -107,10 +127,13 @@ def _key(name: str) -> str:
     return name.lower().replace(" ", "_")
 
 
-def build_report(model_name: str, runs, shape: LlmShape, question_tokens: int, visual_trim: int,
-                 system_tokens: int = 0) -> Report:
+def build_report(model_name: str, runs, shape: LlmShape, question_tokens: int,
+                 visual_trim: int = PAPER_VISUAL_TOKENS, system_tokens: int = 0,
+                 measured_share: CacheShare | None = None) -> Report:
     """The measured table of the model at hand and the analytic tables of LLaVA-1.5-7B and 13B (a
-    prompt of visual + question + system_tokens tokens; 576 visual tokens without TRIM)."""
+    prompt of visual + question + system_tokens tokens; 576 visual tokens without TRIM, visual_trim
+    with it: by default the paper's share). With measured_share, one more row per table at the share
+    measured in this project's cache, labelled with its encoder."""
     report = Report()
     measured = measured_rows(runs, shape)
     trim_run = next(run for run in runs if run.label == "TRIM")
@@ -127,15 +150,21 @@ def build_report(model_name: str, runs, shape: LlmShape, question_tokens: int, v
     report.metrics[f"{_key(model_name)}/ttft_ratio"] = measured[1].ttft_ratio
     for name, published in PUBLISHED:
         rows = efficiency_rows(published, question_tokens, visual_trim=visual_trim, system_tokens=system_tokens)
+        if measured_share:
+            cache_row = efficiency_rows(published, question_tokens, visual_trim=measured_share.visual_tokens,
+                                        system_tokens=system_tokens)[1]
+            rows.append(dataclasses.replace(cache_row, label="TRIM-cache"))
         template = f"{system_tokens} template tokens" if system_tokens else "template tokens not counted"
-        report.sections.append((f"{name} (analytic; {question_tokens}-token question, {template}, fp16 KV cache)",
-                                format_table(rows)))
+        note = (f"; TRIM-cache: the share measured in this cache with {measured_share.encoder}, not LLaVA-1.5's"
+                if measured_share else "")
+        report.sections.append((f"{name} (computed, not measured; {question_tokens}-token question, {template}, "
+                                f"fp16 KV cache; TRIM at {visual_trim} visual tokens{note})", format_table(rows)))
         report.tables[_key(name)] = _columns(rows)
-        for row in rows:
-            prefix = f"{_key(name)}/{row.label.lower()}"
-            report.metrics.update({f"{prefix}/total_tokens": row.total_tokens,
-                                   f"{prefix}/prefill_tflops": row.prefill_tflops,
-                                   f"{prefix}/kv_cache_mib": row.kv_cache_mib})
+        for analytic in rows:
+            prefix = f"{_key(name)}/{analytic.label.lower()}"
+            report.metrics.update({f"{prefix}/total_tokens": analytic.total_tokens,
+                                   f"{prefix}/prefill_tflops": analytic.prefill_tflops,
+                                   f"{prefix}/kv_cache_mib": analytic.kv_cache_mib})
         report.metrics[f"{_key(name)}/flops_ratio"] = rows[1].flops_ratio
         report.metrics[f"{_key(name)}/kv_ratio"] = rows[1].kv_ratio
     return report
@@ -153,28 +182,27 @@ def log_report(tracker, report: Report, params: dict) -> None:
 # Inputs of the measured table ----------------------------------------------------------------------
 
 
-def load_engine(recipe, log=print):
+def load_answerer(recipe):
     """The fine-tuned model (paths.checkpoints/<train.run_name>/model) with its CLIP towers, or, when
     there is none yet, the LLM of paths.llm with a fresh projector (timings do not depend on the
     weights' values) and the recipe's TRIM config."""
     from transformers import AutoTokenizer
 
     from pipelines import storage
-    from pipelines.evaluate import local_copy
     from trim.encoders import ClipEncoder
-    from trim.inference import TrimLlava
+    from trim.inference import Answerer
     from trim.model import LlavaTrim
 
     paths = recipe.paths
-    model_dir = storage.join(paths.checkpoints, recipe.train.run_name, "model")
+    model_dir = paths.model_dir(recipe.train.run_name)
     if storage.exists(storage.join(model_dir, "trim_llava.json")):
-        log(f"report: model {model_dir}")
-        return TrimLlava.load(local_copy(model_dir), local_copy(paths.clip))
+        logger.info("model %s", model_dir)
+        return Answerer.load(storage.local_copy(model_dir), storage.local_copy(paths.clip))
     paths.require("llm", "clip")
-    log(f"report: no fine-tuned model at {model_dir}; timing {paths.llm} with a fresh projector")
+    logger.info("no fine-tuned model at %s; timing %s with a fresh projector", model_dir, paths.llm)
     encoder = ClipEncoder(paths.clip)
     model = LlavaTrim.from_llm(paths.llm, feature_dim=encoder.feature_dim, settings={"trim": recipe.trim.to_dict()})
-    return TrimLlava(model, AutoTokenizer.from_pretrained(paths.llm), encoder, recipe.trim)
+    return Answerer(model, AutoTokenizer.from_pretrained(paths.llm), encoder, recipe.trim)
 
 
 def sample_image(recipe):
@@ -184,7 +212,7 @@ def sample_image(recipe):
     from PIL import Image, ImageDraw
 
     from pipelines import storage
-    from pipelines.pictures import read_image
+    from pipelines.images import read_image
 
     paths = recipe.paths
     if storage.exists(paths.eval_questions):

@@ -11,18 +11,22 @@ the driver streams them, deduplicated, into shards (memory holds one batch of im
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
+import logging
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import pyarrow as pa
-from PIL import Image
 
 from pipelines import storage
 from pipelines.config import ShardConfig
+from pipelines.images import OUTSIDE_ROOT, escapes_root, load_image
+from pipelines.manifests import ShardsManifest
+from trim.conversation import template_conflict
+
+logger = logging.getLogger(__name__)
 
 IMAGE_TAG = "<image>"
 MANIFEST_VERSION = 1
@@ -81,7 +85,8 @@ def check_record(index: int, record: Any) -> Reject | None:
     for i, turn in enumerate(turns):
         expected = "human" if i % 2 == 0 else "gpt"
         if not isinstance(turn, dict) or turn.get("from") != expected or not isinstance(turn.get("value"), str):
-            return Reject(index, rid, "malformed conversation", f"turn {i} is not a {expected!r} turn with a text value")
+            return Reject(index, rid, "malformed conversation",
+                          f"turn {i} is not a {expected!r} turn with a text value")
         if not turn["value"].replace(IMAGE_TAG, "").strip():
             return Reject(index, rid, "empty turn", f"turn {i} ({expected}) is empty")
     if len(turns) % 2:
@@ -94,8 +99,13 @@ def check_record(index: int, record: Any) -> Reject | None:
         return Reject(index, rid, "image without <image> tag", f"image {image} but no {IMAGE_TAG} in any turn")
     if not image and tags:
         return Reject(index, rid, "<image> tag without image", f"{tags} {IMAGE_TAG} tag(s) but no image field")
+    if image and escapes_root(image):
+        return Reject(index, rid, OUTSIDE_ROOT, escapes_root(image) or "")
     if tags > 1 or (tags == 1 and IMAGE_TAG not in turns[0]["value"]):
         return Reject(index, rid, "misplaced <image> tag", f"{tags} tag(s); expected one, in the first human turn")
+    conflict = template_conflict(turns)  # LLaVA would train on it with every label masked
+    if conflict:
+        return Reject(index, rid, "template conflict", conflict)
     return None
 
 
@@ -121,28 +131,6 @@ def infer_source(record: dict) -> str:
 # Pure core: images -----------------------------------------------------------------------------
 
 
-def load_image(image_root: str, relpath: str) -> dict[str, Any]:
-    """Read, fully decode and hash one image. Returns its row, or an error reason."""
-    row: dict[str, Any] = {"path": relpath, "image_key": None, "bytes": None, "width": 0, "height": 0,
-                           "error": None, "detail": None}
-    uri = storage.join(image_root, relpath)
-    try:
-        data = storage.read_bytes(uri)
-    except (FileNotFoundError, IsADirectoryError):
-        row["error"], row["detail"] = "missing file", f"image {uri} does not exist"
-        return row
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()  # decode it all: truncated files fail here, not in precompute
-            row["width"], row["height"] = image.size
-    except Exception as err:  # PIL raises many types for bad data
-        row["error"], row["detail"] = "unreadable image", f"image {uri}: {type(err).__name__}: {err}"
-        return row
-    row["image_key"] = hashlib.sha256(data).hexdigest()
-    row["bytes"] = data
-    return row
-
-
 def load_image_batch(batch: dict[str, Any], image_root: str) -> dict[str, list]:
     """Ray Data map_batches function over {"path": [...]}. Empty strings/bytes stand for "none", so
     every column keeps one Arrow type whatever mix of good and bad images a batch holds."""
@@ -156,8 +144,10 @@ SAMPLE_SCHEMA = pa.schema([
     ("index", pa.int64()), ("id", pa.string()), ("source", pa.string()), ("image_path", pa.string()),
     ("image_key", pa.string()), ("conversations", pa.string()),
 ])
-IMAGE_SCHEMA = pa.schema([("image_key", pa.string()), ("bytes", pa.binary()), ("width", pa.int32()), ("height", pa.int32())])
-REJECT_SCHEMA = pa.schema([("index", pa.int64()), ("id", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
+IMAGE_SCHEMA = pa.schema([("image_key", pa.string()), ("bytes", pa.binary()), ("width", pa.int32()),
+                          ("height", pa.int32())])
+REJECT_SCHEMA = pa.schema([("index", pa.int64()), ("id", pa.string()), ("reason", pa.string()),
+                           ("detail", pa.string())])
 IMAGE_ROW_GROUP = 16  # small row groups: precompute fetches images by key
 
 
@@ -168,18 +158,43 @@ def _input_fingerprint(mixture: str, image_root: str, cfg: ShardConfig) -> dict:
             "image_root": image_root, "config": asdict(cfg), "version": MANIFEST_VERSION}
 
 
-def run_shard(mixture: str, image_root: str, out: str, cfg: ShardConfig, log=print) -> dict:
+def run_shard(mixture: str, image_root: str, out: str, cfg: ShardConfig) -> ShardsManifest:
     """Shard the mixture; skip if `out` already holds a manifest of the same input and config."""
-    import ray
-
     fingerprint = _input_fingerprint(mixture, image_root, cfg)
-    manifest_uri = storage.join(out, "manifest.json")
-    if storage.exists(manifest_uri):
-        manifest = storage.read_json(manifest_uri)
-        if manifest.get("input") == fingerprint:
-            log(f"shard: {out} is already complete for this input; nothing to do")
-            return manifest
+    previous = ShardsManifest.read_if_exists(out)
+    if previous is not None and previous.input == fingerprint:
+        logger.info("%s is already complete for this input; nothing to do", out)
+        return previous
     started = time.time()
+    samples, rejects = _read_records(mixture)
+    logger.info("%d records read, %d set aside so far", len(samples) + len(rejects), len(rejects))
+    storage.makedirs(out)
+    images = _store_images(sorted({s["image_path"] for s in samples if s["image_path"]}), image_root, out, cfg)
+    kept = []
+    for sample in samples:
+        path = sample["image_path"]
+        if path and path in images.error_of:
+            rejects.append(Reject(sample["index"], sample["id"], *images.error_of[path]))
+            continue
+        sample["image_key"] = images.key_of.get(path) if path else None
+        kept.append(sample)
+    for i in range(0, max(len(kept), 1), cfg.rows_per_shard):
+        table = pa.Table.from_pylist(kept[i:i + cfg.rows_per_shard], schema=SAMPLE_SCHEMA)
+        storage.write_parquet(storage.join(out, f"samples-{i // cfg.rows_per_shard:05d}.parquet"), table)
+    rejects.sort(key=lambda r: r.index)
+    storage.write_parquet(storage.join(out, "rejects.parquet"),
+                          pa.Table.from_pylist([asdict(r) for r in rejects], schema=REJECT_SCHEMA))
+    manifest = ShardsManifest(
+        input=fingerprint, samples=len(kept), rejects=len(rejects), images=images.count,
+        image_bytes=images.bytes, image_files=images.files, per_source=_count(s["source"] for s in kept),
+        per_reject_reason=_count(r.reason for r in rejects), seconds=round(time.time() - started, 2))
+    manifest.write(out)
+    logger.info("%d samples, %d distinct images, %d rejects -> %s", len(kept), images.count, len(rejects), out)
+    return manifest
+
+
+def _read_records(mixture: str) -> tuple[list[dict], list[Reject]]:
+    """The mixture's records checked: (sample rows, rejects). A sample is its position (index)."""
     samples: list[dict] = []
     rejects: list[Reject] = []
     for index, record in iter_records(storage.read_bytes(mixture), mixture):
@@ -190,75 +205,65 @@ def run_shard(mixture: str, image_root: str, out: str, cfg: ShardConfig, log=pri
         samples.append({"index": index, "id": str(record["id"]), "source": infer_source(record),
                         "image_path": record.get("image"), "image_key": None,
                         "conversations": json.dumps(record["conversations"], ensure_ascii=False)})
-    log(f"shard: {len(samples) + len(rejects)} records read, {len(rejects)} set aside so far")
+    return samples, rejects
 
-    paths = sorted({s["image_path"] for s in samples if s["image_path"]})
+
+@dataclass
+class StoredImages:
+    """What _store_images wrote and found."""
+
+    key_of: dict[str, str] = field(default_factory=dict)
+    """Image path -> content key, for the images that read."""
+    error_of: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """Image path -> (reason, detail), for those that did not."""
+    count: int = 0
+    """Distinct images stored."""
+    bytes: int = 0
+    """Their bytes."""
+    files: int = 0
+    """images-NNNNN.parquet files written."""
+
+
+def _store_images(paths: list[str], image_root: str, out: str, cfg: ShardConfig) -> StoredImages:
+    """Ray Data reads and hashes the images in parallel while the driver streams them, deduplicated by
+    content, into image shards (memory holds one batch of image bytes at a time)."""
+    import ray
+
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic shards: a rerun writes the same files
-    images = ray.data.from_items([{"path": p} for p in paths]).map_batches(
-        load_image_batch, fn_kwargs={"image_root": image_root}, batch_size=cfg.read_batch_size,
+    dataset = ray.data.from_items([{"path": p} for p in paths]).map_batches(
+        load_image_batch,  # type: ignore[arg-type]  # image_root comes through fn_kwargs
+        fn_kwargs={"image_root": image_root}, batch_size=cfg.read_batch_size,
         concurrency=cfg.concurrency, batch_format="default")
-    key_of: dict[str, str] = {}
-    error_of: dict[str, tuple[str, str]] = {}
+    stored = StoredImages()
     seen: set[str] = set()
     buffer: list[dict] = []
-    image_files = 0
-    stored_bytes = 0
 
     def flush() -> None:
-        nonlocal image_files, buffer
         if buffer:
             table = pa.Table.from_pylist(buffer, schema=IMAGE_SCHEMA)
-            storage.write_parquet(storage.join(out, f"images-{image_files:05d}.parquet"), table, IMAGE_ROW_GROUP)
-            image_files += 1
-            buffer = []
+            storage.write_parquet(storage.join(out, f"images-{stored.files:05d}.parquet"), table, IMAGE_ROW_GROUP)
+            stored.files += 1
+            buffer.clear()
 
-    storage.makedirs(out)
-    for batch in images.iter_batches(batch_size=cfg.read_batch_size, batch_format="default"):
+    for batch in dataset.iter_batches(batch_size=cfg.read_batch_size, batch_format="default"):
         for path, key, data, width, height, error, detail in zip(
                 batch["path"], batch["image_key"], batch["bytes"], batch["width"], batch["height"], batch["error"],
                 batch["detail"]):
             if error:
-                error_of[path] = (error, detail)
+                stored.error_of[path] = (error, detail)
                 continue
-            key_of[path] = key
+            stored.key_of[path] = key
             if key in seen:  # the same bytes under another name: stored once
                 continue
             seen.add(key)
-            stored_bytes += len(data)
+            stored.bytes += len(data)
             buffer.append({"image_key": key, "bytes": data, "width": width, "height": height})
             if len(buffer) >= cfg.images_per_shard:
                 flush()
     flush()
-
-    kept = []
-    for sample in samples:
-        path = sample["image_path"]
-        if path and path in error_of:
-            rejects.append(Reject(sample["index"], sample["id"], *error_of[path]))
-            continue
-        sample["image_key"] = key_of.get(path) if path else None
-        kept.append(sample)
-    for i in range(0, max(len(kept), 1), cfg.rows_per_shard):
-        table = pa.Table.from_pylist(kept[i:i + cfg.rows_per_shard], schema=SAMPLE_SCHEMA)
-        storage.write_parquet(storage.join(out, f"samples-{i // cfg.rows_per_shard:05d}.parquet"), table)
-    rejects.sort(key=lambda r: r.index)
-    storage.write_parquet(storage.join(out, "rejects.parquet"),
-                          pa.Table.from_pylist([asdict(r) for r in rejects], schema=REJECT_SCHEMA))
-    manifest = {
-        "input": fingerprint,
-        "samples": len(kept),
-        "rejects": len(rejects),
-        "images": len(seen),
-        "image_bytes": stored_bytes,
-        "image_files": image_files,
-        "per_source": _count(s["source"] for s in kept),
-        "per_reject_reason": _count(r.reason for r in rejects),
-        "seconds": round(time.time() - started, 2),
-    }
-    storage.write_json(manifest_uri, manifest)
-    log(f"shard: {len(kept)} samples, {len(seen)} distinct images, {len(rejects)} rejects -> {out}")
-    return manifest
+    stored.count = len(seen)
+    return stored
 
 
 def _count(values) -> dict[str, int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import tempfile
 from functools import lru_cache
 from typing import Any
 
@@ -122,3 +123,24 @@ def remove(uri: str) -> None:
     fs, path = fsspec_fs(uri)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+def local_copy(uri: str) -> str:
+    """A local directory with the contents of uri (uri itself when it is local)."""
+    if not is_s3(uri):
+        return uri
+    fs, path = fsspec_fs(uri)
+    local = tempfile.mkdtemp(prefix="trim-eval-")
+    fs.get(path.rstrip("/") + "/", local + "/", recursive=True)
+    return local
+
+
+def fingerprint(uri: str) -> list[list]:
+    """(relative name, size, modification stamp) of every file under a directory, local or S3."""
+    fs, path = fsspec_fs(uri)
+    fs.invalidate_cache(path)
+    out = []
+    for name, info in sorted(fs.find(path, detail=True).items()):
+        stamp = info.get("mtime") or info.get("ETag") or info.get("LastModified") or info.get("created")
+        out.append([os.path.relpath(name, path), int(info.get("size") or 0), str(stamp)])
+    return out

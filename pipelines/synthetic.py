@@ -14,11 +14,12 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw
 
 # (source, share of the 665K, image folder or None for text-only): LLaVA-1.5 paper, Table 7.
-SOURCES = (
+SOURCES: tuple[tuple[str, int, str | None], ...] = (
     ("llava_instruct", 158, "coco/train2017"),
     ("sharegpt", 40, None),
     ("vqav2", 83, "coco/train2017"),
@@ -71,7 +72,8 @@ def _draw(path: Path, rng: random.Random, colour: str, shape: str, count: int,
         else:
             draw.polygon([(x0, y0 + side), (x0 + side // 2, y0), (x0 + side, y0 + side)], fill=COLOURS[colour])
         if i == 0:
-            box = (round(x0 / width, 2), round(y0 / height, 2), round((x0 + side) / width, 2), round((y0 + side) / height, 2))
+            box = (round(x0 / width, 2), round(y0 / height, 2), round((x0 + side) / width, 2),
+                   round((y0 + side) / height, 2))
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, quality=90)
     return box
@@ -101,7 +103,8 @@ def _conversation(source: str, img: DrawnImage | None, rng: random.Random) -> li
     """One record's turns, in the prompt style of its source."""
     if source == "sharegpt":
         topic = rng.choice(WORDS)
-        pairs = [(f"Please write a short story about a {topic}.", f"Once there was a {topic} who lived by the {rng.choice(WORDS)}."),
+        pairs = [(f"Please write a short story about a {topic}.",
+                  f"Once there was a {topic} who lived by the {rng.choice(WORDS)}."),
                  ("Explain why briefly.", f"Because the {topic} liked the {rng.choice(WORDS)}.")]
         return _turns(pairs[: rng.randint(1, 2)])
     assert img is not None
@@ -129,7 +132,8 @@ def _conversation(source: str, img: DrawnImage | None, rng: random.Random) -> li
                   f"A {img.colour} {img.shape} on a plain background.")]
     elif source == "refcoco":
         box = "[" + ", ".join(f"{v:.2f}" for v in img.box) + "]"
-        pairs = [(f"Please provide the bounding box coordinate of the region this sentence describes: {img.colour} {img.shape}.", box)]
+        pairs = [("Please provide the bounding box coordinate of the region this sentence describes: "
+                  f"{img.colour} {img.shape}.", box)]
     else:  # vg
         box = "[" + ", ".join(f"{v:.2f}" for v in img.box) + "]"
         pairs = [(f"Please provide a short description for this region: {box}", f"{img.colour} {img.shape}")]
@@ -148,7 +152,8 @@ def _faulty_records(image_root: Path, pool: list[DrawnImage]) -> list[dict]:
         {"id": "bad-corrupt-image", "image": corrupt, "conversations": ok_turns},
         {"id": "bad-malformed", "image": pool[0].relpath, "conversations": [{"from": "robot", "value": "<image>\nhi"}]},
         {"id": "bad-tag-without-image", "conversations": ok_turns},
-        {"id": "bad-image-without-tag", "image": pool[0].relpath, "conversations": _turns([("What is this?", "A shape.")])},
+        {"id": "bad-image-without-tag", "image": pool[0].relpath,
+         "conversations": _turns([("What is this?", "A shape.")])},
         {"id": "bad-empty-turn", "image": pool[0].relpath, "conversations": _turns([("<image>\nWhat is this?", "  ")])},
         {"id": "bad-no-conversations", "image": pool[0].relpath},
     ]
@@ -170,14 +175,17 @@ def write_mixture(root: str | Path, num_samples: int, num_images: int, seed: int
     folder_share = {f: sum(s for _, s, fo in SOURCES if fo == f) for f in folders}
     image_share = sum(folder_share.values())
     pools = {}
-    for folder in folders:
-        count = max(1, round(num_images * folder_share[folder] / image_share))
-        pools[folder] = _image_pool(image_root, folder, count, rng, prefix=f"{folder.split('/')[0]}_", size=image_size)
+    for name in folders:
+        count = max(1, round(num_images * folder_share[name] / image_share))
+        pools[name] = _image_pool(image_root, name, count, rng, prefix=f"{name.split('/')[0]}_", size=image_size)
     records = []
     for source, share, folder in SOURCES:
         for i in range(max(1, round(num_samples * share / total))):
             img = rng.choice(pools[folder]) if folder else None
-            record = {"id": f"{source}-{i:07d}"}
+            record: dict[str, Any] = {"id": f"{source}-{i:07d}"}
+            if source == "llava_instruct" and img:
+                # As in the real file: LLaVA-Instruct's records of one COCO image all carry its id.
+                record["id"] = img.relpath.rsplit("_", 1)[-1].split(".")[0]
             if img:
                 record["image"] = img.relpath
             record["conversations"] = _conversation(source, img, rng)

@@ -2,18 +2,27 @@
 
 Default store: a local sqlite file beside the run (or `./mlruns.db` when the run root is on S3); with
 MLFLOW_TRACKING_URI, that server. If the server cannot be reached, training goes on and says so once.
-A resumed run continues the same MLflow run (its id travels in the Ray Train checkpoint).
+A resumed run continues the same MLflow run (its id travels in the Ray Train checkpoint). A Tracker is
+a context manager: the run ends FINISHED, or FAILED when the block raises.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
+from types import TracebackType
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 # Fail fast instead of retrying for minutes when the server is down.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def experiment_name(recipe_name: str) -> str:
+    """The MLflow experiment every stage of a recipe logs to."""
+    return f"trim-llava-{recipe_name}"
 
 
 def default_tracking_uri(root: str) -> str:
@@ -52,8 +61,9 @@ class Tracker:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.run_id: str | None = None
-        self._mlflow = None
+        self._mlflow: Any = None
         self._warned = False
+        self._active = False
 
     def _call(self, what: str, fn, *args, **kwargs):
         if not self.enabled:
@@ -64,8 +74,8 @@ class Tracker:
             self.enabled = False
             if not self._warned:
                 self._warned = True
-                print(f"tracking: MLflow at {self.tracking_uri} failed ({what}: {type(err).__name__}: "
-                      f"{str(err)[:200]}); training goes on without tracking", file=sys.stderr, flush=True)
+                logger.warning("MLflow at %s failed (%s: %s: %s); going on without tracking", self.tracking_uri,
+                               what, type(err).__name__, str(err)[:200])
             return None
 
     def start(self, run_name: str, run_id: str | None = None) -> str | None:
@@ -89,6 +99,7 @@ class Tracker:
             return run.info.run_id
 
         self.run_id = self._call("start run", _start)
+        self._active = self.run_id is not None
         return self.run_id
 
     def log_params(self, params: dict) -> None:
@@ -115,4 +126,13 @@ class Tracker:
         self._call("set tags", lambda: self._mlflow.set_tags(tags))
 
     def end(self, status: str = "FINISHED") -> None:
-        self._call("end run", lambda: self._mlflow.end_run(status=status))
+        if self._active:
+            self._active = False
+            self._call("end run", lambda: self._mlflow.end_run(status=status))
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.end("FAILED" if kind is not None else "FINISHED")

@@ -8,8 +8,9 @@ are formed from a window of samples sorted by length (LLaVA's group-by-length), 
 from __future__ import annotations
 
 import json
+import logging
 import random
-import sys
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from trim.conversation import tokenize_conversation
 from trim.model import Batch, pad_batch
 
+logger = logging.getLogger(__name__)
 TOKENIZED_COLUMNS = ("id", "input_ids", "labels", "tokens", "num_tokens", "token_dim", "length")
 
 
@@ -40,8 +42,8 @@ class Tokenize:
             num_tokens = int(batch["num_tokens"][i])
             tokenized = tokenize_conversation(json.loads(conversations), self.tokenizer, self.max_length, num_tokens)
             if tokenized.num_supervised == 0:
-                print(f"train data: sample {batch['id'][i]} has no answer left after truncation to "
-                      f"{self.max_length} tokens; skipped", file=sys.stderr)
+                reason = tokenized.mask_reason or f"no answer left after truncation to {self.max_length} tokens"
+                logger.warning("sample %s (position %s) skipped: %s", batch["id"][i], batch["index"][i], reason)
                 continue
             visual = num_tokens if tokenized.image_position is not None else 0
             out["id"].append(batch["id"][i])
@@ -58,7 +60,7 @@ class RowsCollate(NumpyBatchCollateFn):
     """iter_torch_batches collate: a numpy column batch -> per-sample dicts (see rows_of); the
     micro-batches are padded later, after grouping by length."""
 
-    def __call__(self, batch: dict[str, Any]) -> list[dict]:
+    def __call__(self, batch: dict[str, Any]) -> list[dict]:  # type: ignore[override]  # rows, not tensors
         return rows_of(batch)
 
 
@@ -82,6 +84,21 @@ def group_by_length(rows: list[dict], micro_batch_size: int, seed: int, enabled:
     if enabled:
         random.Random(seed).shuffle(chunks)
     return chunks
+
+
+def micro_batches(windows: Iterable[list[dict]], micro_batch_size: int, seed: int, epoch: int,
+                  group: bool = True, skip: int = 0) -> Iterator[tuple[int, list[dict]]]:
+    """One epoch's micro-batches as (1-based position in the epoch, rows): each window of rows is
+    grouped by length (seeded by seed, epoch and window), and the first `skip` micro-batches, trained
+    on before a resume, are passed over without being yielded."""
+    position = 0
+    for window_index, rows in enumerate(windows):
+        # hash() of a tuple of ints is the same in every process (PYTHONHASHSEED affects only str).
+        chunks = group_by_length(rows, micro_batch_size, seed=hash((seed, epoch, window_index)), enabled=group)
+        for chunk in chunks:
+            position += 1
+            if position > skip:
+                yield position, chunk
 
 
 def collate(chunk: list[dict], pad_token_id: int) -> Batch:

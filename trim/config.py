@@ -2,7 +2,8 @@
 
 The default follows the authors' released scoring (DESIGN.md §3) with the IQR taken per sample, so a
 sample's tokens do not depend on its batch and can be cached offline. `paper()` and `official()` are
-the two presets beside it; `fixed_ratio()` keeps a fixed share.
+the two presets beside it; `fixed_ratio()` keeps a fixed share with the paper's scoring and
+`official(ratio)` a fixed share with the released scoring (`TRIM:<ratio>`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ Threshold = Literal["iqr", "ratio"]
 IqrScope = Literal["sample", "batch"]
 Selection = Literal["trim", "uniform", "random", "pool", "all"]
 TextMode = Literal["questions", "first_question", "conversation"]
+ScoreDtype = Literal["encoder", "float32"]
 
 _CHOICES = {
     "similarity": ("dot", "cosine"),
@@ -27,6 +29,7 @@ _CHOICES = {
     "selection": ("trim", "uniform", "random", "pool", "all"),
     "text": ("questions", "first_question", "conversation"),
     "text_at_inference": ("questions", "first_question", "conversation"),
+    "score_dtype": ("encoder", "float32"),
 }
 
 
@@ -72,13 +75,22 @@ class TrimConfig:
     text_at_inference: TextMode = "first_question"
     """Which text is embedded at inference, where only the question is known."""
 
-    batch_group_size: int = 16
+    batch_group_size: int = 4
     """For iqr_scope == "batch" offline (caching): samples are grouped in cache order (sorted by
-    sample id) into consecutive groups of this many; each group is one "micro-batch" (the released
-    training used 16 per GPU). Text-only samples are not in any group."""
+    sample id) into consecutive groups of this many; each group is one "micro-batch" whose images
+    share one IQR and one count (the released finetune_8gpu_TRIM.sh ran 4 samples per GPU). Text-only
+    samples contribute no image to their group's IQR, as in the released training, whose
+    modality-grouped sampler kept them out of the image micro-batches."""
 
     seed: int = 0
     """Seed of the "random" baseline; each sample's generator is seeded from (seed, sample index)."""
+
+    score_dtype: ScoreDtype = "float32"
+    """The dtype the scores are computed in: "float32" (embeddings upcast first: dot product, sign
+    flip, softmax and quartiles in fp32 whatever the encoder's dtype) or "encoder" (no upcast: the
+    dot product, sign flip and softmax in the embeddings' own dtype, e.g. bf16, and the quartiles
+    over those values cast to fp32, exactly as the released code does; the top-n is taken on the
+    encoder-dtype scores, so their ties and rounding are the released ones). The same at fp32."""
 
     def __post_init__(self) -> None:
         for field, allowed in _CHOICES.items():
@@ -95,33 +107,45 @@ class TrimConfig:
     # Presets ---------------------------------------------------------------------------------
 
     @classmethod
-    def paper(cls) -> "TrimConfig":
+    def paper(cls) -> TrimConfig:
         """The paper's literal method: cosine similarity, keep the most similar, IQR per sample."""
         return cls(similarity="cosine", keep="most_similar", threshold="iqr", iqr_scope="sample")
 
     @classmethod
-    def official(cls) -> "TrimConfig":
-        """Exactly the released code (`TRIM:-1`): negated dot product, batch-wide IQR, one n."""
-        return cls(similarity="dot", keep="least_similar", threshold="iqr", iqr_scope="batch")
+    def official(cls, ratio: float | None = None) -> TrimConfig:
+        """Exactly the released code, scores in the encoder's dtype. Without `ratio`, `TRIM:-1`:
+        negated dot product, batch-wide IQR, one n for the batch. With it, `TRIM:<ratio>`: the same
+        scoring, the top int(N * ratio) patches of each image."""
+        if ratio is None:
+            return cls(similarity="dot", keep="least_similar", threshold="iqr", iqr_scope="batch",
+                       score_dtype="encoder")
+        return cls(similarity="dot", keep="least_similar", threshold="ratio", ratio=ratio, iqr_scope="batch",
+                   score_dtype="encoder")
 
     @classmethod
-    def fixed_ratio(cls, ratio: float) -> "TrimConfig":
-        """Paper scoring, keep int(N * ratio) tokens (plus the aggregate)."""
+    def fixed_ratio(cls, ratio: float) -> TrimConfig:
+        """Paper scoring (cosine, most similar kept, fp32), keep int(N * ratio) tokens plus the
+        aggregate. Not the released `TRIM:<ratio>`, which keeps the least similar by the negated dot
+        product: that is `official(ratio)`."""
         return cls(similarity="cosine", keep="most_similar", threshold="ratio", ratio=ratio)
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "TrimConfig":
-        """A preset by name ("default", "paper", "official", "ratio:<float>") with field overrides."""
+    def preset(cls, name: str, **overrides: Any) -> TrimConfig:
+        """A preset by name ("default", "paper", "official", "official:<float>", "ratio:<float>") with
+        field overrides."""
         if name == "default":
             base = cls()
         elif name == "paper":
             base = cls.paper()
         elif name == "official":
             base = cls.official()
+        elif name.startswith("official:"):
+            base = cls.official(float(name.split(":", 1)[1]))
         elif name.startswith("ratio:"):
             base = cls.fixed_ratio(float(name.split(":", 1)[1]))
         else:
-            raise ValueError(f"unknown TRIM preset {name!r}: default, paper, official or ratio:<float>")
+            raise ValueError(
+                f"unknown TRIM preset {name!r}: default, paper, official, official:<float> or ratio:<float>")
         return dataclasses.replace(base, **overrides)
 
     # Serialisation (written into cache manifests and model directories) ----------------------
@@ -133,7 +157,9 @@ class TrimConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrimConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrimConfig:
+        """A config from `to_dict`'s output; fields missing (dicts written before they existed) take
+        their defaults."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -141,5 +167,5 @@ class TrimConfig:
         return cls(**data)
 
     @classmethod
-    def from_json(cls, text: str) -> "TrimConfig":
+    def from_json(cls, text: str) -> TrimConfig:
         return cls.from_dict(json.loads(text))

@@ -1,7 +1,7 @@
 """The frozen CLIP towers TRIM needs, loaded from a checkpoint directory with `from_pretrained`.
 
 One object per process (an actor, a notebook); nothing global, nothing patched. Image side: LLaVA's
-preprocessing (pad to square with the processor's mean colour, then the CLIP processor), the hidden
+preprocessing (pad to square with int(255 * the processor's mean), then the CLIP processor), the hidden
 states of a chosen layer with CLS dropped (the projector's input), and the same patches through
 post_layernorm + visual_projection (what TRIM scores). Text side: text_embeds, truncated to the
 tokenizer's limit (77 for CLIP).
@@ -11,13 +11,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import torch
 from PIL import Image
 from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
+
+
+def pad_colour(image_mean: Sequence[float]) -> tuple[int, int, int]:
+    """LLaVA's padding colour: `int(x * 255)` of each channel's mean, truncated, not rounded
+    ((122, 116, 104) for CLIP's mean)."""
+    red, green, blue = (int(x * 255) for x in image_mean)
+    return red, green, blue
 
 
 def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -54,7 +62,8 @@ def describe_checkpoint(path: str | Path, layer: int = -2) -> dict:
     from transformers import CLIPConfig
 
     config = CLIPConfig.from_pretrained(str(path))
-    vision = config.vision_config
+    vision: Any = config.vision_config  # a CLIPVisionConfig once loaded (typed as a union upstream)
+    image_mean = CLIPImageProcessorPil.from_pretrained(str(path)).image_mean
     return {
         "path": str(path),
         "config_hash": checkpoint_hash(path),
@@ -63,9 +72,10 @@ def describe_checkpoint(path: str | Path, layer: int = -2) -> dict:
         "patch_size": vision.patch_size,
         "num_patches": (vision.image_size // vision.patch_size) ** 2,
         "feature_dim": int(vision.hidden_size),
-        "projection_dim": int(config.projection_dim),
-        "preprocessing": "llava-1.5: pad to square with processor mean colour, then CLIP processor",
-        "image_mean": list(CLIPImageProcessorPil.from_pretrained(str(path)).image_mean),
+        "projection_dim": int(config.projection_dim or 0),
+        "preprocessing": "llava-1.5: pad to square with int(255 * processor mean), then CLIP processor",
+        "image_mean": list(image_mean),
+        "pad_colour": list(pad_colour(image_mean)),
     }
 
 
@@ -79,7 +89,8 @@ class ClipEncoder:
         self.dtype = dtype
         self.processor = CLIPImageProcessorPil.from_pretrained(self.path)
         # One CLIPModel holds both towers and both projections, as the checkpoints ship them.
-        self.model = CLIPModel.from_pretrained(self.path, dtype=dtype).to(self.device).eval()
+        model: Any = CLIPModel.from_pretrained(self.path, dtype=dtype)
+        self.model = model.to(self.device).eval()
         self.model.requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         # CLIP's 77 positions bound the text, whatever the tokenizer file says.
@@ -90,8 +101,8 @@ class ClipEncoder:
 
     @property
     def background(self) -> tuple[int, int, int]:
-        """The processor's mean colour in 0..255, LLaVA's padding colour."""
-        return tuple(int(round(x * 255)) for x in self.processor.image_mean)
+        """LLaVA's padding colour: the processor's mean in 0..255, truncated (see pad_colour)."""
+        return pad_colour(self.processor.image_mean)
 
     @property
     def num_patches(self) -> int:

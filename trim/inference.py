@@ -5,8 +5,8 @@ one CLIP text forward, one `trim_tokens` call and one `LlavaTrim.generate` call.
 k_i visual tokens: nothing is padded to 576; the rows are left-padded only to the longest spliced
 prompt of the batch (as any batched generation is).
 
-    engine = TrimLlava.load("checkpoints/tiny/model")          # CLIP path and TRIM config from the dir
-    answers = engine.answer([image], ["What is the colour of the cat?"], max_new_tokens=16)
+    answerer = Answerer.load("checkpoints/tiny/model")          # CLIP path and TRIM config from the dir
+    answers = answerer.answer([image], ["What is the colour of the cat?"], max_new_tokens=16)
     answers[0].text, answers[0].num_visual_tokens, answers[0].kept_indices
 
 With the released `official` config (IQR over the whole batch, one count for all images) a row's
@@ -21,9 +21,9 @@ import json
 import statistics
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -106,7 +106,7 @@ def reduce_images(encoder: ClipEncoder, images: Sequence[Image.Image], texts: Se
     return trim_tokens(features.features, features.patch_embeds, text_embeds, cfg)
 
 
-class TrimLlava:
+class Answerer:
     """A LLaVA model on TRIM-reduced tokens with its CLIP towers: images + questions -> answers."""
 
     def __init__(self, model: LlavaTrim, tokenizer, encoder: ClipEncoder, trim_cfg: TrimConfig | None = None):
@@ -128,7 +128,7 @@ class TrimLlava:
 
     @classmethod
     def load(cls, model_dir: str | Path, clip_path: str | Path | None = None, trim_cfg: TrimConfig | None = None,
-             device: str = "cpu", dtype: torch.dtype = torch.float32) -> "TrimLlava":
+             device: str = "cpu", dtype: torch.dtype = torch.float32) -> Answerer:
         """From an exported model directory (LlavaTrim.save) and a CLIP checkpoint. clip_path None:
         the encoder path recorded in the directory's settings; trim_cfg None: the TRIM config the
         model was trained with (its settings["trim"])."""
@@ -149,9 +149,9 @@ class TrimLlava:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def with_trim(self, trim_cfg: TrimConfig) -> "TrimLlava":
+    def with_trim(self, trim_cfg: TrimConfig) -> Answerer:
         """The same model and encoder (shared, not copied) with another TRIM config."""
-        return TrimLlava(self.model, self.tokenizer, self.encoder, trim_cfg)
+        return Answerer(self.model, self.tokenizer, self.encoder, trim_cfg)
 
     def scoring_texts(self, questions: Sequence[str]) -> list[str]:
         return [inference_text(q, self.trim_cfg.text_at_inference) for q in questions]
@@ -224,20 +224,20 @@ class TrimLlava:
 
     def timed_generation(self, image: Image.Image, question: str, new_tokens: int = 16, repeats: int = 3,
                          warmup: int = 1) -> list[TimedRun]:
-        """Time a batch of one with this engine's TRIM config ("TRIM") and with all patches
+        """Time a batch of one with this answerer's TRIM config ("TRIM") and with all patches
         ("full": the same config with selection="all"): CLIP + TRIM, prefill + first token, and each
         further token, as medians over `repeats` runs after `warmup` untimed ones."""
         return timed_generation(self, image, question, new_tokens, repeats, warmup)
 
 
-def timed_generation(engine: TrimLlava, image: Image.Image, question: str, new_tokens: int = 16, repeats: int = 3,
+def timed_generation(answerer: Answerer, image: Image.Image, question: str, new_tokens: int = 16, repeats: int = 3,
                      warmup: int = 1) -> list[TimedRun]:
-    """See TrimLlava.timed_generation. Returns [TRIM run, full run]."""
+    """See Answerer.timed_generation. Returns [TRIM run, full run]."""
     if new_tokens < 1 or repeats < 1 or warmup < 0:
         raise ValueError(f"need new_tokens >= 1, repeats >= 1, warmup >= 0; got {new_tokens}, {repeats}, {warmup}")
     runs = []
-    for label, cfg in (("TRIM", engine.trim_cfg), ("full", dataclasses.replace(engine.trim_cfg, selection="all"))):
-        timed = engine.with_trim(cfg)
+    for label, cfg in (("TRIM", answerer.trim_cfg), ("full", dataclasses.replace(answerer.trim_cfg, selection="all"))):
+        timed = answerer.with_trim(cfg)
         for _ in range(warmup):
             timed._time_once(image, question, new_tokens)
         samples = [timed._time_once(image, question, new_tokens) for _ in range(repeats)]

@@ -123,7 +123,7 @@ def build_tiny_clip(out_dir: Path, width: int = 64, depth: int = 3, projection_d
         projection_dim=projection_dim,
     )
     model = CLIPModel(config)
-    # Random-init projections are small; scale them so embeddings have CLIP-like norms (DESIGN.md §3:
+    # Random-init projections are small; scale them so embeddings have CLIP-like norms (docs/method.md:
     # the released scoring's kept share depends on the norms).
     with torch.no_grad():
         model.visual_projection.weight.mul_(4.0)

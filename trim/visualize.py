@@ -17,8 +17,10 @@ from PIL import Image, ImageDraw
 Colour = tuple[int, int, int]
 Box = tuple[int, int, int, int]
 
-CLIP_MEAN_COLOUR: Colour = (122, 116, 104)
-"""int(255 * CLIP's image mean): the colour LLaVA pads images to square with."""
+CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+"""CLIP's image_mean (the processor config of openai/clip-vit-large-patch14-336)."""
+CLIP_MEAN_COLOUR: Colour = (int(CLIP_IMAGE_MEAN[0] * 255), int(CLIP_IMAGE_MEAN[1] * 255), int(CLIP_IMAGE_MEAN[2] * 255))
+"""The colour LLaVA pads images to square with: int(x * 255), truncated, = (122, 116, 104)."""
 
 
 def pad_to_square(image: Image.Image, background: Colour = CLIP_MEAN_COLOUR) -> Image.Image:

@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 
 from pipelines import storage
+from pipelines.cache_format import decode_scores, decode_tokens, iter_cache
 from pipelines.config import PrecomputeConfig, ShardConfig
-from pipelines.precompute import decode_scores, decode_tokens, iter_cache, run_precompute
+from pipelines.precompute import run_precompute
 from pipelines.shard import run_shard
 from tests.integration.conftest import REPO, job_env, run_job
 from trim import TrimConfig, trim_tokens
@@ -57,15 +58,15 @@ def test_shard_sets_aside_every_bad_record_by_name_and_loses_nothing(shards, tin
     assert all(r["detail"] for r in rejects)
     samples = [row for name in storage.listdir(out, ".parquet") if name.startswith("samples-")
                for row in storage.read_parquet(f"{out}/{name}").to_pylist()]
-    assert len(samples) + len(rejects) == len(records) == manifest["samples"] + manifest["rejects"]
+    assert len(samples) + len(rejects) == len(records) == manifest.samples + manifest.rejects
     assert sorted(s["index"] for s in samples) + [] == sorted(set(range(len(records))) - {r["index"] for r in rejects})
-    assert manifest["per_reject_reason"]["malformed conversation"] == 2
-    assert sum(manifest["per_source"].values()) == len(samples)
+    assert manifest.per_reject_reason["malformed conversation"] == 2
+    assert sum(manifest.per_source.values()) == len(samples)
     # Images: one row per distinct content, every sample's key among them, bytes intact.
     images = [row for name in storage.listdir(out, ".parquet") if name.startswith("images-")
               for row in storage.read_parquet(f"{out}/{name}").to_pylist()]
     keys = {row["image_key"] for row in images}
-    assert len(keys) == len(images) == manifest["images"]
+    assert len(keys) == len(images) == manifest.images
     distinct_paths = {s["image_path"] for s in samples if s["image_path"]}
     assert len(keys) == len(distinct_paths) < sum(1 for s in samples if s["image_path"])
     assert {s["image_key"] for s in samples if s["image_path"]} == keys
@@ -92,10 +93,12 @@ def test_shard_rerun_is_a_no_op_and_a_fresh_run_writes_the_same_files(shards, ti
 def test_precompute_caches_every_sample_once_with_what_trim_computes_online(cache, shards, tiny_models):
     out, manifest = cache
     rows = list(iter_cache(out))
-    assert len(rows) == len({r["id"] for r in rows}) == shards[1]["samples"] == manifest["samples"]
+    # Every sample exactly once, by its position in the mixture (ids repeat, as in LLaVA's file).
+    assert len(rows) == len({r["index"] for r in rows}) == shards[1].samples == manifest.samples
+    assert len({r["id"] for r in rows}) < len(rows)
     text_only = [r for r in rows if r["image_key"] is None]
     assert text_only and all(r["num_tokens"] == 0 for r in text_only)
-    assert manifest["text_only_samples"] == len(text_only)
+    assert manifest.text_only_samples == len(text_only)
     visual = [r for r in rows if r["num_tokens"]]
     assert all(r["num_tokens"] == r["num_kept"] + int(r["has_aggregate"]) for r in visual)
     assert all(len(r["kept_indices"]) == r["num_kept"] for r in visual)
@@ -111,7 +114,7 @@ def test_precompute_caches_every_sample_once_with_what_trim_computes_online(cach
     assert torch.nonzero(online.keep_mask[0]).flatten().tolist() == row["kept_indices"]
     torch.testing.assert_close(decode_tokens(row).float(), online.tokens[0].half().float())
     np.testing.assert_allclose(decode_scores(row), online.scores[0].numpy(), rtol=1e-2, atol=1e-6)
-    assert manifest["kept"]["mean_share"] > 0 and manifest["encoder"]["num_patches"] == 576
+    assert manifest.kept.mean_share > 0 and manifest.encoder["num_patches"] == 576
 
 
 def test_precompute_refuses_a_cache_of_another_configuration(cache, shards, tiny_models):
@@ -123,7 +126,7 @@ def test_official_preset_groups_micro_batches_with_one_n_each(shards, tiny_data,
     cfg = TrimConfig.official()
     out = str(tiny_data / "cache-official")
     run_precompute(shards[0], out, str(tiny_models.clip), cfg, PRECOMPUTE_CFG)
-    visual = sorted((r for r in iter_cache(out) if r["num_tokens"]), key=lambda r: r["id"])
+    visual = sorted((r for r in iter_cache(out) if r["num_tokens"]), key=lambda r: r["index"])
     groups = [visual[i:i + cfg.batch_group_size] for i in range(0, len(visual), cfg.batch_group_size)]
     assert len(groups) > 2
     for group in groups:
@@ -156,9 +159,9 @@ def test_killed_precompute_resumes_with_every_sample_once(shards, tiny_data, tin
     assert written and not (cache_dir / "manifest.json").exists()
     result = run_job("precompute", *overrides)
     assert f"{len(written)} already written" in result.stdout
-    rows = list(iter_cache(str(cache_dir), ["id"]))
-    assert len(rows) == len({r["id"] for r in rows}) == shards[1]["samples"]
-    assert json.loads((cache_dir / "manifest.json").read_text())["samples"] == shards[1]["samples"]
+    rows = list(iter_cache(str(cache_dir), ["index"]))
+    assert len(rows) == len({r["index"] for r in rows}) == shards[1].samples
+    assert json.loads((cache_dir / "manifest.json").read_text())["samples"] == shards[1].samples
 
 
 def test_shard_and_precompute_on_s3(s3_env, tiny_data, tiny_models):
@@ -179,8 +182,8 @@ def test_shard_and_precompute_on_s3(s3_env, tiny_data, tiny_models):
         shards_manifest = storage.read_json("s3://trim-test/run/shards/manifest.json")
         rejects = storage.read_parquet("s3://trim-test/run/shards/rejects.parquet").to_pylist()
         assert {r["id"]: r["reason"] for r in rejects} == EXPECTED_REJECTS
-        rows = list(iter_cache("s3://trim-test/run/cache", ["id", "num_tokens"]))
-        assert len(rows) == len({r["id"] for r in rows}) == shards_manifest["samples"] == manifest["samples"]
+        rows = list(iter_cache("s3://trim-test/run/cache", ["index", "num_tokens"]))
+        assert len(rows) == len({r["index"] for r in rows}) == shards_manifest["samples"] == manifest["samples"]
     finally:
         for key in s3_env:
             os.environ.pop(key, None)

@@ -87,11 +87,11 @@ def test_unusable_images_are_set_aside_and_scored_as_missing(first_run, eval_roo
     assert {r["question_id"]: r["reason"] for r in rejects} == {MISSING_ID: "missing image",
                                                                 CORRUPT_ID: "unreadable image"}
     assert all(r["detail"] for r in rejects)
-    metrics = first_run["metrics"]
+    metrics = first_run.metrics
     assert metrics["n"] == GOOD + 2 and metrics["answered"] == GOOD and metrics["missing"] == 2
     assert metrics["rejects"] == 2 and metrics["answers"] == GOOD and metrics["questions"] == GOOD + 2
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["mean_visual_tokens"] > 0
-    assert first_run["reject_reasons"] == {"missing image": 1, "unreadable image": 1}
+    assert first_run.reject_reasons == {"missing image": 1, "unreadable image": 1}
     pictures = sorted(p.name for p in (eval_root / "eval" / "pictures").iterdir())
     assert pictures == ["question-0.png", "question-1.png"]
 
@@ -100,7 +100,7 @@ def test_local_tracking_keeps_the_artifacts_beside_the_store(first_run, eval_roo
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{eval_root}/mlflow.db")
-    run = client.get_run(first_run["mlflow_run_id"])
+    run = client.get_run(first_run.mlflow_run_id)
     assert run.info.run_name == "tiny-eval" and run.data.metrics["missing"] == 2
     stored = list((eval_root / "mlartifacts").rglob("answers.jsonl"))
     assert len(stored) == 1 and stored[0].read_bytes() == (eval_root / "eval" / "answers.jsonl").read_bytes()
@@ -116,13 +116,13 @@ def test_rerun_against_mlflow_server_logs_metrics_answers_and_pictures(first_run
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         again = load_job("evaluate").main(argv)  # same inputs: answers reused, scored and logged again
         assert (eval_root / "eval" / "answers.jsonl").read_bytes() == answers_before
-        assert again["metrics"] == first_run["metrics"]
+        assert again.metrics == first_run.metrics
         client = mlflow.MlflowClient(uri)
         experiment = client.get_experiment_by_name("trim-llava-tiny")
         runs = client.search_runs([experiment.experiment_id], "attributes.run_name = 'tiny-eval'")
-        assert len(runs) == 1 and runs[0].info.run_id == again["mlflow_run_id"]
+        assert len(runs) == 1 and runs[0].info.run_id == again.mlflow_run_id
         run = runs[0]
-        assert run.data.metrics["accuracy"] == pytest.approx(first_run["metrics"]["accuracy"])
+        assert run.data.metrics["accuracy"] == pytest.approx(first_run.metrics["accuracy"])
         assert run.data.metrics["missing"] == 2 and run.data.metrics["n"] == GOOD + 2
         assert run.data.params["trim_name"] == "default" and run.data.params["model_id"] == "tiny"
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

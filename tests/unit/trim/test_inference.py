@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from trim import TrimConfig
 from trim.inference import (
-    TrimLlava,
+    Answerer,
     inference_text,
     question_of_length,
     timed_generation,
@@ -48,8 +48,8 @@ def model_dir(tiny_models, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def engine(model_dir):
-    return TrimLlava.load(model_dir)
+def answerer(model_dir):
+    return Answerer.load(model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +57,15 @@ def images():
     return [drawn(0, (336, 336)), drawn(1, (480, 320)), drawn(2, (200, 420)), drawn(3, (97, 61))]
 
 
-def test_loads_the_clip_path_and_trim_config_recorded_in_the_model_dir(engine, tiny_models):
-    assert engine.trim_cfg == TrimConfig()
-    assert engine.encoder.path == str(tiny_models.clip)
-    assert engine.encoder.layer == -2
+def test_loads_the_clip_path_and_trim_config_recorded_in_the_model_dir(answerer, tiny_models):
+    assert answerer.trim_cfg == TrimConfig()
+    assert answerer.encoder.path == str(tiny_models.clip)
+    assert answerer.encoder.layer == -2
 
 
-def test_batched_answers_equal_one_by_one_answers(engine, images):
-    batched = engine.answer(images, QUESTIONS, max_new_tokens=6)
-    single = [engine.answer([image], [question], max_new_tokens=6)[0] for image, question in zip(images, QUESTIONS)]
+def test_batched_answers_equal_one_by_one_answers(answerer, images):
+    batched = answerer.answer(images, QUESTIONS, max_new_tokens=6)
+    single = [answerer.answer([image], [question], max_new_tokens=6)[0] for image, question in zip(images, QUESTIONS)]
     counts = [a.num_visual_tokens for a in batched]
     assert len(set(counts)) > 1, f"the test needs rows with different visual counts, got {counts}"
     assert all(c < 576 for c in counts)
@@ -76,31 +76,31 @@ def test_batched_answers_equal_one_by_one_answers(engine, images):
         assert b.scores.shape == (576,)
         assert 0 < len(b.token_ids) <= 6 or b.text == ""
     # Each row's prompt holds its own k_i visual tokens, nothing padded to 576.
-    lengths = [len(engine.prompt_ids(q)) - 1 + c for q, c in zip(QUESTIONS, counts)]
+    lengths = [len(answerer.prompt_ids(q)) - 1 + c for q, c in zip(QUESTIONS, counts)]
     assert [a.prompt_tokens for a in batched] == lengths
 
 
-def test_greedy_generation_is_deterministic(engine, images):
-    first = engine.answer(images[:2], QUESTIONS[:2], max_new_tokens=5)
-    again = engine.answer(images[:2], QUESTIONS[:2], max_new_tokens=5)
+def test_greedy_generation_is_deterministic(answerer, images):
+    first = answerer.answer(images[:2], QUESTIONS[:2], max_new_tokens=5)
+    again = answerer.answer(images[:2], QUESTIONS[:2], max_new_tokens=5)
     assert [a.token_ids for a in first] == [a.token_ids for a in again]
     assert any(a.token_ids for a in first)  # the random tiny LLM does say something
 
 
-def test_max_new_tokens_bounds_the_answer(engine, images):
-    for answer in engine.answer(images, QUESTIONS, max_new_tokens=2):
+def test_max_new_tokens_bounds_the_answer(answerer, images):
+    for answer in answerer.answer(images, QUESTIONS, max_new_tokens=2):
         assert len(answer.token_ids) <= 2
 
 
-def test_another_trim_config_changes_the_visual_counts(engine, model_dir, images):
-    default = [a.num_visual_tokens for a in engine.answer(images, QUESTIONS, max_new_tokens=1)]
-    ratio = TrimLlava.load(model_dir, trim_cfg=TrimConfig.fixed_ratio(0.25))
+def test_another_trim_config_changes_the_visual_counts(answerer, model_dir, images):
+    default = [a.num_visual_tokens for a in answerer.answer(images, QUESTIONS, max_new_tokens=1)]
+    ratio = Answerer.load(model_dir, trim_cfg=TrimConfig.fixed_ratio(0.25))
     assert [a.num_visual_tokens for a in ratio.answer(images, QUESTIONS, max_new_tokens=1)] == [144 + 1] * 4
-    full = engine.with_trim(dataclasses.replace(engine.trim_cfg, selection="all"))
+    full = answerer.with_trim(dataclasses.replace(answerer.trim_cfg, selection="all"))
     answers = full.answer(images[:2], QUESTIONS[:2], max_new_tokens=1)
     assert [a.num_visual_tokens for a in answers] == [576, 576]
     assert answers[0].kept_indices == list(range(576))
-    assert default != [145] * 4 and engine.trim_cfg == TrimConfig()  # the engine itself is untouched
+    assert default != [145] * 4 and answerer.trim_cfg == TrimConfig()  # the answerer itself is untouched
 
 
 def test_scoring_text_follows_text_at_inference():
@@ -111,23 +111,23 @@ def test_scoring_text_follows_text_at_inference():
     assert prompt.startswith("A chat between") and prompt.endswith("USER: What is this? ASSISTANT:")
 
 
-def test_mismatched_inputs_are_refused(engine, images):
+def test_mismatched_inputs_are_refused(answerer, images):
     with pytest.raises(ValueError, match="2 images but 1 questions"):
-        engine.answer(images[:2], QUESTIONS[:1])
+        answerer.answer(images[:2], QUESTIONS[:1])
     with pytest.raises(ValueError, match="max_new_tokens"):
-        engine.answer(images[:1], QUESTIONS[:1], max_new_tokens=0)
-    assert engine.answer([], []) == []
+        answerer.answer(images[:1], QUESTIONS[:1], max_new_tokens=0)
+    assert answerer.answer([], []) == []
 
 
-def test_question_of_length(engine):
+def test_question_of_length(answerer):
     for n in (1, 8, 32):
-        question = question_of_length(engine.tokenizer, n)
-        assert len(engine.tokenizer(question, add_special_tokens=False)["input_ids"]) <= n
+        question = question_of_length(answerer.tokenizer, n)
+        assert len(answerer.tokenizer(question, add_special_tokens=False)["input_ids"]) <= n
 
 
-def test_timed_generation_times_trim_and_full(engine, images):
-    question = question_of_length(engine.tokenizer, 16)
-    trim_run, full_run = timed_generation(engine, images[0], question, new_tokens=4, repeats=1, warmup=0)
+def test_timed_generation_times_trim_and_full(answerer, images):
+    question = question_of_length(answerer.tokenizer, 16)
+    trim_run, full_run = timed_generation(answerer, images[0], question, new_tokens=4, repeats=1, warmup=0)
     assert (trim_run.label, full_run.label) == ("TRIM", "full")
     assert full_run.visual_tokens == 576 and trim_run.visual_tokens < 576
     assert full_run.prompt_tokens - trim_run.prompt_tokens == 576 - trim_run.visual_tokens

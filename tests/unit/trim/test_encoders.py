@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from trim.encoders import ClipEncoder, expand_to_square
+from trim.encoders import ClipEncoder, expand_to_square, pad_colour
 from trim.tiny import build_tiny_models
 
 
@@ -27,8 +27,22 @@ def test_expand_to_square_centres_on_the_background():
     assert tall.size == (9, 9) and tall.mode == "RGB" and tall.getpixel((1, 4)) == (0, 0, 0)
 
 
-def test_background_is_the_processor_mean_colour(encoder):
-    assert encoder.background == (123, 117, 104)
+def test_pad_colour_truncates_like_llava():
+    # LLaVA: tuple(int(x * 255) for x in image_mean); rounding would give (123, 117, 104).
+    assert pad_colour([0.48145466, 0.4578275, 0.40821073]) == (122, 116, 104)
+    assert pad_colour([0.999, 0.0, 0.5]) == (254, 0, 127)
+
+
+def test_background_is_llavas_pad_colour_of_the_processor_mean(encoder):
+    assert list(encoder.processor.image_mean) == pytest.approx([0.48145466, 0.4578275, 0.40821073])
+    assert encoder.background == (122, 116, 104)
+    assert encoder.describe()["pad_colour"] == [122, 116, 104]
+
+
+def test_padding_pixels_have_the_pad_colour(encoder):
+    # A wide image: the rows above it are (122, 116, 104) exactly, before the CLIP processor.
+    square = expand_to_square(Image.new("RGB", (30, 10), (0, 0, 0)), encoder.background)
+    assert square.getpixel((0, 0)) == (122, 116, 104) and square.getpixel((15, 15)) == (0, 0, 0)
 
 
 @pytest.mark.parametrize("size", [(336, 336), (500, 120), (90, 700), (17, 13)])

@@ -104,3 +104,19 @@ def test_synthetic_mixture_has_the_real_layout(tmp_path):
     assert any(len(r["conversations"]) > 2 for r in records)  # multi-turn
     again = write_mixture(tmp_path / "again", num_samples=400, num_images=60, seed=3)
     assert again.read_text() == path.read_text()
+
+
+def test_a_literal_reply_separator_in_a_message_is_set_aside_with_the_reason():
+    record = {"id": 5, "image": "coco/x.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat does </s> mean?"}, {"from": "gpt", "value": "An end tag."}]}
+    reject = check_record(3, record)
+    assert reject is not None and reject.reason == "template conflict" and "</s>" in reject.detail
+    assert (reject.index, reject.id) == (3, "5")
+
+
+@pytest.mark.parametrize("image", ["../../etc/passwd", "/etc/passwd", "s3://elsewhere/x.jpg"])
+def test_an_image_path_outside_the_root_is_set_aside_before_any_read(image):
+    record = {"id": "r", "image": image, "conversations": [
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A file."}]}
+    reject = check_record(0, record)
+    assert reject is not None and reject.reason == "path outside image root" and image in reject.detail

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from trim.visualize import (
+    CLIP_IMAGE_MEAN,
     CLIP_MEAN_COLOUR,
     draw_kept_outlines,
     pad_to_square,
@@ -81,6 +82,10 @@ def test_bad_input(tmp_path, scores, keep, grid, message):
     with pytest.raises(ValueError, match=message):
         save_trim_picture(Image.new("RGB", (32, 32)), scores, keep, tmp_path / "x.png", grid=grid)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_clip_mean_colour_is_llavas_truncated_pad_colour():
+    assert CLIP_MEAN_COLOUR == tuple(int(x * 255) for x in CLIP_IMAGE_MEAN) == (122, 116, 104)
 
 
 def test_pad_to_square_centres_on_background():

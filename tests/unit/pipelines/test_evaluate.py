@@ -1,4 +1,4 @@
-"""The evaluate stage's pure core and the efficiency report's tables, without Ray or models."""
+"""The evaluate stage's pure core, without Ray or models."""
 
 from __future__ import annotations
 
@@ -17,13 +17,11 @@ from pipelines.evaluate import (
     resolve_trim,
     trim_name,
 )
-from pipelines.report import build_report, default_visual_trim
 from trim import TrimConfig
-from trim.efficiency import LlmShape
-from trim.inference import Answer, TimedRun
+from trim.inference import Answer
 
 
-class FakeEngine:
+class FakeAnswerer:
     """Answers "red" with 3 visual tokens; records the batches it was given."""
 
     trim_cfg = TrimConfig()
@@ -79,7 +77,7 @@ def test_answer_questions_rejects_unusable_images_and_batches_the_rest(tmp_path)
     questions = [{"question_id": i, "image": f"{i}.png", "text": f"Q{i}", "category": "c"} for i in range(5)]
     questions += [{"question_id": 7, "image": "gone.png", "text": "Q"},
                   {"question_id": 8, "image": "bad.png", "text": "Q"}]
-    engine = FakeEngine()
+    engine = FakeAnswerer()
     rows = answer_questions(engine, questions, str(tmp_path), 4, "m", batch_size=2, picture_ids=["1"])
     assert engine.batches == [2, 2, 1]
     answers = [json.loads(r["record"]) for r in rows if r["kind"] == "answer"]
@@ -92,18 +90,3 @@ def test_answer_questions_rejects_unusable_images_and_batches_the_rest(tmp_path)
     with_scores = [r for r in rows if r["scores"]]
     assert len(with_scores) == 1 and json.loads(with_scores[0]["kept"]) == [4, 9]
     assert len(with_scores[0]["scores"]) == 576 * 2
-
-
-def test_report_tables_and_metrics():
-    runs = [TimedRun("TRIM", 21, 80, 0.010, 0.002, 0.001, 8), TimedRun("full", 576, 635, 0.010, 0.008, 0.002, 8)]
-    shape = LlmShape(hidden=64, layers=2, heads=4, kv_heads=4, intermediate=192, vocab=1000)
-    report = build_report("tiny", runs, shape, question_tokens=32, visual_trim=122)
-    text = report.text
-    assert "tiny (measured" in text and "LLaVA-1.5-7B (analytic" in text and "LLaVA-1.5-13B (analytic" in text
-    assert report.tables["tiny"]["label"] == ["full", "TRIM"]
-    assert report.tables["llava-1.5-7b"]["total_tokens"] == [608, 154]
-    assert report.metrics["tiny/full/ttft_ms"] == pytest.approx(18.0)
-    assert report.metrics["tiny/ttft_ratio"] == pytest.approx(12 / 18)
-    assert report.metrics["llava-1.5-13b/trim/total_tokens"] == 154
-    assert default_visual_trim(None) == 122
-    assert default_visual_trim({"kept": {"mean_tokens": 20.4}}) == 20

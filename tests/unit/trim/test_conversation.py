@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,6 +16,7 @@ from trim.conversation import (
     SYSTEM_PROMPT,
     conversation_prompt,
     generation_prompt,
+    template_conflict,
     tokenize_conversation,
     tokenize_prompt,
     trim_text,
@@ -124,11 +127,30 @@ def test_text_only_has_no_placeholder(tokenizer):
     assert decode(tokenizer, out.input_ids[start:]) == " Hello.</s>"
 
 
-def test_image_anywhere_in_first_turn_stays_where_it_is(tokenizer):
-    out = tokenize_conversation([human("What is this?\n<image>"), gpt("A cat.")], tokenizer, max_length=512)
+@pytest.mark.parametrize(
+    "first, moved",
+    [
+        ("What is this?\n<image>", "<image>\nWhat is this?"),  # A-OKVQA style: tag last
+        ("  <image>\nWhat is this?  ", "<image>\nWhat is this?"),
+        ("Left <image> right", "<image>\nLeft  right"),  # the tag goes, the spaces around it stay
+        ("<image>", "<image>"),  # nothing else: no newline either (LLaVA strips the result)
+    ],
+)
+def test_image_anywhere_in_first_turn_moves_to_the_front(tokenizer, first, moved):
+    # LLaVA's preprocess_multimodal: "<image>\n" + the rest with the tag removed and stripped.
+    conv = [human(first), gpt("A cat.")]
+    assert conversation_prompt(conv) == SYSTEM_PROMPT + f" USER: {moved} ASSISTANT: A cat.</s>"
+    out = tokenize_conversation(conv, tokenizer, max_length=512)
     pos = out.image_position
-    assert decode(tokenizer, out.input_ids[1:pos]) == SYSTEM_PROMPT + " USER: What is this?\n"
-    assert out.labels[pos] == IGNORE_INDEX
+    assert decode(tokenizer, out.input_ids[1:pos]) == SYSTEM_PROMPT + " USER: "
+    assert decode(tokenizer, out.input_ids[pos + 1 :]) == moved[len("<image>") :] + " ASSISTANT: A cat.</s>"
+    assert out.labels[pos] == IGNORE_INDEX and out.num_supervised > 0
+
+
+def test_trim_text_follows_the_moved_tag():
+    conv = [human("What is this?\n<image>"), gpt("A cat.")]
+    assert trim_text(conv, "conversation") == SYSTEM_PROMPT + " USER: \nWhat is this? ASSISTANT: A cat.</s>"
+    assert trim_text(conv, "first_question") == trim_text(conv, "questions") == "What is this?"
 
 
 def test_training_prefix_equals_inference_prompt(tokenizer):
@@ -224,8 +246,9 @@ def test_tokenize_prompt_places_one_placeholder(tokenizer):
     )
 
 
-# No '<' or '>' so that random text never spells a special token or the image tag.
-TEXT = st.text(st.characters(codec="utf-8", exclude_characters="<>"), max_size=24)
+# No '<' or '>' so that random text never spells a special token or the image tag; never empty,
+# since LLaVA's template writes an empty message without its separator (tested apart).
+TEXT = st.text(st.characters(codec="utf-8", exclude_characters="<>"), min_size=1, max_size=24)
 
 
 @st.composite
@@ -244,7 +267,7 @@ def conversations(draw) -> list[dict[str, str]]:
 def test_labels_are_exactly_the_replies(tokenizer, conv):
     out = tokenize_conversation(conv, tokenizer, max_length=100_000)
     ids, labels = out.input_ids, out.labels
-    assert len(ids) == len(labels) and not out.truncated
+    assert len(ids) == len(labels) and not out.truncated and out.mask_reason is None
     assert all(label == IGNORE_INDEX or label == ids[i] for i, label in enumerate(labels))
     supervised = [label for label in labels if label != IGNORE_INDEX]
     replies = [turn["value"] for turn in conv[1::2]]
@@ -273,3 +296,162 @@ def test_truncation_bound_and_prefix(tokenizer, conv, max_length, visual):
     assert out.image_cut == (full.image_position is not None and out.image_position is None)
     if out.image_position is not None:
         assert out.image_position == full.image_position
+
+
+# LLaVA-1.5's exact ids with a Llama-style sentencepiece tokenizer (legacy and not). The expected
+# ids and labels are worked out here the way LLaVA's preprocess_v1 does, from tokenizer calls on the
+# literal prompt pieces, never from trim.conversation.
+
+SPM_SYSTEM = SYSTEM_PROMPT
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["legacy", "non-legacy"])
+def spm(request, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from tests.unit.trim.spm_tokenizer import write_spm_tokenizer
+
+    path = write_spm_tokenizer(tmp_path_factory.mktemp("spm") / str(request.param), legacy=request.param)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def llava_ids(tok, text: str) -> list[int]:
+    """LLaVA's tokenizer_image_token, spelled out: tokenizer(chunk).input_ids per chunk, BOS kept once."""
+    first, *rest = text.split("<image>")
+    ids = tok(first).input_ids
+    for chunk in rest:
+        ids += [IMAGE_TOKEN_INDEX] + tok(chunk).input_ids[1:]
+    return ids
+
+
+def llava_expected(tok, rounds: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of preprocess_v1 for a prompt given as its rounds, each (instruction text
+    up to and including "ASSISTANT: ", reply): the prompt is the rounds joined, each + "</s>"."""
+    input_ids = llava_ids(tok, "".join(instruction + reply + "</s>" for instruction, reply in rounds))
+    labels, cur = [IGNORE_INDEX], 1
+    for i, (instruction, reply) in enumerate(rounds):
+        round_len = len(llava_ids(tok, instruction + reply))
+        instruction_len = len(llava_ids(tok, instruction)) - 2
+        if i > 0 and not tok.legacy:
+            round_len, instruction_len = round_len - 1, instruction_len - 1
+        labels += [IGNORE_INDEX] * instruction_len + input_ids[cur + instruction_len : cur + round_len]
+        cur += round_len
+    assert cur == len(input_ids) == len(labels)  # LLaVA's mismatch check passes
+    return input_ids, labels
+
+
+def spm_supervised_text(tok, out) -> list[str]:
+    """Each supervised run as text: "▁" read as a space, ASCII byte pieces (<0x42>) as their byte."""
+
+    def text(piece: str) -> str:
+        return chr(int(piece[3:5], 16)) if re.fullmatch(r"<0x[0-9A-F]{2}>", piece) else piece.replace("▁", " ")
+
+    runs = supervised_runs(out.labels)
+    return ["".join(map(text, tok.convert_ids_to_tokens(out.input_ids[a:b]))) for a, b in runs]
+
+
+def test_spm_tokenizer_loads_from_tokenizer_model_alone(spm):
+    assert type(spm).__name__ == "LlamaTokenizer"
+    assert (spm.unk_token_id, spm.bos_token_id, spm.eos_token_id) == (0, 1, 2)
+    assert spm("Hi").input_ids[0] == spm.bos_token_id and spm("Hi").input_ids[-1] != spm.eos_token_id
+    # What the non-legacy correction is for: no "▁" before the USER that follows "</s>".
+    ids = spm("a.</s>USER:").input_ids
+    after_eos = ids[ids.index(spm.eos_token_id) + 1 :]
+    alone = spm("USER:").input_ids[1:]
+    assert len(after_eos) == len(alone) - (0 if spm.legacy else 1)
+
+
+def test_spm_single_turn_image_record(spm):
+    conv = [human("<image>\nWhat is in the image?"), gpt("A cat.")]
+    ids, labels = llava_expected(spm, [(SPM_SYSTEM + " USER: <image>\nWhat is in the image? ASSISTANT: ", "A cat.")])
+    out = tokenize_conversation(conv, spm, max_length=2048, num_visual_tokens=576)
+    assert out.input_ids == ids and out.labels == labels
+    assert out.image_position == ids.index(IMAGE_TOKEN_INDEX) and out.mask_reason is None
+    assert spm_supervised_text(spm, out) == [" A cat.</s>"]
+
+
+def test_spm_multi_turn_image_record(spm):
+    conv = [human("<image>\nWhat is in the image?"), gpt("A cat."), human("How many?"), gpt("Two."),
+            human("And the colour?"), gpt("Grey.")]
+    rounds = [(SPM_SYSTEM + " USER: <image>\nWhat is in the image? ASSISTANT: ", "A cat."),
+              ("USER: How many? ASSISTANT: ", "Two."), ("USER: And the colour? ASSISTANT: ", "Grey.")]
+    ids, labels = llava_expected(spm, rounds)
+    out = tokenize_conversation(conv, spm, max_length=2048, num_visual_tokens=576)
+    assert out.input_ids == ids and out.labels == labels and out.mask_reason is None
+    assert spm_supervised_text(spm, out) == [" A cat.</s>", " Two.</s>", " Grey.</s>"]
+
+
+def test_spm_image_at_the_end_of_the_question(spm):
+    # A-OKVQA style: the tag ends the question; LLaVA moves it to the front.
+    question = "What color is the bus?\nA. red\nB. blue\nAnswer with the option's letter from the given choices directly."
+    conv = [human(question + "\n<image>"), gpt("B")]
+    ids, labels = llava_expected(spm, [(SPM_SYSTEM + " USER: <image>\n" + question + " ASSISTANT: ", "B")])
+    out = tokenize_conversation(conv, spm, max_length=2048, num_visual_tokens=576)
+    assert out.input_ids == ids and out.labels == labels
+    # "B" is a byte piece here, so the reply's space is a token of its own, supervised as in LLaVA.
+    assert spm.convert_ids_to_tokens(out.input_ids[-3:]) == ["▁", "<0x42>", "</s>"]
+    assert spm_supervised_text(spm, out) == [" B</s>"]
+
+
+def test_spm_text_only_record(spm):
+    conv = [human("Hello there, how are you today?"), gpt("I am fine."), human("Thank you."), gpt("You are welcome.")]
+    rounds = [(SPM_SYSTEM + " USER: Hello there, how are you today? ASSISTANT: ", "I am fine."),
+              ("USER: Thank you. ASSISTANT: ", "You are welcome.")]
+    ids, labels = llava_expected(spm, rounds)
+    assert ids == spm(SPM_SYSTEM + " USER: Hello there, how are you today? ASSISTANT: I am fine.</s>"
+                      "USER: Thank you. ASSISTANT: You are welcome.</s>").input_ids  # one tokenizer call, as LLaVA
+    out = tokenize_conversation(conv, spm, max_length=2048, num_visual_tokens=576)
+    assert out.input_ids == ids and out.labels == labels and out.image_position is None
+    assert spm_supervised_text(spm, out) == [" I am fine.</s>", " You are welcome.</s>"]
+
+
+def test_spm_training_prefix_equals_inference_prompt(spm):
+    out = tokenize_conversation([human("<image>\nWhat is in the image?"), gpt("A cat.")], spm, max_length=2048)
+    [(start, _)] = supervised_runs(out.labels)
+    assert out.input_ids[:start] == tokenize_prompt(generation_prompt("What is in the image?", with_image=True), spm)
+
+
+def test_rounds_that_do_not_add_up_mask_the_whole_sample(spm, caplog):
+    # A tokenizer whose `legacy` flag lies: LLaVA's round arithmetic is then off by one per round
+    # after the first, and LLaVA masks the sample ("tokenization mismatch").
+    conv = [human("<image>\nWhat is in the image?"), gpt("A cat."), human("How many?"), gpt("Two.")]
+    good = tokenize_conversation(conv, spm, max_length=2048)
+    spm.legacy = not spm.legacy
+    try:
+        out = tokenize_conversation(conv, spm, max_length=2048)
+        single = tokenize_conversation(conv[:2], spm, max_length=2048)
+    finally:
+        spm.legacy = not spm.legacy
+    assert out.input_ids == good.input_ids and out.num_supervised == 0
+    assert out.mask_reason.startswith("tokenization mismatch")
+    assert "tokenization mismatch" in caplog.text
+    assert single.num_supervised > 0 and single.mask_reason is None  # the correction skips round one
+    # At or past max_length LLaVA does not check, and neither do we.
+    unchecked = tokenize_conversation(conv, spm, max_length=len(good.input_ids) - 5)
+    assert unchecked.mask_reason is None and unchecked.num_supervised > 0
+
+
+def test_literal_eos_text_masks_the_sample_and_is_named_before(spm):
+    conv = [human("<image>\nHow do I end a strike?"), gpt("Close it with </s> after the text."),
+            human("Thanks."), gpt("You are welcome.")]
+    out = tokenize_conversation(conv, spm, max_length=2048)
+    assert out.input_ids == llava_ids(spm, conversation_prompt(conv))  # LLaVA's ids, "</s>" an eos id
+    assert out.input_ids.count(spm.eos_token_id) == 3
+    assert out.num_supervised == 0 and "'</s>'" in out.mask_reason
+    assert "'</s>'" in template_conflict(conv)
+
+
+@pytest.mark.parametrize(
+    "conv, conflict",
+    [
+        ([human("<image>\nWhat is it?"), gpt("A cat.")], None),
+        ([human("Say </s> please"), gpt("No.")], "'</s>'"),
+        ([human("Quote: USER: hi ASSISTANT: hello"), gpt("Done.")], "' ASSISTANT: '"),
+        ([human("What?"), gpt("")], "empty"),
+    ],
+)
+def test_template_conflict_and_llava_masks_those_samples(tokenizer, conv, conflict):
+    reason = template_conflict(conv)
+    assert reason is None if conflict is None else conflict in reason
+    out = tokenize_conversation(conv, tokenizer, max_length=512)
+    assert (out.num_supervised == 0) == (conflict is not None)

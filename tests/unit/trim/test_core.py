@@ -1,6 +1,8 @@
 """The TRIM method: presets, a hand-worked example of the released formula, golden indices,
-invariants (hypothesis) and edge cases."""
+invariants (hypothesis) and edge cases; the batched implementation against the per-sample loop it
+replaced (reference_trim.py), and the released code at the encoder's dtype."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -9,6 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import trim.core as core
+from tests.unit.trim.reference_trim import reference_count_kept, reference_trim_tokens
 from trim import TrimConfig, trim_tokens
 
 
@@ -256,3 +260,189 @@ def test_uniform_is_evenly_spaced_and_random_is_seeded():
     c = trim_tokens(features, patch_embeds, text, cfg, seeds=[43])
     assert torch.equal(a.keep_mask, b.keep_mask) and a.num_kept.item() == 4
     assert not torch.equal(a.keep_mask, c.keep_mask)
+
+
+# The batched implementation against the per-sample loop it replaced ----------------------------
+
+def _assert_same_as_reference(features, patch_embeds, text, cfg, seeds=None):
+    """Mask, scores, counts, aggregate flags and kept tokens equal bit for bit; the aggregate (an
+    fp32 mean summed in another order) equal to fp32 rounding, then cast to the features' dtype."""
+    new = trim_tokens(features, patch_embeds, text, cfg, seeds=seeds)
+    ref = reference_trim_tokens(features, patch_embeds, text, cfg, seeds=seeds)
+    assert torch.equal(new.keep_mask, ref.keep_mask)
+    assert new.scores.dtype == ref.scores.dtype and torch.equal(new.scores, ref.scores)
+    assert new.num_kept.dtype == ref.num_kept.dtype and torch.equal(new.num_kept, ref.num_kept)
+    assert torch.equal(new.has_aggregate, ref.has_aggregate)
+    assert len(new.tokens) == len(ref.tokens)
+    for a, b, has in zip(new.tokens, ref.tokens, ref.has_aggregate.tolist()):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        k = a.shape[0] - int(has)
+        assert torch.equal(a[:k], b[:k])
+        if has:
+            torch.testing.assert_close(a[k:], b[k:])
+    return new
+
+
+def _compatible(cfg):
+    """The reference has no score_dtype: compare a preset with its scores in fp32."""
+    return dataclasses.replace(cfg, score_dtype="float32")
+
+
+_PRESETS = {"default": TrimConfig(), "paper": TrimConfig.paper(), "official": _compatible(TrimConfig.official()),
+            "official:0.05": _compatible(TrimConfig.official(0.05)), "ratio:0.1": TrimConfig.fixed_ratio(0.1),
+            "ratio:1": TrimConfig.fixed_ratio(1.0), "all": TrimConfig(selection="all"),
+            "uniform": TrimConfig(selection="uniform"), "random": TrimConfig(selection="random"),
+            "pool": TrimConfig(selection="pool"), "no aggregate": TrimConfig(aggregate=False),
+            "k=0": TrimConfig(iqr_multiplier=0.0), "batch k=0.7": _compatible(TrimConfig.official())}
+_PRESETS["batch k=0.7"] = dataclasses.replace(_PRESETS["batch k=0.7"], iqr_multiplier=0.7)
+
+
+def _edge_inputs(kind, batch, patches, dtype, seed, scale):
+    """Inputs whose scores have the shapes that break naive implementations."""
+    features, patch_embeds, text = _inputs(batch, patches, dim=8, embed=6, seed=seed, scale=scale)
+    if kind == "all equal":  # every score equal: Q1 = Q3, nothing strictly above, n = 0 for IQR
+        patch_embeds = torch.ones_like(patch_embeds)
+    elif kind == "ties":  # a few distinct score values: ties at the quartiles and at the top-n cut
+        patch_embeds = torch.round(patch_embeds / scale)
+        text = torch.round(text / scale)
+    elif kind == "one outlier":  # one patch per image far above a flat rest
+        patch_embeds = torch.zeros_like(patch_embeds)
+        patch_embeds[:, patches // 2] = -scale * text
+    elif kind == "equal features":
+        features = torch.ones_like(features)
+    return features.to(dtype), patch_embeds.to(dtype), text.to(dtype)
+
+
+@settings(max_examples=150, deadline=None)
+@given(preset=st.sampled_from(sorted(_PRESETS)), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       batch=st.integers(1, 6), patches=st.sampled_from([1, 2, 3, 4, 5, 7, 16, 33, 576]),
+       kind=st.sampled_from(["gaussian", "gaussian", "all equal", "ties", "one outlier",
+                             "equal features"]),
+       seed=st.integers(0, 10_000), scale=st.sampled_from([0.05, 1.0, 3.0, 10.0]))
+def test_batched_matches_the_per_sample_reference(preset, dtype, batch, patches, kind, seed, scale):
+    inputs = _edge_inputs(kind, batch, patches, dtype, seed, scale)
+    _assert_same_as_reference(*inputs, _PRESETS[preset], seeds=[seed + i for i in range(batch)])
+
+
+@pytest.mark.parametrize("preset", sorted(_PRESETS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_matches_the_reference_on_a_realistic_batch(preset, dtype):
+    """N = 576, E = 64, norms where the released scoring keeps ~20% (B = 6)."""
+    g = torch.Generator().manual_seed(5)
+    features = torch.randn(6, 576, 16, generator=g).to(dtype)
+    patch_embeds = (torch.randn(6, 576, 64, generator=g) * 2.5).to(dtype)
+    text = (torch.randn(6, 64, generator=g) * 2.5).to(dtype)
+    out = _assert_same_as_reference(features, patch_embeds, text, _PRESETS[preset])
+    if preset == "default":
+        assert 0.1 < out.num_kept.float().mean() / 576 < 0.4
+
+
+@pytest.mark.parametrize("case", ["n=0", "everything kept"])
+def test_batched_matches_the_reference_at_the_extremes(case):
+    features, patch_embeds, text = _inputs(3, 40)
+    cfg = TrimConfig.fixed_ratio(0.0 if case == "n=0" else 1.0)
+    out = _assert_same_as_reference(features, patch_embeds, text, cfg)
+    assert out.num_kept.tolist() == ([0] * 3 if case == "n=0" else [40] * 3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 700), q=st.sampled_from([25, 75]), levels=st.sampled_from([2, 5, 1000]),
+       seed=st.integers(0, 10_000))
+def test_quartiles_are_numpys_bit_for_bit(n, q, levels, seed):
+    g = torch.Generator().manual_seed(seed)
+    values = (torch.randint(0, levels, (n,), generator=g).float() + torch.rand(n, generator=g)) / 577
+    ours = core._percentile(values.sort().values.unsqueeze(0), q)[0]
+    theirs = np.percentile(values.numpy(), q)
+    assert float(ours) == float(theirs) and ours.dtype == (torch.float64 if theirs.dtype == np.float64 else torch.float32)
+
+
+def test_iqr_bound_rounds_as_the_installed_numpy():
+    """A patch exactly at the fp32-computed bound: numpy >= 2 computes Q3 + 1.5 IQR in fp32 and does
+    not keep it; numpy < 2 computes it in float64, compares in fp32, and keeps it. Follow numpy."""
+    q1, q3 = np.float32(0.000283196714008227), np.float32(0.0015260294312611222)
+    edge = np.float32(0.0033902786672115326)  # fp32(Q3 + 1.5 IQR) one ulp above the float64 bound
+    row = torch.tensor([[q1 / 2, q1 / 2, q1, q1, q1, q3, q3, q3, edge]])  # Q1 = row[2], Q3 = row[6]
+    expected = 1 if np.lib.NumpyVersion(np.__version__) < "2.0.0" else 0
+    assert reference_count_kept(row, TrimConfig()).tolist() == [expected]
+    assert core.count_kept(row, TrimConfig()).tolist() == [expected]
+    assert core.count_kept(row, TrimConfig(iqr_scope="batch")).tolist() == [expected]
+
+
+# The released code at the encoder's dtype (score_dtype="encoder") --------------------------------
+
+
+def _released_steps(features, patch_embeds, text, ratio=-1.0):
+    """CLIPVisionTower.token_reduction's own steps, written out: product, negation and softmax in
+    the inputs' dtype; np.percentile over those values cast to fp32; top-n of the encoder-dtype
+    scores. Returns the scores, n and the keep mask."""
+    sims = torch.matmul(patch_embeds, text.unsqueeze(2)).squeeze(2)
+    sims = torch.softmax(-sims, dim=-1)
+    n_patches = sims.shape[1]
+    if ratio == -1.0:
+        flat = sims.to(torch.float32).numpy().flatten()
+        q1, q3 = np.percentile(flat, 25), np.percentile(flat, 75)
+        ratio = len(np.where(flat > q3 + 1.5 * (q3 - q1))[0]) / len(flat)
+    n = int(n_patches * ratio)
+    mask = torch.zeros(sims.shape, dtype=torch.bool)
+    if n:
+        mask[torch.arange(sims.shape[0]).unsqueeze(1), torch.topk(sims, n, dim=1, largest=True, sorted=False).indices] = True
+    return sims, n, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("ratio", [None, 0.05, 0.3])
+def test_official_reproduces_the_released_steps_at_the_encoder_dtype(dtype, ratio):
+    for seed in range(4):
+        features, patch_embeds, text = _inputs(4, 576, dim=8, embed=32, seed=seed, scale=1.5)
+        features, patch_embeds, text = features.to(dtype), patch_embeds.to(dtype), text.to(dtype)
+        out = trim_tokens(features, patch_embeds, text, TrimConfig.official(ratio))
+        sims, n, mask = _released_steps(features, patch_embeds, text, -1.0 if ratio is None else ratio)
+        assert torch.equal(out.scores, sims.float())
+        assert out.num_kept.tolist() == [n] * 4
+        assert torch.equal(out.keep_mask, mask)
+        for b in range(4):
+            torch.testing.assert_close(out.tokens[b][:n], features[b][mask[b]])
+
+
+def test_encoder_scores_keep_the_bf16_ties_that_fp32_scores_break():
+    """bf16 rounding of the products and of the softmax makes ties fp32 does not have: the two
+    score dtypes differ on bf16 inputs and agree on fp32 ones."""
+    features, patch_embeds, text = _inputs(4, 576, dim=8, embed=32, seed=1, scale=1.5)
+    fp32 = dataclasses.replace(TrimConfig.official(), score_dtype="float32")
+    bf16 = [t.to(torch.bfloat16) for t in (features, patch_embeds, text)]
+    encoder, upcast = trim_tokens(*bf16, TrimConfig.official()), trim_tokens(*bf16, fp32)
+    assert torch.unique(encoder.scores).numel() < torch.unique(upcast.scores).numel()
+    assert torch.equal(encoder.scores, encoder.scores.to(torch.bfloat16).float())
+    same_fp32 = trim_tokens(features, patch_embeds, text, TrimConfig.official())
+    reference = trim_tokens(features, patch_embeds, text, fp32)
+    assert torch.equal(same_fp32.keep_mask, reference.keep_mask) and torch.equal(same_fp32.scores, reference.scores)
+
+
+def test_official_ratio_and_score_dtype_in_the_config():
+    official = TrimConfig.official()
+    assert official.score_dtype == "encoder" and TrimConfig().score_dtype == "float32"
+    released_ratio = TrimConfig.official(0.05)
+    assert (released_ratio.similarity, released_ratio.keep, released_ratio.threshold, released_ratio.ratio,
+            released_ratio.score_dtype) == ("dot", "least_similar", "ratio", 0.05, "encoder")
+    assert TrimConfig.preset("official:0.05") == released_ratio
+    assert TrimConfig.fixed_ratio(0.05).similarity == "cosine"  # the paper's scoring, unchanged
+    assert TrimConfig().batch_group_size == 4
+    for cfg in (official, released_ratio, TrimConfig(score_dtype="encoder")):
+        assert TrimConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ValueError, match="score_dtype"):
+        TrimConfig(score_dtype="bfloat16")
+
+
+def test_config_written_before_score_dtype_still_loads():
+    old = TrimConfig.official().to_dict()
+    del old["score_dtype"]
+    old["batch_group_size"] = 16
+    loaded = TrimConfig.from_dict(old)
+    assert loaded.score_dtype == "float32" and loaded.batch_group_size == 16 and loaded.iqr_scope == "batch"
+
+
+def test_keep_mask_and_tokens_stay_on_the_inputs_device_and_counts_on_the_host():
+    features, patch_embeds, text = _inputs(2, 32)
+    out = trim_tokens(features, patch_embeds, text, TrimConfig())
+    assert out.keep_mask.device == features.device and out.tokens[0].device == features.device
+    assert out.num_kept.device.type == "cpu" and out.has_aggregate.device.type == "cpu"

@@ -1,0 +1,32 @@
+"""One logging setup for every job and Ray worker: `HH:MM:SS stage: message`, the stage being the
+module that logs (shard, precompute, train_worker, ...). Library code only calls logging.getLogger."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+FORMAT = "%(asctime)s %(stage)s: %(message)s"
+DATE_FORMAT = "%H:%M:%S"
+PROJECT_LOGGERS = ("pipelines", "trim", "jobs", "benchmarks")
+
+
+class _StageName(logging.Filter):
+    """Adds `stage`: the last part of the logger's name (pipelines.precompute -> precompute)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.stage = record.name.rsplit(".", 1)[-1]
+        return True
+
+
+def setup_logging(level: int = logging.INFO, quiet: bool = False) -> None:
+    """Send the project's loggers to stdout in one format (idempotent). `quiet` (a non-master
+    training rank) keeps warnings and errors only, so each line appears once per job."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(FORMAT, DATE_FORMAT))
+    handler.addFilter(_StageName())
+    for name in PROJECT_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(logging.WARNING if quiet else level)
+        logger.propagate = False  # Ray's own root handler would print every line a second time

@@ -1,0 +1,141 @@
+"""The fine-tuning worker (one per Ray Train rank), in layers as litgpt's finetune: `train_loop`
+sets up (job spec, model and engine, restore, tracking), `fit` only trains, `export` writes the model.
+
+Rank-0 side effects (MLflow, progress lines, the complete marker, the export's write) hang on one
+flag, `is_master`, as nanoGPT's master_process; other ranks log warnings only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from pipelines import checkpoints
+from pipelines.tracking import Tracker
+from pipelines.train_data import collate, micro_batches
+from pipelines.train_engine import Built
+from pipelines.train_plan import WINDOW_MICRO_BATCHES, TrainJob, TrainState
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    """Running totals for the metrics of the steps since the run (or resume) started."""
+
+    started: float = field(default_factory=time.time)
+    step_started: float = field(default_factory=time.time)
+    tokens: int = 0
+    visual: int = 0
+    samples: int = 0
+    losses: list[float] = field(default_factory=list)
+
+    def add(self, chunk: list[dict], loss: float) -> None:
+        self.losses.append(loss)
+        self.tokens += sum(r["length"] for r in chunk)
+        self.visual += sum(r["visual"].shape[0] for r in chunk)
+        self.samples += len(chunk)
+
+    def step_metrics(self, mean_loss: float, lr: float, world: int) -> dict[str, float]:
+        now = time.time()
+        elapsed, step_time, self.step_started = now - self.started, now - self.step_started, now
+        self.losses = []
+        return {"loss": mean_loss, "lr": lr, "step_time_s": step_time,
+                "tokens_per_s": self.tokens * world / max(elapsed, 1e-9),
+                "visual_tokens_per_sample": self.visual / max(self.samples, 1)}
+
+
+def _mean_over_ranks(values: list[float], world: int) -> float:
+    import torch.distributed as dist
+
+    mean = torch.tensor([sum(values) / len(values)])
+    dist.all_reduce(mean)
+    return float(mean) / world
+
+
+def fit(built: Built, job: TrainJob, state: TrainState, windows: Callable[[], Iterable[list[dict]]],
+        tracker: Tracker, is_master: bool, world: int) -> None:
+    """Train until job.plan.total_steps: micro-batches of each epoch's windows, an optimizer step at
+    each accumulation boundary, metrics and a checkpoint every train.checkpoint_every steps."""
+    cfg, plan, engine = job.train, job.plan, built.engine
+    pad_id = built.tokenizer.pad_token_id if built.tokenizer.pad_token_id is not None else built.tokenizer.eos_token_id
+    progress = Progress()
+    engine.train()
+    while state.step < plan.total_steps:
+        seen = 0
+        for seen, chunk in micro_batches(windows(), cfg.micro_batch_size, cfg.seed, state.epoch,
+                                         cfg.group_by_length, skip=state.micro_in_epoch):
+            if state.step >= plan.total_steps:
+                continue  # drain the epoch: Ray's split iterators expect every worker to read to the end
+            boundary = engine.is_gradient_accumulation_boundary()
+            loss = engine(collate(chunk, pad_id))
+            engine.backward(loss)
+            engine.step()
+            progress.add(chunk, loss.item())
+            state.micro_in_epoch = seen
+            if not boundary:
+                continue
+            state.step += 1
+            mean_loss = _mean_over_ranks(progress.losses, world)
+            state.first_loss = state.first_loss if state.first_loss is not None else mean_loss
+            metrics = progress.step_metrics(mean_loss, built.lr(), world)
+            tracker.log_metrics(metrics, step=state.step)
+            if is_master and (state.step % 10 == 0 or state.step in (1, plan.total_steps)):
+                logger.info("step %d/%d loss %.4f lr %.2e tokens/s %.0f", state.step, plan.total_steps,
+                            mean_loss, metrics["lr"], metrics["tokens_per_s"])
+            if state.step % cfg.checkpoint_every == 0 or state.step == plan.total_steps:
+                checkpoints.save(engine, state, {**metrics, "step": state.step, "first_loss": state.first_loss},
+                                 job.run_dir, is_master)
+        if seen == 0 and state.micro_in_epoch == 0:
+            raise RuntimeError("finetune: the training data is empty (is the cache complete?)")
+        state.epoch += 1
+        state.micro_in_epoch = 0
+
+
+def _start_tracking(tracker: Tracker, job: TrainJob, state: TrainState) -> None:
+    resumed = state.mlflow_run_id is not None
+    state.mlflow_run_id = tracker.start(job.train.run_name, state.mlflow_run_id)
+    if not resumed:
+        tracker.log_params({**job.recipe, "plan": asdict(job.plan)})
+        tracker.log_dict(job.cache_manifest, "cache_manifest.json")
+    else:
+        logger.info("resumed at step %d (epoch %d, micro-batch %d), MLflow run %s", state.step, state.epoch,
+                    state.micro_in_epoch, state.mlflow_run_id)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker function: set up, fit, export."""
+    import ray.train
+
+    from pipelines.logs import setup_logging
+    from pipelines.train_data import RowsCollate
+    from pipelines.train_engine import build, export
+
+    job = TrainJob.from_dict(config)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    is_master = rank == 0
+    setup_logging(quiet=not is_master)
+    torch.manual_seed(job.train.seed)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+
+    built = build(job)
+    state = checkpoints.restore(built.engine, ray.train.get_checkpoint(), job.resume_from)
+    shard = ray.train.get_dataset_shard("train")
+    window_rows = job.train.micro_batch_size * WINDOW_MICRO_BATCHES
+
+    def windows() -> Iterable[list[dict]]:
+        return shard.iter_torch_batches(batch_size=window_rows, collate_fn=RowsCollate(), prefetch_batches=2)
+
+    preloaded = list(windows()) if job.train.preload else None
+    with Tracker(job.tracking_uri, job.experiment, enabled=is_master) as tracker:
+        _start_tracking(tracker, job, state)
+        fit(built, job, state, (lambda: preloaded) if preloaded is not None else windows, tracker, is_master, world)
+        export(built, job.export_dir, is_master)
+        tracker.set_tags({"model_dir": job.export_dir})

@@ -1,0 +1,31 @@
+"""Step plan, LR schedule and the typed training state."""
+
+import math
+
+from pipelines.config import TrainConfig
+from pipelines.train_plan import WINDOW_MICRO_BATCHES, TrainState, plan_steps, warmup_cosine
+
+
+def test_global_batch_and_steps():
+    cfg = TrainConfig(num_workers=8, micro_batch_size=16, grad_accum_steps=1, epochs=1)
+    plan = plan_steps(665_298, cfg)
+    assert plan.global_batch == 128
+    # 665,298 // 8 = 83,162 rows a worker; windows of 128 rows = 8 micro-batches; 83,162 = 649*128 + 90
+    assert plan.micro_batches_per_epoch == 649 * WINDOW_MICRO_BATCHES + math.ceil(90 / 16)
+    assert plan.total_steps == 5198 and plan.warmup_steps == int(5198 * 0.03)
+    assert plan_steps(100, TrainConfig(max_steps=7)).total_steps == 7
+    accum = plan_steps(64, TrainConfig(num_workers=2, micro_batch_size=4, grad_accum_steps=2, epochs=2))
+    assert accum.global_batch == 16 and accum.total_steps == 8
+
+
+def test_warmup_then_cosine_to_zero():
+    f = warmup_cosine(warmup_steps=3, total_steps=13)
+    assert [round(f(s), 3) for s in range(3)] == [0.25, 0.5, 0.75]
+    assert f(3) == 1.0 and abs(f(8) - 0.5) < 1e-9 and f(13) == 0.0
+    assert all(f(s) >= f(s + 1) for s in range(3, 13))
+
+
+def test_train_state_round_trips_and_ignores_unknown_keys():
+    state = TrainState(step=8, epoch=1, micro_in_epoch=3, mlflow_run_id="abc", first_loss=2.5)
+    assert TrainState.from_json(state.to_json()) == state
+    assert TrainState.from_json('{"step": 4, "later_field": 1}') == TrainState(step=4)
