@@ -15,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.config import load_recipe, recipe_argparser  # noqa: E402
+from pipelines.cli import recipe_argparser  # noqa: E402
+from pipelines.config import load_recipe  # noqa: E402
 from pipelines.logs import setup_logging  # noqa: E402
 from pipelines.runtime import init_ray  # noqa: E402
 from pipelines.tracking import default_tracking_uri  # noqa: E402

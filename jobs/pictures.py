@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from PIL import Image  # noqa: E402
 
 from pipelines import storage  # noqa: E402
-from pipelines.config import load_recipe, recipe_argparser  # noqa: E402
+from pipelines.cli import recipe_argparser  # noqa: E402
+from pipelines.config import load_recipe  # noqa: E402
 from pipelines.evaluate import parse_questions, question_key  # noqa: E402
 from pipelines.images import ImageStore, read_image  # noqa: E402
 from pipelines.logs import setup_logging  # noqa: E402

@@ -13,6 +13,8 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -101,18 +103,61 @@ def restore(engine: Any, registered: Any, found: str | None) -> TrainState:
     return _restore_remote(engine, checkpoint)
 
 
+RANK_FILE = re.compile(r"(?:^|/)(?:bf16_)?zero_pp_rank_(\d+)_")
+"""DeepSpeed's per-rank shard files (optimizer and, under ZeRO-3, parameter partitions)."""
+
+
+def files_for_ranks(names: list[str], ranks: set[int]) -> list[str]:
+    """The checkpoint files a node whose workers hold `ranks` must read: every shared file (state,
+    `latest`, the model states of ZeRO-1/2) and the per-rank shards of those ranks only."""
+    wanted = []
+    for name in names:
+        match = RANK_FILE.search(name)
+        if match is None or int(match.group(1)) in ranks:
+            wanted.append(name)
+    return wanted
+
+
+def _ranks_on_this_node() -> set[int]:
+    import socket
+
+    import torch.distributed as dist
+
+    hosts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname())
+    here = socket.gethostname()
+    return {rank for rank, host in enumerate(hosts) if host == here}
+
+
+def _download(checkpoint: Any, directory: str, ranks: set[int]) -> None:
+    """Copy the files of `checkpoint` this node needs into directory (not the other nodes' shards:
+    at 7B under ZeRO-3 a whole checkpoint is ~100 GB, a node's share an eighth of it per 8 ranks)."""
+    import pyarrow.fs as pafs
+
+    fs, root = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    names = [info.path[len(root) + 1:] for info in infos if info.type == pafs.FileType.File]
+    for name in files_for_ranks(names, ranks):
+        target = os.path.join(directory, name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        pafs.copy_files(f"{root}/{name}", target, source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+
+
 def _restore_remote(engine: Any, checkpoint: Any) -> TrainState:
-    """One download per node, by its local rank 0, read by every rank there, removed once all have
-    loaded (Ray's shared as_directory() lets one rank delete it before another has read it)."""
+    """One download per node, by its local rank 0, of the files its ranks read; read by every rank
+    there, removed once all have loaded (Ray's shared as_directory() lets one rank delete it before
+    another has read it)."""
     import ray.train
     import torch.distributed as dist
 
     name = "trim-restore-" + hashlib.sha1(checkpoint.path.encode()).hexdigest()
     directory = os.path.join(tempfile.gettempdir(), name)
     first_on_node = ray.train.get_context().get_local_rank() == 0
+    ranks = _ranks_on_this_node()  # collective: every rank takes part
     if first_on_node:
         shutil.rmtree(directory, ignore_errors=True)
-        checkpoint.to_directory(directory)
+        _download(checkpoint, directory, ranks)
     dist.barrier()
     try:
         return load(engine, directory, checkpoint.path)
@@ -125,16 +170,21 @@ def _restore_remote(engine: Any, checkpoint: Any) -> TrainState:
 # Driver side ------------------------------------------------------------------------------------
 
 
-def find_resume_point(run_dir: str) -> str | None:
+def newest_complete(run_dir: str) -> str | None:
     """The newest complete checkpoint under run_dir (registered with Ray Train or not), or None.
-    Unregistered checkpoints older than it are removed (`remove_unregistered_before`)."""
+    Workers call it when they start, also when Ray Train restarts them after a lost worker."""
     names = [n for n in storage.listdir(run_dir) if step_of(n) is not None]
     complete = [n for n in names if storage.exists(storage.join(run_dir, n, COMPLETE_FILE))]
-    if not complete:
-        return None
-    newest = max(complete)  # the names sort by step
-    remove_unregistered_before(run_dir, newest)
-    return storage.join(run_dir, newest)
+    return storage.join(run_dir, max(complete)) if complete else None  # the names sort by step
+
+
+def find_resume_point(run_dir: str) -> str | None:
+    """The driver's view before a job: the newest complete checkpoint (see newest_complete), or None.
+    Unregistered checkpoints older than it are removed (`remove_unregistered_before`)."""
+    newest = newest_complete(run_dir)
+    if newest is not None:
+        remove_unregistered_before(run_dir, posixpath.basename(newest.rstrip("/")))
+    return newest
 
 
 def remove_unregistered_before(run_dir: str, newest: str) -> None:

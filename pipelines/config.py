@@ -6,7 +6,6 @@ paths may hold `{root}`, replaced by `paths.root`, so one override moves a whole
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import tomllib
@@ -33,7 +32,9 @@ class PathsConfig:
     clip: str = "{root}/models/clip"
     """CLIP checkpoint directory (vision + text towers with projections)."""
     llm: str = "{root}/models/llm"
-    """Causal LM checkpoint directory (e.g. vicuna-7b-v1.5)."""
+    """The starting checkpoint: a causal LM (e.g. vicuna-7b-v1.5, with `projector`), a LLaVA-1.5
+    checkpoint as LLaVA saves it, a LlavaForConditionalGeneration checkpoint, or a model directory
+    this project exported (trim/formats.py tells them apart)."""
     projector: str = ""
     """Pretrained projector weights to start from (LLaVA stage-1 mm_projector.bin); "" = random init."""
     eval_questions: str = "{root}/data/eval/questions.jsonl"
@@ -162,13 +163,25 @@ class TrainConfig:
     train_llm: bool = True
     """Train projector + LLM (True) or the projector alone (False)."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
+    """Recompute activations in the backward pass to save memory (LLaVA's recipes turn it on)."""
+    attn_implementation: str = "sdpa"
+    """The LLM's attention: "sdpa", "eager", "flash_attention_2" or "flex_attention" (GPU; packed
+    rows then run without padding or a materialized mask)."""
+    packing: bool = True
+    """Pack each micro-batch's samples into rows of up to max_length tokens (attention confined to each
+    sample) instead of padding every sample to the longest: no compute on padding."""
     group_by_length: bool = True
     """Batch samples of similar length together to cut padding."""
     checkpoint_every: int = 20
     """Save a checkpoint every this many optimizer steps (and at the end)."""
     seed: int = 0
     """Seed of the data order and the projector's initialisation."""
+    start_fresh: bool = False
+    """Ignore this run's checkpoints and train from step 0 (a resume is otherwise refused when the
+    cache, the training settings or the number of workers differ from the checkpoint's)."""
+    max_failures: int = 3
+    """Times Ray Train replaces a lost worker and resumes from the newest complete checkpoint within
+    the same job before the job fails."""
     preload: bool = False
     """Read each worker's whole shard into memory before the first step (benchmarks: isolates the
     input pipeline's cost; leave off for real runs)."""
@@ -273,15 +286,6 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
     sections = {name: _section(name, data.get(name, {}), str(path)) for name in _SECTIONS}
     sections["paths"] = sections["paths"].resolved()
     return Recipe(name=data.get("name", path.stem), **sections)
-
-
-def recipe_argparser(description: str) -> argparse.ArgumentParser:
-    """The command line every job shares: --recipe NAME and repeated --set section.key=value."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--recipe", default="tiny", help="recipes/<name>.toml or a path to a .toml file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one recipe field, e.g. --set paths.root=s3://bucket/run")
-    return parser
 
 
 def shipped_recipes() -> list[str]:

@@ -18,7 +18,7 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from trim.conversation import tokenize_conversation
-from trim.model import Batch, pad_batch
+from trim.model import Batch, pack_batch, pad_batch
 
 logger = logging.getLogger(__name__)
 TOKENIZED_COLUMNS = ("id", "input_ids", "labels", "tokens", "num_tokens", "token_dim", "length")
@@ -101,8 +101,25 @@ def micro_batches(windows: Iterable[list[dict]], micro_batch_size: int, seed: in
                 yield position, chunk
 
 
-def collate(chunk: list[dict], pad_token_id: int) -> Batch:
-    return pad_batch(chunk, pad_token_id)
+def collate(chunk: list[dict], pad_token_id: int, packing: bool = False, max_length: int | None = None) -> Batch:
+    """A micro-batch: packed into rows of up to max_length positions (no padding computed), or one
+    right-padded row per sample."""
+    return pack_batch(chunk, max_length, pad_token_id) if packing else pad_batch(chunk, pad_token_id)
+
+
+def positions(batch: Batch) -> tuple[int, int]:
+    """(real positions, all positions) the LLM computes for a collated batch once visual tokens are
+    spliced in: rows x the longest row. Their difference is the padding the step pays for."""
+    texts = batch.attention_mask.sum(dim=1).tolist()
+    if batch.position_ids is None:
+        per_row = [[k] for k in (v.shape[0] for v in batch.visual)]
+    else:  # packed: samples start where a row's position id is 0
+        starts = ((batch.position_ids == 0) & (batch.attention_mask == 1)).sum(dim=1).tolist()
+        ks, per_row = iter(v.shape[0] for v in batch.visual), []
+        per_row = [[next(ks) for _ in range(n)] for n in starts]
+    # the placeholder of a sample with an image becomes its k visual tokens
+    real = [int(t) + sum(k - 1 for k in row if k) for t, row in zip(texts, per_row)]
+    return sum(real), len(real) * max(real)
 
 
 def padding_share(chunks: list[list[dict]]) -> float:

@@ -3,9 +3,11 @@ and writing the final model out. Nothing here loops or logs metrics (see train_w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,9 @@ from pipelines.config import TrainConfig
 from pipelines.train_plan import TrainJob, warmup_cosine
 
 logger = logging.getLogger(__name__)
+
+CONSOLIDATED_FILE = "consolidated_16bit.bin"
+"""The gathered ZeRO-3 weights, written by DeepSpeed on rank 0 before the export splits them."""
 
 
 def deepspeed_config(path: str, cfg: TrainConfig) -> dict:
@@ -48,19 +53,48 @@ class Built:
         return float(optimizer.param_groups[0]["lr"]) if hasattr(optimizer, "param_groups") else 0.0
 
 
+@contextlib.contextmanager
+def zero3_init(ds_config: dict) -> Iterator[None]:
+    """Under ZeRO-3, let from_pretrained create the LLM's parameters already partitioned across the
+    ranks (DeepSpeed's zero.Init, switched on by transformers' HfDeepSpeedConfig while a reference to
+    it is alive) instead of building the whole model on every rank first."""
+    if int(ds_config.get("zero_optimization", {}).get("stage", 0)) != 3:
+        yield
+        return
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    # zero.Init sizes its partitions by DeepSpeed's view of the world: join the process group Ray
+    # Train made (deepspeed.initialize would do it later, after the full model was built).
+    deepspeed.init_distributed()
+    keep_alive = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        del keep_alive
+
+
 def build(job: TrainJob) -> Built:
     """Model (LLM + projector), AdamW with warmup-cosine, wrapped in a DeepSpeed engine."""
     import deepspeed
     from transformers import AutoTokenizer
 
-    from trim.model import LlavaTrim
+    from trim.formats import load_llava_trim, tokenizer_path
 
     cfg = job.train
-    model = LlavaTrim.from_llm(job.llm, job.feature_dim, job.projector or None, settings=job.model_settings)
+    if cfg.use_gpu and torch.cuda.is_available():
+        # fp32 matmuls that remain (loss, optimizer maths) on tensor cores; the weights are bf16.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = torch.bfloat16 if cfg.use_gpu else torch.float32
+    with zero3_init(job.deepspeed):
+        # An LLM + stage-1 projector, a LLaVA-1.5 checkpoint, a LlavaForConditionalGeneration one, or a
+        # model this project exported (trim/formats.py tells them apart).
+        model = load_llava_trim(job.llm, job.feature_dim, job.projector or None, dtype=dtype,
+                                settings=job.model_settings, attn_implementation=cfg.attn_implementation or None,
+                                gradient_checkpointing=cfg.gradient_checkpointing)
     model.set_trainable(cfg.train_llm)
-    if cfg.gradient_checkpointing:
-        model.llm.gradient_checkpointing_enable()
-    tokenizer = AutoTokenizer.from_pretrained(job.llm)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path(job.llm))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(job.plan.warmup_steps,
@@ -72,12 +106,16 @@ def build(job: TrainJob) -> Built:
 
 
 def export(built: Built, destination: str, is_master: bool) -> None:
-    """Write the final model directory (gathering ZeRO-3 shards first: every rank must call this) to
-    local disk or S3."""
-    state = built.engine._zero3_consolidated_16bit_state_dict() if built.zero_stage == 3 else None
-    if not is_master:
-        return
-    with tempfile.TemporaryDirectory() as directory:
+    """Write the final model directory to local disk or S3. Every rank must call this: under ZeRO-3
+    the partitioned weights are gathered (DeepSpeed's save_16bit_model) and rank 0 writes them."""
+    with tempfile.TemporaryDirectory() as gathered, tempfile.TemporaryDirectory() as directory:
+        state = None
+        if built.zero_stage == 3:
+            built.engine.save_16bit_model(gathered, CONSOLIDATED_FILE)  # collective; rank 0 writes
+            if is_master:
+                state = torch.load(Path(gathered, CONSOLIDATED_FILE), map_location="cpu", weights_only=True)
+        if not is_master:
+            return
         built.model.save(directory, tokenizer=built.tokenizer, state_dict=state)
         fs, path = storage.fsspec_fs(destination)
         if storage.exists(destination):

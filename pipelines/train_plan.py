@@ -47,6 +47,33 @@ def plan_steps(samples: int, cfg: TrainConfig) -> StepPlan:
                     global_batch=cfg.micro_batch_size * cfg.grad_accum_steps * cfg.num_workers)
 
 
+RESUME_INSENSITIVE = ("run_name", "max_steps", "checkpoint_every", "max_failures", "start_fresh", "preload",
+                      "deepspeed_config", "attn_implementation", "gradient_checkpointing")
+"""Train settings a resumed run may change: they do not change what is learned from which data."""
+
+
+def run_identity(train: TrainConfig, cache_manifest: dict, llm: str, projector: str) -> dict:
+    """The identity a checkpoint records and a resume must match."""
+    settings = {k: v for k, v in dataclasses.asdict(train).items() if k not in RESUME_INSENSITIVE}
+    cache = {k: cache_manifest.get(k) for k in ("encoder", "trim", "samples", "visual_samples", "cache_bytes")}
+    return {"cache": cache, "train": settings, "llm": llm, "projector": projector}
+
+
+def identity_differences(saved: dict | None, current: dict) -> list[str]:
+    """The parts of a run's identity that differ (dotted names), [] when they match; a checkpoint
+    from before identities were recorded matches anything."""
+    if saved is None:
+        return []
+    out = []
+    for part in sorted(set(saved) | set(current)):
+        a, b = saved.get(part), current.get(part)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{part}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            out.append(part)
+    return out
+
+
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     """LR multiplier: linear warmup to 1, then cosine decay to 0 at total_steps."""
     def factor(step: int) -> float:
@@ -71,6 +98,8 @@ class TrainState:
     """The MLflow run this training logs to (continued on resume)."""
     first_loss: float | None = None
     """The loss of the first step (reported beside the last)."""
+    identity: dict | None = None
+    """What the run was started with (TrainJob.identity): a resume with anything else is refused."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -115,8 +144,9 @@ class TrainJob:
     """Where this run's checkpoints live."""
     export_dir: str
     """Where the final model is written."""
-    resume_from: str | None = None
-    """The newest complete checkpoint found by the driver, if any."""
+    identity: dict
+    """What a resumed run must share with its checkpoint: the cache, the training settings that change
+    the optimization or the data order, and the number of workers (see run_identity)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -18,9 +18,10 @@ import torch
 
 from pipelines import checkpoints
 from pipelines.tracking import Tracker
-from pipelines.train_data import collate, micro_batches
+from pipelines.train_data import collate, micro_batches, positions
 from pipelines.train_engine import Built
-from pipelines.train_plan import WINDOW_MICRO_BATCHES, TrainJob, TrainState
+from pipelines.train_plan import WINDOW_MICRO_BATCHES, TrainJob, TrainState, identity_differences
+from trim.model import Batch
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +35,15 @@ class Progress:
     tokens: int = 0
     visual: int = 0
     samples: int = 0
+    real_positions: int = 0
+    all_positions: int = 0
     losses: list[float] = field(default_factory=list)
 
-    def add(self, chunk: list[dict], loss: float) -> None:
+    def add(self, chunk: list[dict], batch: Batch, loss: float) -> None:
         self.losses.append(loss)
+        real, slots = positions(batch)
+        self.real_positions += real
+        self.all_positions += slots
         self.tokens += sum(r["length"] for r in chunk)
         self.visual += sum(r["visual"].shape[0] for r in chunk)
         self.samples += len(chunk)
@@ -48,7 +54,8 @@ class Progress:
         self.losses = []
         return {"loss": mean_loss, "lr": lr, "step_time_s": step_time,
                 "tokens_per_s": self.tokens * world / max(elapsed, 1e-9),
-                "visual_tokens_per_sample": self.visual / max(self.samples, 1)}
+                "visual_tokens_per_sample": self.visual / max(self.samples, 1),
+                "padding_share": 1 - self.real_positions / max(self.all_positions, 1)}
 
 
 def _mean_over_ranks(values: list[float], world: int) -> float:
@@ -74,10 +81,11 @@ def fit(built: Built, job: TrainJob, state: TrainState, windows: Callable[[], It
             if state.step >= plan.total_steps:
                 continue  # drain the epoch: Ray's split iterators expect every worker to read to the end
             boundary = engine.is_gradient_accumulation_boundary()
-            loss = engine(collate(chunk, pad_id))
+            batch = collate(chunk, pad_id, cfg.packing, cfg.max_length)
+            loss = engine(batch)
             engine.backward(loss)
             engine.step()
-            progress.add(chunk, loss.item())
+            progress.add(chunk, batch, loss.item())
             state.micro_in_epoch = seen
             if not boundary:
                 continue
@@ -109,6 +117,25 @@ def _start_tracking(tracker: Tracker, job: TrainJob, state: TrainState) -> None:
                     state.micro_in_epoch, state.mlflow_run_id)
 
 
+def _restore(built: Built, job: TrainJob, world: int) -> TrainState:
+    """The state to start from: fresh, or the newest checkpoint if it belongs to this run. Not the
+    driver's view from before the job: after a lost worker Ray Train restarts the group, and the newest
+    complete checkpoint is then one this job wrote."""
+    import ray.train
+
+    identity = {**job.identity, "workers": world}
+    if job.train.start_fresh:
+        return TrainState(identity=identity)
+    state = checkpoints.restore(built.engine, ray.train.get_checkpoint(), checkpoints.newest_complete(job.run_dir))
+    differs = identity_differences(state.identity, identity) if state.step else []
+    if differs:
+        raise RuntimeError(f"finetune: run {job.train.run_name!r} was checkpointed with other settings "
+                           f"(differ: {', '.join(differs)}); resuming would mix them. Use another train.run_name, "
+                           "or --set train.start_fresh=true to train it again from step 0.")
+    state.identity = identity
+    return state
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function: set up, fit, export."""
     import ray.train
@@ -126,7 +153,7 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
     built = build(job)
-    state = checkpoints.restore(built.engine, ray.train.get_checkpoint(), job.resume_from)
+    state = _restore(built, job, world)
     shard = ray.train.get_dataset_shard("train")
     window_rows = job.train.micro_batch_size * WINDOW_MICRO_BATCHES
 

@@ -89,6 +89,14 @@ def test_a_killed_run_resumes_its_step_count_data_position_and_mlflow_run(cached
     assert steps == set(range(1, 41))
     assert (run_dir / "model" / "mm_projector.bin").exists()
 
+    # The same run name with another learning rate: refused, naming what differs, nothing trained.
+    args = [sys.executable, str(REPO / "jobs" / "finetune.py"), "--recipe", "tiny"]
+    for o in overrides + ["train.lr=0.5"]:
+        args += ["--set", o]
+    refused = subprocess.run(args, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0
+    assert "checkpointed with other settings (differ: train.lr)" in refused.stdout + refused.stderr
+
 
 def test_zero3_trains_and_an_unreachable_mlflow_server_does_not_stop_training(cached_root, tiny_models):
     dead = f"http://127.0.0.1:{servers.free_port()}"
@@ -112,7 +120,11 @@ def test_ray_job_submit_runs_the_finetune_job(cached_root, tiny_models, tmp_path
                    "python", "jobs/finetune.py", "--recipe", "tiny"]
         for o in model_overrides(cached_root, tiny_models) + ["train.run_name=submitted", "train.max_steps=2"]:
             command += ["--set", o]
-        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        for _ in range(6):  # a head just started may not have its job agent up yet: Ray says so and asks to retry
+            result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent to submit job" not in result.stderr:
+                break
+            time.sleep(10)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert "succeeded" in result.stdout
         assert "over 2 steps" in result.stdout
@@ -147,3 +159,41 @@ def test_checkpoints_and_model_on_s3_and_a_rerun_resumes_from_there(s3_env, cach
     finally:
         for key in s3_env:
             os.environ.pop(key, None)
+
+
+def test_a_lost_worker_is_replaced_and_training_continues_in_the_same_job(cached_root, tiny_models):
+    import psutil
+
+    overrides = model_overrides(cached_root, tiny_models) + [
+        "train.run_name=heal", "train.max_steps=24", "train.checkpoint_every=4", "train.micro_batch_size=2",
+        "train.max_failures=2"]
+    tracking = f"sqlite:///{cached_root}/mlflow-heal.db"
+    args = [sys.executable, str(REPO / "jobs" / "finetune.py"), "--recipe", "tiny"]
+    for o in overrides:
+        args += ["--set", o]
+    log = cached_root / "heal.log"
+    process = subprocess.Popen(args, cwd=REPO, env=job_env({"MLFLOW_TRACKING_URI": tracking}), stdout=log.open("w"),
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    run_dir = cached_root / "checkpoints" / "heal"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(run_dir.glob("checkpoint_*/complete.json")):
+            assert process.poll() is None, f"finetune ended early:\n{log.read_text()[-3000:]}"
+            time.sleep(0.05)
+        workers = [p for p in psutil.Process(process.pid).children(recursive=True)
+                   if "RayTrainWorker" in " ".join(p.cmdline() + [p.name()])]
+        assert len(workers) == 2, [p.cmdline() for p in workers]
+        killed_after = max(json.loads(p.read_text())["step"] for p in run_dir.glob("checkpoint_*/complete.json"))
+        workers[1].kill()  # one worker process dies mid-run, as a preempted node would take it
+        assert process.wait(timeout=600) == 0, log.read_text()[-4000:]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert killed_after < 24
+    final = max((json.loads(p.read_text()) for p in run_dir.glob("checkpoint_*/train_state.json")),
+                key=lambda s: s["step"])
+    assert final["step"] == 24 and (run_dir / "model" / "mm_projector.bin").exists()
+    client, runs = _runs(tracking)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the restarted workers continued it
+    steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")}
+    assert steps == set(range(1, 25))

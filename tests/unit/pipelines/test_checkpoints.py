@@ -77,3 +77,16 @@ def test_a_checkpoint_that_cannot_be_loaded_is_named(tmp_path):
     (tmp_path / checkpoints.dir_name(4) / "train_state.json").write_text("{truncated")
     with pytest.raises(RuntimeError, match=f"cannot resume from checkpoint {directory}.*Delete that folder"):
         checkpoints.load(Engine(), directory, directory)
+
+
+def test_a_node_downloads_the_shared_files_and_only_its_own_ranks_shards():
+    names = ["train_state.json", "engine/latest", "latest", "engine/mp_rank_00_model_states.pt",
+             *(f"engine/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(4)),
+             *(f"engine/bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(4)),
+             *(f"engine/zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(4))]
+    mine = checkpoints.files_for_ranks(names, {2, 3})
+    assert {"train_state.json", "engine/latest", "latest", "engine/mp_rank_00_model_states.pt"} <= set(mine)
+    shards = [n for n in mine if "zero_pp_rank_" in n]
+    assert len(shards) == 6 and all("_rank_2_" in n or "_rank_3_" in n for n in shards)
+    assert "engine/zero_pp_rank_12_mp_rank_00_optim_states.pt" not in checkpoints.files_for_ranks(
+        ["engine/zero_pp_rank_12_mp_rank_00_optim_states.pt"], {1, 2})

@@ -40,3 +40,45 @@ def test_run_and_model_directories_come_from_the_paths_config():
     paths = load_recipe("tiny", ["paths.root=s3://b/r"]).paths
     assert paths.run_dir("x") == "s3://b/r/checkpoints/x"
     assert paths.model_dir("x") == "s3://b/r/checkpoints/x/model"
+
+
+def test_help_lists_every_section_and_field_with_its_docstring(capsys):
+    import dataclasses
+
+    from pipelines.cli import field_docs, recipe_argparser
+    from pipelines.config import Recipe
+
+    with pytest.raises(SystemExit) as done:
+        recipe_argparser("A job.").parse_args(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    for section in dataclasses.fields(Recipe):
+        if section.name != "name":
+            assert f"[{section.name}]" in text
+            for f in dataclasses.fields(section.default_factory()):  # type: ignore[misc]
+                assert f"  {f.name} = " in text
+    assert "  lr = 0.001  (float)\n      Peak learning rate." in text
+    assert "  similarity = \"dot\"  (dot | cosine)" in text and "plain dot product of unnormalised CLIP" in text
+    assert "--print-config" in text and "--set SECTION.KEY=VALUE" in text
+    assert field_docs(Recipe)["train"] == "Fine-tune stage."
+
+
+def test_print_config_prints_the_resolved_recipe_and_exits(capsys, tmp_path):
+    import json
+
+    from pipelines.cli import recipe_argparser
+
+    argv = ["--recipe", "tiny", "--set", "train.lr=0.5", "--set", "trim.preset=official", "--print-config"]
+    with pytest.raises(SystemExit) as done:
+        recipe_argparser("A job.").parse_args(argv)
+    assert done.value.code == 0
+    printed = capsys.readouterr().out
+    assert "[train]\n" in printed and "lr = 0.5\n" in printed and 'iqr_scope = "batch"\n' in printed
+    (tmp_path / "printed.toml").write_text(printed)
+    expected = load_recipe("tiny", ["train.lr=0.5", "trim.preset=official"])
+    assert load_recipe(str(tmp_path / "printed.toml")) == expected  # the TOML is a recipe that loads back the same
+    with pytest.raises(SystemExit):
+        recipe_argparser("A job.").parse_args([*argv, "json"])
+    assert json.loads(capsys.readouterr().out) == expected.to_dict()
+    args = recipe_argparser("A job.").parse_args(["--set", "train.lr=0.5"])
+    assert args.overrides == ["train.lr=0.5"] and args.print_config is None

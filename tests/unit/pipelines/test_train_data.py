@@ -21,3 +21,22 @@ def test_micro_batches_resume_where_they_left_off():
     assert resumed == whole[5:]
     other_epoch = [[r["id"] for r in chunk] for _, chunk in micro_batches(windows, 2, seed=1, epoch=1)]
     assert other_epoch != [[r["id"] for r in chunk] for _, chunk in whole]  # each epoch its own order
+
+
+def test_positions_count_the_spliced_tokens_and_the_padding_of_padded_and_packed_batches():
+    import torch
+
+    from pipelines.train_data import collate, positions
+    from trim.conversation import IMAGE_TOKEN_INDEX
+
+    def sample(text, k):
+        ids = [1, IMAGE_TOKEN_INDEX] + [5] * (text - 2) if k else [1] + [5] * (text - 1)
+        return {"input_ids": ids, "labels": [-100] * len(ids), "visual": torch.zeros(k, 4), "length": text - 1 + k
+                if k else text}
+
+    chunk = [sample(10, 20), sample(6, 0), sample(8, 3)]  # spliced lengths 29, 6, 10
+    assert positions(collate(chunk, 0)) == (45, 3 * 29)
+    real, slots = positions(collate(chunk, 0, packing=True, max_length=64))
+    assert real == 45 and slots == 45  # one row, no padding
+    real, slots = positions(collate(chunk, 0, packing=True, max_length=30))
+    assert real == 45 and slots == 2 * 29  # rows [29] and [6 + 10]

@@ -29,3 +29,19 @@ def test_train_state_round_trips_and_ignores_unknown_keys():
     state = TrainState(step=8, epoch=1, micro_in_epoch=3, mlflow_run_id="abc", first_loss=2.5)
     assert TrainState.from_json(state.to_json()) == state
     assert TrainState.from_json('{"step": 4, "later_field": 1}') == TrainState(step=4)
+
+
+def test_a_resume_must_share_the_cache_the_training_settings_and_the_workers():
+    from pipelines.train_plan import identity_differences, run_identity
+
+    manifest = {"encoder": {"path": "clip"}, "trim": {"keep": "least_similar"}, "samples": 64, "cache_bytes": 10}
+    base = {**run_identity(TrainConfig(), manifest, "llm", ""), "workers": 2}
+    assert identity_differences(base, dict(base)) == []
+    assert identity_differences(None, base) == []  # a checkpoint from before identities were recorded
+    # Run control may change between a stop and a resume ...
+    same = run_identity(TrainConfig(max_steps=99, checkpoint_every=5, preload=True), manifest, "llm", "")
+    assert identity_differences(base, {**same, "workers": 2}) == []
+    # ... what is learned from which data may not.
+    other = run_identity(TrainConfig(lr=0.5, micro_batch_size=8), {**manifest, "samples": 65}, "llm", "")
+    assert identity_differences(base, {**other, "workers": 4}) == [
+        "cache.samples", "train.lr", "train.micro_batch_size", "workers"]

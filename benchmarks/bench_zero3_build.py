@@ -1,0 +1,114 @@
+"""ZeRO-3 model build: peak memory per rank while the model is created and loaded, against the rank's
+share of the weights, with and without parameters created already partitioned (DeepSpeed's
+zero.Init through transformers' HfDeepSpeedConfig, as pipelines/train_engine.build does).
+
+    python benchmarks/bench_zero3_build.py [--layers 18] [--hidden 1024]
+
+A ~300M-parameter Llama (fp32) is saved once in sharded safetensors (as real checkpoints ship), then
+2 ranks (gloo, on this CPU) each build LlavaTrim from it and hand it to deepspeed.initialize with
+ZeRO-3. Each rank reports its peak RSS above its RSS before the build (imports excluded), divided
+by its share of the fp32 weights (all parameters x 4 bytes / ranks). Ends with one `RESULT {json}`
+line holding `zero3_build_peak_rss_over_share` (target <= 1.5) and the same figure without zero.Init.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _rank(rank: int, world: int, port: int, llm: str, zero_init: bool, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import deepspeed
+
+    from pipelines.config import TrainConfig
+    from pipelines.train_engine import deepspeed_config, zero3_init
+    from trim.model import LlavaTrim
+
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo")
+    ds_config = deepspeed_config(str(REPO / "infra" / "deepspeed" / "zero3.json"), TrainConfig(num_workers=world))
+    before = _rss_mb()
+    resource_peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if zero_init:
+        with zero3_init(ds_config):
+            model = LlavaTrim.from_llm(llm, feature_dim=1024)
+    else:
+        model = LlavaTrim.from_llm(llm, feature_dim=1024)
+    built_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    partitioned = any(hasattr(p, "ds_numel") for p in model.parameters())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    engine_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # Parameters as DeepSpeed sees them: ds_numel is the full size of a partitioned parameter.
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    Path(out, f"rank{rank}.json").write_text(json.dumps({
+        "rss_before_mb": before, "built_peak_mb": max(built_peak, resource_peak_before),
+        "engine_peak_mb": engine_peak, "params": params, "partitioned_at_build": partitioned}))
+
+
+def measure(llm: str, zero_init: bool, world: int = 2, port: int = 29611) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        mp.start_processes(_rank, args=(world, port, llm, zero_init, out), nprocs=world, join=True,
+                           start_method="spawn")
+        ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
+    share_mb = ranks[0]["params"] * 4 / world / 2**20
+    over = max(r["built_peak_mb"] - r["rss_before_mb"] for r in ranks)
+    engine = max(r["engine_peak_mb"] - r["rss_before_mb"] for r in ranks)
+    return {"params": ranks[0]["params"], "share_mb": share_mb, "peak_over_before_mb": over,
+            "ratio": over / share_mb, "engine_ratio": engine / share_mb,
+            "partitioned_at_build": all(r["partitioned_at_build"] for r in ranks)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--layers", type=int, default=18)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--workdir", default=str(REPO / "runs" / "bench-zero3"))
+    args = parser.parse_args()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llm = Path(args.workdir) / f"llama-{args.layers}x{args.hidden}"
+    if not (llm / "config.json").exists():
+        config = LlamaConfig(hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.75),
+                             num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+                             num_key_value_heads=args.hidden // 64, vocab_size=32000)
+        LlamaForCausalLM(config).save_pretrained(llm, max_shard_size="100MB")
+    with_init = measure(str(llm), zero_init=True)
+    without = measure(str(llm), zero_init=False, port=29612)
+    print(f"{with_init['params'] / 1e6:.0f}M parameters, 2 ranks, share {with_init['share_mb']:.0f} MB/rank (fp32)")
+    print("peak RSS while building the model, above the pre-build RSS: "
+          f"zero.Init {with_init['peak_over_before_mb']:.0f}"
+          f" MB ({with_init['ratio']:.2f}x share, partitioned at build: {with_init['partitioned_at_build']}); without "
+          f"{without['peak_over_before_mb']:.0f} MB ({without['ratio']:.2f}x share)")
+    print(f"after deepspeed.initialize (fp32 master weights, Adam moments, buckets): zero.Init "
+          f"{with_init['engine_ratio']:.2f}x share, without {without['engine_ratio']:.2f}x")
+    print("RESULT " + json.dumps({"zero3_build_peak_rss_over_share": round(with_init["ratio"], 3),
+                                  "without_zero_init_peak_rss_over_share": round(without["ratio"], 3),
+                                  "zero3_engine_peak_rss_over_share": round(with_init["engine_ratio"], 3),
+                                  "partitioned_at_build": with_init["partitioned_at_build"],
+                                  "params": with_init["params"], "share_mb": round(with_init["share_mb"], 1)}))
+
+
+if __name__ == "__main__":
+    main()
