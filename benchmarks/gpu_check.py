@@ -350,8 +350,52 @@ def plain_prefill(llm: LlamaForCausalLM, embeds: torch.Tensor) -> torch.Tensor:
     return llm.lm_head(model.norm(hidden[:, -1:]))
 
 
+def eager_greedy(llm: LlamaForCausalLM, embeds: torch.Tensor, tokens: int) -> list[int]:
+    """Greedy tokens after a prompt, eager, DynamicCache (what the low-latency path must reproduce)."""
+    out = llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
+    generated = [out.logits[:, -1].argmax(dim=-1, keepdim=True)]
+    for _ in range(tokens - 1):
+        out = llm(input_ids=generated[-1], past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+        generated.append(out.logits[:, -1].argmax(dim=-1, keepdim=True))
+    return torch.cat(generated).flatten().tolist()
+
+
+def lowlatency_case(run: Run, llm: LlamaForCausalLM, suffix: str) -> None:
+    """Batch 1 on the project's low-latency path (trim.low_latency: static KV cache, prompt left-padded
+    to its bucket, prefill and decode replayed from CUDA graphs on CUDA; the same code without graphs
+    on the CPU): time to first token (embeddings in, first token on the host), decode ms/token, and
+    whether its greedy tokens are the eager ones (bf16 noise can flip a near tie of random weights)."""
+    from trim.low_latency import LowLatencyGenerator
+
+    sizes = run.sizes
+    lengths = {"full": sizes.full_k + sizes.prompt, "trim": sizes.trim_k + sizes.prompt}
+    generator = LowLatencyGenerator(llm, max_new_tokens=sizes.decode_steps + 1,
+                                    max_prompt_tokens=max(lengths.values()))
+    values: dict = {f"lowlatency_graphs{suffix}": generator.use_graphs}
+    with torch.no_grad():
+        for name, tokens in lengths.items():
+            embeds = torch.randn(1, tokens, llm.config.hidden_size, device=run.device, dtype=run.dtype) * 0.02
+            generator.prefill(embeds)  # captures this bucket's graph (and the decode graph) on CUDA
+            ttft = run.timed(lambda: generator.prefill(embeds), repeats=sizes.quick_repeats)  # noqa: B023
+            generated = [generator.prefill(embeds)]
+            steps = []
+            for _ in range(sizes.decode_steps):
+                start = time.perf_counter()
+                generated.append(generator.step())  # reads the token back: synchronised
+                steps.append(time.perf_counter() - start)
+            values.update({f"ttft_b1_lowlatency_{name}_s{suffix}": ttft,
+                           f"decode_ms_per_token_lowlatency_{name}{suffix}": 1000 * statistics.median(steps),
+                           f"lowlatency_bucket_{name}{suffix}": generator.bucket_for(tokens),
+                           f"lowlatency_tokens_match_eager_{name}{suffix}":
+                               generated == eager_greedy(llm, embeds, len(generated))})
+    values[f"ttft_b1_lowlatency_ratio{suffix}"] = (values[f"ttft_b1_lowlatency_full_s{suffix}"]
+                                                  / values[f"ttft_b1_lowlatency_trim_s{suffix}"])
+    run.put(**values)
+
+
 def graph_section(run: Run, geometry: str) -> None:
-    """Batch-1 prefill replayed from a captured CUDA graph (static input buffer, no cache)."""
+    """Batch-1 prefill on the low-latency path (any device), then replayed from a captured CUDA graph
+    (static input buffer, no cache)."""
     suffix = "" if geometry == "7b" else f"_{geometry}"
     llm = run.models.get(geometry) or build_llm(run, geometry)
     run.models[geometry] = llm.eval()
@@ -360,6 +404,7 @@ def graph_section(run: Run, geometry: str) -> None:
         expected = llm(inputs_embeds=check, use_cache=False, logits_to_keep=1).logits
         diff = float((plain_prefill(llm, check).float() - expected.float()).abs().max())
     run.put(**{f"graph_plain_forward_max_diff{suffix}": diff})
+    lowlatency_case(run, llm, suffix)
     if run.device.type != "cuda":
         run.skip(f"graph_{geometry}", "CUDA graphs need a CUDA device")
         return
@@ -406,56 +451,53 @@ def build_clip(run: Run) -> CLIPModel:
 
 
 def vision_until(clip: CLIPModel, pixels: torch.Tensor, layer: int) -> torch.Tensor:
-    """hidden_states[layer] of the vision tower, running only the encoder layers it needs."""
-    encoder = clip.vision_model.encoder
-    layers = encoder.layers
-    encoder.layers = layers[: len(layers) + 1 + layer]
-    try:
-        return clip.vision_model(pixel_values=pixels).last_hidden_state
-    finally:
-        encoder.layers = layers
+    """hidden_states[layer] of the vision tower (CLS dropped), running only the encoder layers it
+    needs: the project's own function (trim.encoders.vision_features), as precompute runs it."""
+    from trim.encoders import vision_features
+
+    return vision_features(clip, pixels, layer).features
 
 
-def encoder_stage(clip: CLIPModel, pixels: torch.Tensor, text_ids: torch.Tensor,
-                  trim_on_host: bool = False) -> tuple[bytes, list[int]]:
-    """Pixels to cache rows: layer -2 patches, their projected embeddings, text embeds, TRIM, to host."""
-    features = vision_until(clip, pixels, -2)[:, 1:]
-    patch_embeds = clip.visual_projection(clip.vision_model.post_layernorm(features))
-    text_embeds = clip.text_projection(clip.text_model(input_ids=text_ids).pooler_output)
-    if trim_on_host:  # the fallback when trim_tokens fails on the device
-        features, patch_embeds, text_embeds = features.cpu(), patch_embeds.cpu(), text_embeds.cpu()
-    out = trim_tokens(features, patch_embeds, text_embeds, TrimConfig())
-    tokens = torch.cat(out.tokens).to(torch.float16).cpu()
-    scores = out.scores.cpu()
-    kept = out.keep_mask.cpu()
-    return tokens.numpy().tobytes() + scores.numpy().tobytes() + kept.numpy().tobytes(), out.num_tokens
+def encoder_stage(towers, unit) -> list[int]:
+    """8-bit pixels on the host to cache rows' arrays on the host: precompute's encoder-actor code
+    (pipelines.precompute_encode.encode_unit: normalize on the device, vision tower to layer -2,
+    projection, text tower, TRIM on the device, one pinned copy back). Returns tokens per image."""
+    from pipelines.precompute_encode import encode_unit
+
+    reduced = encode_unit(towers, unit, TrimConfig(), batch_size=len(unit.image_of_sample))
+    return reduced.num_tokens.tolist()
 
 
 def encoder_section(run: Run) -> None:
+    from pipelines.precompute_encode import UnitArrays
+    from trim.encoders import ClipTowers
+
     clip = build_clip(run)
+    towers = ClipTowers(clip, -2, CLIP_MEAN, CLIP_STD)
     batch = run.sizes.encoder_batch
-    pixels = torch.randn(batch, 3, IMAGE_SIDE, IMAGE_SIDE, device=run.device, dtype=run.dtype)
+    generator = torch.Generator().manual_seed(0)
+    levels = torch.randint(0, 256, (batch, 3, IMAGE_SIDE, IMAGE_SIDE), dtype=torch.uint8, generator=generator)
     vocab = clip.config.text_config.vocab_size
-    text_ids = torch.randint(0, vocab - 1, (batch, 77), device=run.device)
+    text_ids = torch.randint(0, vocab - 1, (batch, 77), generator=generator)
     text_ids[:, -1] = clip.config.text_config.eos_token_id
+    # What the CPU stage hands the encoder actor: host arrays, one image per sample here.
+    unit = UnitArrays(pixels=levels.numpy(), image_of_sample=np.arange(batch), input_ids=text_ids.numpy(),
+                      attention_mask=np.ones((batch, 77), dtype=np.int64), seeds=np.arange(batch))
     with torch.inference_mode():
+        pixels = towers.normalize(levels)
         full = clip.vision_model(pixel_values=pixels, output_hidden_states=True)
-        layer_diff = float((vision_until(clip, pixels, -2) - full.hidden_states[-2]).abs().max())
+        layer_diff = float((vision_until(clip, pixels, -2) - full.hidden_states[-2][:, 1:]).abs().max())
         del full
         raw = run.timed(lambda: clip.vision_model(pixel_values=pixels).last_hidden_state)
-        on_host = False
-        try:
-            _, counts = encoder_stage(clip, pixels, text_ids)
-        except Exception as error:
-            traceback.print_exc()
-            run.results["errors"]["encoder_trim_on_device"] = f"{type(error).__name__}: {error}"[:500]
-            on_host = True
-            _, counts = encoder_stage(clip, pixels, text_ids, trim_on_host=True)
-        stage = run.timed(lambda: encoder_stage(clip, pixels, text_ids, on_host))
+        counts = encoder_stage(towers, unit)
+        stage = run.timed(lambda: encoder_stage(towers, unit))
+        # The same tokens as trim_tokens called directly on the towers' outputs.
+        encoded = towers.encode_levels(levels)
+        direct = trim_tokens(encoded.features, encoded.patch_embeds, towers.encode_tokens(text_ids), TrimConfig())
     run.put(encoder_batch=batch, encoder_raw_images_per_s=batch / raw, encoder_stage_images_per_s=batch / stage,
             encoder_stage_over_raw=raw / stage, encoder_stage_tokens_per_image=float(np.mean(counts)),
-            encoder_trim_device="cpu" if on_host else run.device.type,
-            encoder_truncated_vs_hidden_states_max_diff=layer_diff)
+            encoder_trim_device=run.device.type, encoder_truncated_vs_hidden_states_max_diff=layer_diff,
+            encoder_stage_matches_trim_tokens=counts == direct.num_tokens)
 
 
 def make_jpeg(seed: int = 0) -> bytes:
@@ -555,6 +597,7 @@ def summary(results: dict) -> str:
             ("train step full packed / TRIM packed", "step_ratio_packed"),
             ("  ... over the token ratio", "packed_over_token_ratio"), ("packed attention", "packed_attn"),
             ("TTFT b1 eager full / TRIM", "ttft_b1_eager_ratio"), ("TTFT b1 graph full / TRIM", "ttft_b1_graph_ratio"),
+            ("TTFT b1 low-latency full / TRIM", "ttft_b1_lowlatency_ratio"),
             ("prefill b16 full / TRIM", "prefill_b16_ratio"),
             ("TTFT b1 eager 13B full / TRIM", "ttft_b1_eager_ratio_13b"),
             ("decode ms/token full", "decode_ms_per_token_full"), ("decode ms/token TRIM", "decode_ms_per_token_trim"),

@@ -22,8 +22,8 @@ from pipelines.config import load_recipe  # noqa: E402
 from pipelines.evaluate import run_evaluate  # noqa: E402
 from pipelines.logs import setup_logging  # noqa: E402
 from pipelines.manifests import EvalManifest  # noqa: E402
-from pipelines.runtime import init_ray  # noqa: E402
-from pipelines.tracking import default_tracking_uri  # noqa: E402
+from pipelines.runtime import init_ray, redact_uri  # noqa: E402
+from pipelines.tracking_store import default_tracking_uri  # noqa: E402
 
 logger = logging.getLogger("jobs.evaluate")
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> EvalManifest:
     tracking_uri = default_tracking_uri(recipe.paths.root)
     manifest = run_evaluate(recipe, model_dir, args.trim, tracking_uri)
     logger.info(", ".join(f"{k} {v:.4g}" for k, v in manifest.metrics.items()))
-    logger.info("runs tracked at %s", tracking_uri)
+    logger.info("runs tracked at %s", redact_uri(tracking_uri))
     return manifest
 
 

@@ -18,8 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipelines.cli import recipe_argparser  # noqa: E402
 from pipelines.config import load_recipe  # noqa: E402
 from pipelines.logs import setup_logging  # noqa: E402
-from pipelines.runtime import init_ray  # noqa: E402
-from pipelines.tracking import default_tracking_uri  # noqa: E402
+from pipelines.runtime import init_ray, node_count, redact_uri  # noqa: E402
+from pipelines.tracking_store import (  # noqa: E402
+    check_store_reachable,
+    default_tracking_uri,
+    experiment_name,
+    fail_unfinished_runs,
+)
 from pipelines.train import run_finetune  # noqa: E402
 
 logger = logging.getLogger("jobs.finetune")
@@ -33,13 +38,21 @@ def main(argv: list[str] | None = None) -> dict:
     # Locally, leave CPUs beside the workers for the data pipeline (Ray CPUs are logical).
     init_ray(num_cpus=max(os.cpu_count() or 1, recipe.train.num_workers + 2))
     tracking_uri = default_tracking_uri(recipe.paths.root)
-    result, export_dir = run_finetune(recipe, tracking_uri)
-    if result.error:
-        raise SystemExit(f"finetune failed: {result.error}")
+    check_store_reachable(tracking_uri, node_count())  # a sqlite file on one node cannot serve rank 0 elsewhere
+    try:
+        result, export_dir = run_finetune(recipe, tracking_uri)
+        error = result.error
+    except Exception as exc:
+        error, result = exc, None
+    if error is not None:  # runs whose worker was killed were left RUNNING
+        fail_unfinished_runs(tracking_uri, experiment_name(recipe.name), recipe.train.run_name)
+        raise SystemExit(f"finetune failed: {error}")
+    assert result is not None
     metrics = result.metrics or {}
     logger.info("loss %.4f -> %.4f over %s steps; model in %s", metrics.get("first_loss", float("nan")),
                 metrics.get("loss", float("nan")), metrics.get("step"), export_dir)
-    logger.info("runs tracked at %s; look with: mlflow ui --backend-store-uri %s", tracking_uri, tracking_uri)
+    shown = redact_uri(tracking_uri)
+    logger.info("runs tracked at %s; look with: mlflow ui --backend-store-uri %s", shown, shown)
     return metrics
 
 

@@ -1,15 +1,21 @@
 """The TRIM cache's row format, in one place for its writer (precompute) and its readers (training,
-pictures, benchmarks): the Parquet schema, tensors to and from bytes, and reading the parts."""
+pictures, benchmarks): the Parquet schema, a part's table built from the encoder's host arrays,
+tensors to and from bytes, and reading the parts."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from pipelines import storage
+
+if TYPE_CHECKING:  # the encoder stage's module needs no pyarrow (the GPU check imports it alone)
+    from pipelines.precompute_encode import ReducedRows
 
 CACHE_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -25,6 +31,69 @@ CACHE_SCHEMA = pa.schema([
     ("kept_indices", pa.list_(pa.int16())),
     ("scores", pa.binary()),          # fp16 [num_patches]: the softmax values thresholded
 ])
+META_COLUMNS = ("id", "source", "index", "image_key", "conversations")
+"""The sample's own fields, copied from the shards."""
+PART_PREFIX = "part-"
+BINARY_CHUNK_BYTES = 2**30
+"""Largest Arrow binary chunk built (Arrow's binary type addresses under 2 GiB per chunk)."""
+
+
+def part_table(meta: Sequence[dict], reduced: ReducedRows, token_dim: int) -> pa.Table:
+    """One cache part: the samples' fields (meta, in order) and their TRIM results, built from the
+    host arrays without a Python object per token row (Arrow arrays over the same buffers)."""
+    count = len(meta)
+    columns: dict[str, pa.Array | pa.ChunkedArray] = {
+        name: pa.array([m[name] for m in meta], type=CACHE_SCHEMA.field(name).type) for name in META_COLUMNS}
+    columns["num_tokens"] = pa.array(reduced.num_tokens.astype(np.int32))
+    columns["num_kept"] = pa.array(np.where(reduced.has_image, reduced.num_kept, 0).astype(np.int32))
+    columns["has_aggregate"] = pa.array(reduced.has_aggregate & reduced.has_image)
+    columns["token_dim"] = pa.array(np.full(count, token_dim, dtype=np.int32))
+    row_bytes = reduced.num_tokens.astype(np.int64) * token_dim * 2
+    columns["tokens"] = _binary(reduced.tokens.reshape(-1).view(np.uint8), row_bytes)
+    width = reduced.scores.shape[1] if reduced.scores.ndim == 2 else 0
+    columns["scores"] = _binary(reduced.scores.reshape(-1).view(np.uint8), reduced.has_image * width * 2)
+    columns["kept_indices"] = _kept_lists(reduced, count)
+    return pa.table([columns[f.name] for f in CACHE_SCHEMA], schema=CACHE_SCHEMA)
+
+
+def _binary(data: np.ndarray, row_bytes: np.ndarray) -> pa.ChunkedArray:
+    """Rows of `row_bytes` consecutive bytes of `data` as binary values, in chunks under 2 GiB."""
+    ends = np.cumsum(row_bytes)
+    chunks: list[pa.Array] = []
+    row = start = 0
+    while row < len(row_bytes) or not chunks:
+        stop = max(int(np.searchsorted(ends, start + BINARY_CHUNK_BYTES, side="right")), row + 1)
+        stop = min(stop, len(row_bytes))
+        offsets = np.concatenate([[0], ends[row:stop] - start]).astype(np.int32)
+        end = int(ends[stop - 1]) if stop > row else start
+        buffers = [None, pa.py_buffer(offsets), pa.py_buffer(data[start:end])]
+        chunks.append(pa.Array.from_buffers(pa.binary(), stop - row, buffers))
+        row, start = stop, end
+    return pa.chunked_array(chunks, type=pa.binary())
+
+
+def _kept_lists(reduced: ReducedRows, count: int) -> pa.Array:
+    """kept_indices: each image row's kept patch numbers (ascending), [] for the others."""
+    rows, patches = np.nonzero(reduced.keep)
+    per_image = np.bincount(rows, minlength=reduced.keep.shape[0]) if reduced.keep.size else np.zeros(0, np.int64)
+    per_row = np.zeros(count, dtype=np.int64)
+    per_row[reduced.has_image] = per_image
+    offsets = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(patches.astype(np.int16)))
+
+
+def write_part(cache: str, name: str, table: pa.Table) -> int:
+    """Write a part whole (a reader or a resumed run never sees half of one); returns its bytes."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    data = sink.getvalue()
+    storage.write_bytes(storage.join(cache, name), data.to_pybytes())
+    return data.size
+
+
+def committed_parts(cache: str) -> list[str]:
+    """The parts already written (a part is written whole, so each listed one is complete)."""
+    return [n for n in storage.listdir(cache, ".parquet") if n.startswith(PART_PREFIX)]
 
 
 def decode_tokens(row: dict) -> torch.Tensor:
@@ -44,6 +113,12 @@ def to_bytes(tensor: torch.Tensor) -> bytes:
 
 
 def iter_cache(cache: str, columns: list[str] | None = None) -> Iterator[dict]:
-    for name in storage.listdir(cache, ".parquet"):
-        if name.startswith("part-"):
-            yield from storage.read_parquet(storage.join(cache, name), columns=columns).to_pylist()
+    for name in committed_parts(cache):
+        yield from storage.read_parquet(storage.join(cache, name), columns=columns).to_pylist()
+
+
+def read_columns(cache: str, columns: list[str]) -> pa.Table:
+    """Some columns of every part, as one Arrow table (compact: no Python object per row)."""
+    tables = [storage.read_parquet(storage.join(cache, n), columns=columns) for n in committed_parts(cache)]
+    return pa.concat_tables(tables) if tables else CACHE_SCHEMA.empty_table().select(columns)
+

@@ -130,6 +130,9 @@ class PrecomputeConfig:
     """Samples per cache Parquet file (the unit of resumption)."""
     dtype: str = "float32"
     """Encoder compute dtype: float32 on CPU, float16/bfloat16 on GPU."""
+    encoder_threads: int = 0
+    """Torch threads of each encoder actor on CPU (0: num_cpus_per_actor). More than the actor asks Ray
+    for lets a CPU-only node's encoder use the cores its decode tasks leave idle."""
 
 
 @dataclass
@@ -176,6 +179,8 @@ class TrainConfig:
     """Save a checkpoint every this many optimizer steps (and at the end)."""
     seed: int = 0
     """Seed of the data order and the projector's initialisation."""
+    registered_model: str = ""
+    """Name of the exported model in MLflow's model registry ("" = the experiment's: trim-llava-<recipe>)."""
     start_fresh: bool = False
     """Ignore this run's checkpoints and train from step 0 (a resume is otherwise refused when the
     cache, the training settings or the number of workers differ from the checkpoint's)."""

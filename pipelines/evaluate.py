@@ -9,9 +9,11 @@ or s3://). Output, under `eval/`:
   manifest.json   what produced the answers (model files, TRIM config, generation settings, questions)
                   and the counts and metrics; written last
 
-A Ray Data actor pool runs the questions: each actor loads the model and the CLIP towers once and
-answers a batch with one CLIP forward, one TRIM call and one generate call. The driver writes the
-files, scores them when an annotation file exists, and logs metrics, the answers and a few TRIM
+A Ray Data actor pool runs the questions: each actor loads the model and the CLIP towers once (on
+its GPU in bf16 when the cluster has GPUs, else on the CPU in fp32), fetches a batch's images in one
+storage call and answers the batch with one CLIP forward, one TRIM call and one generate call. The
+driver writes the files, scores them when an annotation file exists, and logs metrics (throughput
+`questions_per_s` = answers / seconds some actor spent answering), the answers and a few TRIM
 pictures to MLflow. Run again with the same inputs: inference is skipped, scores and logs are redone.
 """
 
@@ -19,8 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -34,7 +38,8 @@ from pipelines import storage
 from pipelines.answer_scoring import iter_question_records
 from pipelines.config import Recipe
 from pipelines.manifests import EvalManifest
-from pipelines.tracking import Tracker, default_tracking_uri, experiment_name
+from pipelines.tracking import Tracker
+from pipelines.tracking_store import default_tracking_uri, experiment_name
 from trim import TrimConfig
 
 logger = logging.getLogger(__name__)
@@ -122,23 +127,44 @@ def answer_record(question: dict, answer, model_id: str, trim_label: str) -> dic
             "answer_id": answer_id(question["question_id"], model_id), "model_id": model_id, "metadata": metadata}
 
 
-def load_images(questions: Sequence[dict], image_root: str) -> tuple[list[tuple[dict, Any]], list[dict]]:
-    """(question, image) pairs for the questions whose image reads, and rejects for the others."""
-    from pipelines.images import OUTSIDE_ROOT, OutsideRoot, read_image, resolve
+def fetch_bytes(uris: Sequence[str]) -> list[bytes | BaseException]:
+    """Each URI's bytes, or the exception reading it raised, in one storage call: the filesystem's
+    `cat_ranges` over all of them (concurrent requests on S3). The URIs share one filesystem."""
+    if not uris:
+        return []
+    fs, _ = storage.fsspec_fs(uris[0])
+    return list(fs.cat_ranges([storage.fsspec_fs(uri)[1] for uri in uris], None, None, on_error="return"))
 
-    ok, rejects = [], []
+
+def decode_image(data: bytes) -> Any:
+    """An RGB PIL image, fully decoded (a truncated file fails here)."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image.convert("RGB")
+
+
+def load_images(questions: Sequence[dict], image_root: str) -> tuple[list[tuple[dict, Any]], list[dict]]:
+    """(question, image) pairs for the questions whose image reads, and rejects for the others. The
+    images of all the questions are fetched together (one storage call), then decoded."""
+    from pipelines.images import OUTSIDE_ROOT, OutsideRoot, resolve
+
+    ok, rejects, wanted = [], [], []
     for question in questions:
         try:
-            uri = resolve(image_root, question["image"])
+            wanted.append((question, resolve(image_root, question["image"])))
         except OutsideRoot as err:
             rejects.append({"question_id": question["question_id"], "reason": OUTSIDE_ROOT, "detail": str(err)})
-            continue
+    for (question, uri), data in zip(wanted, fetch_bytes([uri for _, uri in wanted])):
         try:
-            if not storage.exists(uri):
+            if isinstance(data, FileNotFoundError):
                 rejects.append({"question_id": question["question_id"], "reason": MISSING_IMAGE, "detail": uri})
                 continue
-            ok.append((question, read_image(image_root, question["image"])))
-        except Exception as err:  # PIL raises several kinds for a bad file
+            if isinstance(data, BaseException):
+                raise data
+            ok.append((question, decode_image(data)))
+        except Exception as err:  # PIL raises several kinds for a bad file; a directory, a denied read
             rejects.append({"question_id": question["question_id"], "reason": UNREADABLE_IMAGE,
                             "detail": f"{uri}: {type(err).__name__}: {err}"[:500]})
     return ok, rejects
@@ -146,21 +172,40 @@ def load_images(questions: Sequence[dict], image_root: str) -> tuple[list[tuple[
 
 def answer_questions(answerer, questions: Sequence[dict], image_root: str, max_new_tokens: int, model_id: str,
                      batch_size: int, picture_ids: Iterable[str] = ()) -> list[dict]:
-    """The pure core: questions -> output rows {kind: "answer" | "reject", record, kept, scores}.
-    kept (JSON list) and scores (fp16 bytes) are filled only for the question ids in picture_ids."""
+    """The pure core: questions -> output rows {kind: "answer" | "reject", record, kept, scores,
+    started, ended}. kept (JSON list) and scores (fp16 bytes) are filled only for the question ids in
+    picture_ids; started/ended (epoch seconds) bound the answer call of the row's batch (0 on rejects).
+    Each batch's images are fetched together."""
     pictures = set(picture_ids)
     label = trim_name(answerer.trim_cfg)
-    pairs, rejects = load_images(questions, image_root)
-    rows = [{"kind": "reject", "record": json.dumps(r), "kept": "[]", "scores": b""} for r in rejects]
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
+    rows = []
+    for start in range(0, len(questions), batch_size):
+        chunk, rejects = load_images(questions[start:start + batch_size], image_root)
+        rows += [{"kind": "reject", "record": json.dumps(r), "kept": "[]", "scores": b"", "started": 0.0,
+                  "ended": 0.0} for r in rejects]
+        if not chunk:
+            continue
+        started = time.time()
         answers = answerer.answer([image for _, image in chunk], [q["text"] for q, _ in chunk], max_new_tokens)
+        ended = time.time()
         for (question, _), answer in zip(chunk, answers):
             wanted = str(question["question_id"]) in pictures
             rows.append({"kind": "answer", "record": json.dumps(answer_record(question, answer, model_id, label)),
                          "kept": json.dumps(answer.kept_indices if wanted else []),
-                         "scores": answer.scores.astype(np.float16).tobytes() if wanted else b""})
+                         "scores": answer.scores.astype(np.float16).tobytes() if wanted else b"",
+                         "started": started, "ended": ended})
     return rows
+
+
+def busy_seconds(intervals: Iterable[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals: time some actor spent answering, actors
+    answering at the same time counted once."""
+    total, reached = 0.0, -math.inf
+    for start, end in sorted(set(intervals)):
+        if end > reached:
+            total += end - max(start, reached)
+            reached = end
+    return total
 
 
 # Ray wrapper ----------------------------------------------------------------------------------
@@ -175,7 +220,7 @@ class EvalActor:
 
         from trim.inference import Answerer
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # bf16 there (fp16 without bf16), fp32 on CPU
         local_model, local_clip = storage.local_copy(model_dir), storage.local_copy(clip_path)
         self.answerer = Answerer.load(local_model, local_clip, TrimConfig.from_dict(trim_cfg), device=device)
         for local, uri in ((local_model, model_dir), (local_clip, clip_path)):
@@ -188,7 +233,7 @@ class EvalActor:
         questions = [json.loads(q) for q in batch["question"]]
         rows = answer_questions(self.answerer, questions, self.image_root, self.max_new_tokens, self.model_id,
                                 self.batch_size, self.picture_ids)
-        return {name: [r[name] for r in rows] for name in ("kind", "record", "kept", "scores")}
+        return {name: [r[name] for r in rows] for name in ("kind", "record", "kept", "scores", "started", "ended")}
 
 
 def _jsonl(records: Iterable[dict]) -> bytes:
@@ -210,8 +255,9 @@ def _score(answers: list[dict], annotations_uri: str, kind: str) -> dict[str, fl
 
 
 def _infer(questions: list[dict], model_dir: str, trim_cfg: TrimConfig, recipe, picture_ids: list[str]
-           ) -> tuple[list[dict], list[dict], dict[str, tuple[list[int], np.ndarray]]]:
-    """The Ray Data job: (answers, rejects, {question_id: (kept, scores)} for the pictures)."""
+           ) -> tuple[list[dict], list[dict], dict[str, tuple[list[int], np.ndarray]], float]:
+    """The Ray Data job: (answers, rejects, {question_id: (kept, scores)} for the pictures, seconds
+    some actor spent answering)."""
     import ray
 
     cfg, paths = recipe.eval, recipe.paths
@@ -219,9 +265,13 @@ def _infer(questions: list[dict], model_dir: str, trim_cfg: TrimConfig, recipe, 
     rejects: list[dict] = []
     pictures: dict[str, tuple[list[int], np.ndarray]] = {}
     if not questions:
-        return answers, rejects, pictures
+        return answers, rejects, pictures, 0.0
+    # One GPU per actor where the cluster has GPUs (Ray hides them from actors that ask for none).
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    logger.info("inference actors on %s", "one GPU each" if gpus else "CPUs")
+    intervals = []
     dataset = ray.data.from_items([{"question": json.dumps(q)} for q in questions]).map_batches(
-        EvalActor, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        EvalActor, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.concurrency), num_gpus=gpus,
         fn_constructor_kwargs=dict(model_dir=model_dir, clip_path=paths.clip, trim_cfg=trim_cfg.to_dict(),
                                    image_root=paths.eval_images, max_new_tokens=cfg.max_new_tokens,
                                    model_id=recipe.train.run_name, batch_size=cfg.batch_size,
@@ -230,10 +280,12 @@ def _infer(questions: list[dict], model_dir: str, trim_cfg: TrimConfig, recipe, 
     for row in dataset.iter_rows():
         record = json.loads(row["record"])
         (answers if row["kind"] == "answer" else rejects).append(record)
+        if row["kind"] == "answer":
+            intervals.append((float(row["started"]), float(row["ended"])))
         if row["scores"]:
             scores = np.frombuffer(row["scores"], dtype=np.float16).astype(np.float32)
             pictures[str(record["question_id"])] = (json.loads(row["kept"]), scores)
-    return answers, rejects, pictures
+    return answers, rejects, pictures, busy_seconds(intervals)
 
 
 def _log_run(tracker, params: dict, metrics: dict, files: list[str], pictures_uri: str) -> int:
@@ -286,16 +338,19 @@ def run_evaluate(recipe: Recipe, model_dir: str, trim_spec: str = "model",
                     len(malformed), label, cfg.concurrency, cfg.batch_size)
         ordered = sorted(questions, key=lambda q: question_key(q["question_id"]))
         picture_ids = [str(q["question_id"]) for q in ordered[:cfg.num_pictures]]
-        answers, rejects, picture_rows = _infer(questions, model_dir, trim_cfg, recipe, picture_ids)
+        answers, rejects, picture_rows, answering_s = _infer(questions, model_dir, trim_cfg, recipe, picture_ids)
         answers.sort(key=lambda r: question_key(r["question_id"]))
         rejects = sorted(rejects + malformed, key=lambda r: question_key(r["question_id"]))
         storage.write_bytes(answers_uri, _jsonl(answers))
         storage.write_bytes(rejects_uri, _jsonl(rejects))
         _write_pictures(picture_rows, questions, paths.eval_images, pictures_uri)
 
-    # The time of the inference that wrote the answers (a rerun that only rescores keeps it).
-    seconds = previous.metrics.get("seconds", 0.0) if reused and previous else time.time() - started
-    metrics = _metrics(answers, rejects, len(questions) + len(malformed), seconds)
+    # The times of the inference that wrote the answers (a rerun that only rescores keeps them).
+    if reused and previous:
+        seconds, answering_s = previous.metrics.get("seconds", 0.0), previous.metrics.get("inference_s", 0.0)
+    else:
+        seconds = time.time() - started
+    metrics = _metrics(answers, rejects, len(questions) + len(malformed), seconds, answering_s)
     if storage.exists(paths.eval_annotations):
         metrics.update({k: float(v) for k, v in _score(answers, paths.eval_annotations, cfg.kind).items()})
     else:
@@ -309,15 +364,23 @@ def run_evaluate(recipe: Recipe, model_dir: str, trim_spec: str = "model",
         params = {"model_dir": model_dir, "model_id": model_id, "trim_name": label, "trim": trim_cfg.to_dict(),
                   "eval": dataclasses.asdict(cfg), "questions": paths.eval_questions}
         pictures = _log_run(tracker, params, metrics, [answers_uri, rejects_uri], pictures_uri)
-    logger.info("%d answers, %d rejects (%s) in %s; %d TRIM pictures in %s", len(answers), len(rejects),
-                manifest.reject_reasons or "none", answers_uri, pictures, pictures_uri)
+    logger.info("%d answers, %d rejects (%s) in %s; TRIM %s, %.1f visual tokens per image, %.3g questions/s "
+                "(%.1f s answering); %d TRIM pictures in %s", len(answers), len(rejects),
+                manifest.reject_reasons or "none", answers_uri, label, metrics["mean_visual_tokens"],
+                metrics["questions_per_s"], metrics["inference_s"], pictures, pictures_uri)
     return manifest
 
 
-def _metrics(answers: list[dict], rejects: list[dict], questions: int, seconds: float) -> dict[str, float]:
+def _metrics(answers: list[dict], rejects: list[dict], questions: int, seconds: float,
+             answering_s: float) -> dict[str, float]:
+    """Counts and times; questions_per_s = answers / seconds some actor spent answering (CLIP, TRIM
+    and generation; not loading the model or reading images)."""
     visual = [a["metadata"]["visual_tokens"] for a in answers]
+    answering_s = round(answering_s, 3)  # as stored: a rerun that only rescores recomputes the same rate
     return {"questions": questions, "answers": len(answers), "rejects": len(rejects),
-            "mean_visual_tokens": float(np.mean(visual)) if visual else 0.0, "seconds": round(seconds, 2)}
+            "mean_visual_tokens": float(np.mean(visual)) if visual else 0.0, "seconds": round(seconds, 2),
+            "inference_s": answering_s,
+            "questions_per_s": float(f"{len(answers) / answering_s:.4g}") if answering_s > 0 else 0.0}
 
 
 def _count(values: Iterable[str]) -> dict[str, int]:

@@ -30,3 +30,18 @@ def setup_logging(level: int = logging.INFO, quiet: bool = False) -> None:
         logger.handlers[:] = [handler]
         logger.setLevel(logging.WARNING if quiet else level)
         logger.propagate = False  # Ray's own root handler would print every line a second time
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Keep the libraries' per-model progress bars and notices out of the jobs' output (Ray still
+    keeps every worker's full output in its session logs)."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # "Loading weights", "Writing model shards"
+    except ImportError:
+        pass
+    for name in ("DeepSpeed", "deepspeed", "ray.train"):  # "Setting accelerator to CPU", report dicts
+        logging.getLogger(name).setLevel(logging.ERROR)

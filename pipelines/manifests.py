@@ -72,6 +72,12 @@ class ShardsManifest(Manifest):
     """Rejects per reason."""
     seconds: float = 0.0
     """Wall time of the run that wrote the shards."""
+    image_layout: str = ""
+    """How the images tables are laid out: "hash-bucket" (pipelines.images.IMAGE_LAYOUT: an image is in
+    the file its content key hashes to, rows sorted by key, one image per row group); "" for shards
+    written before it (readers then index the files by reading their keys)."""
+    sample_files: int = 0
+    """samples-NNNNN.parquet files written (one per run of ShardConfig.rows_per_shard records)."""
 
 
 @dataclass

@@ -1,161 +1,107 @@
 """Stage 2, precompute: the frozen CLIP towers run once, offline; TRIM's reduced tokens are cached.
 
 Output, under `cache/`:
-  config.json           what the cache is made with (encoder, layer, preprocessing, TRIM config, input);
+  config.json           what the cache is made with (encoder, layer, TRIM config, input, unit layout);
                         written first, so a later run with another configuration is refused
-  part-NNNNN.parquet    one row per sample (see CACHE_SCHEMA); a part is written whole, so a stopped
-                        job resumes by skipping the parts that exist
+  part-*.parquet        one row per sample (pipelines.cache_format.CACHE_SCHEMA), one file per unit of
+                        work under a deterministic name (pipelines.precompute_units); a part is written
+                        whole by the worker that computed it, so a stopped job resumes by skipping the
+                        parts that exist
   manifest.json         counts and kept-token statistics, written last
 
-Work is planned deterministically from the shards: with a per-sample IQR each work item is one
-distinct image with all the samples that share it (each image encoded once); with the batch-wide IQR
-of `official`, an item is a "micro-batch": `batch_group_size` consecutive image samples in mixture order
-(an image shared across two groups is encoded in each). A Ray Data actor pool loads the encoder once
-per actor and turns items into cache rows.
+One streaming Ray Data pipeline, the shape of Ray's batch-inference guide: the shards' samples read
+and grouped into units (each distinct image once; `official`: groups in mixture order) -> CPU tasks
+that gather each unit's image bytes, decode, pad, resize and tokenize (as many as there are CPUs) ->
+encoder actors (GPU, or CPU) that run the vision tower to the selected layer, the text tower over the
+unit's texts and TRIM on the device, and write the part -> small summaries to the driver. No image or
+cache bytes pass through the driver.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import tempfile
+import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
-from PIL import Image
 
 from pipelines import storage
-from pipelines.cache_format import CACHE_SCHEMA, iter_cache, to_bytes
+from pipelines.cache_format import committed_parts, part_table, read_columns, write_part
 from pipelines.config import PrecomputeConfig, Recipe
-from pipelines.images import ImageStore
+from pipelines.images import IMAGE_LAYOUT
 from pipelines.manifests import CacheManifest, KeptStats, ShardsManifest
-from trim import TrimConfig, trim_tokens
+from pipelines.precompute_encode import batch_grouped, encode_unit
+from pipelines.precompute_prepare import decode_unit, prepare_batch
+from pipelines.precompute_units import (
+    TEXT_SPAN,
+    gather_group,
+    gather_official_batch,
+    official_units,
+    read_samples_batch,
+)
+from trim import TrimConfig
 from trim.conversation import trim_text
 
 logger = logging.getLogger(__name__)
 
-# Planning (pure) ------------------------------------------------------------------------------
+LAYOUT_VERSION = 2
+"""Version of the unit layout (part names and contents): part of the cache's identity."""
 
 
-@dataclass
-class WorkItem:
-    """Samples processed together: the samples of one image, or one offline micro-batch."""
+class EncoderActor:
+    """Ray Data actor: loads the CLIP towers once; each call encodes prepared units and writes their
+    parts, returning one small summary row per part. On a GPU two calls run at once: the device work
+    is taken in turn (one stream: measured on an H200, two threads on two streams ran 0.88 of one
+    thread's rate), while one call builds and writes its part on the host, the other's unit runs."""
 
-    part: int
-    samples: list[dict] = field(default_factory=list)
-
-
-def plan(samples: list[dict], image_order: list[str], trim_cfg: TrimConfig, rows_per_file: int) -> list[WorkItem]:
-    """Deterministic work items, assigned to cache parts of about rows_per_file samples.
-
-    samples: rows of the shards (id, index, source, image_key, conversations) with "text" added.
-    image_order: image keys in the order of the image shards (for read locality)."""
-    with_image = [s for s in samples if s["image_key"]]
-    # A sample is its position in the mixture ("index"): ids repeat in the real 665K file.
-    text_only = sorted((s for s in samples if not s["image_key"]), key=lambda s: s["index"])
-    groups: list[list[dict]]
-    if trim_cfg.iqr_scope == "batch" and trim_cfg.threshold == "iqr":
-        ordered = sorted(with_image, key=lambda s: s["index"])
-        size = trim_cfg.batch_group_size
-        groups = [ordered[i:i + size] for i in range(0, len(ordered), size)]
-    else:
-        rank = {key: i for i, key in enumerate(image_order)}
-        by_image: dict[str, list[dict]] = {}
-        for s in sorted(with_image, key=lambda s: (rank.get(s["image_key"], len(rank)), s["index"])):
-            by_image.setdefault(s["image_key"], []).append(s)
-        groups = list(by_image.values())
-    groups += [text_only[i:i + 64] for i in range(0, len(text_only), 64)]
-    items, part, in_part = [], 0, 0
-    for group in groups:
-        if in_part >= rows_per_file:
-            part, in_part = part + 1, 0
-        items.append(WorkItem(part=part, samples=group))
-        in_part += len(group)
-    return items
-
-
-# The encoder actor's work (pure given an encoder) ----------------------------------------------
-
-
-def reduce_items(encoder, images: ImageStore, items: list[dict], trim_cfg: TrimConfig, batch_size: int) -> list[dict]:
-    """Cache rows for a list of work items (dicts with "samples"): each distinct image of the list
-    encoded once, texts encoded in one batch, TRIM per item (the item is the IQR's batch)."""
-    keys = sorted({s["image_key"] for item in items for s in item["samples"] if s["image_key"]})
-    position = {key: i for i, key in enumerate(keys)}
-    features, patch_embeds = [], []
-    for i in range(0, len(keys), batch_size):
-        pil = [Image.open(io.BytesIO(images.get(k))) for k in keys[i:i + batch_size]]
-        out = encoder.encode_images(pil)
-        features.append(out.features)
-        patch_embeds.append(out.patch_embeds)
-    all_features = torch.cat(features) if keys else None
-    all_embeds = torch.cat(patch_embeds) if keys else None
-    rows = []
-    for item in items:
-        samples = item["samples"]
-        visual = [s for s in samples if s["image_key"]]
-        rows += [_text_only_row(s, encoder.feature_dim) for s in samples if not s["image_key"]]
-        if not visual:
-            continue
-        assert all_features is not None and all_embeds is not None  # visual samples have images
-        index = torch.tensor([position[s["image_key"]] for s in visual])
-        text_embeds = encoder.encode_texts([s["text"] for s in visual])
-        result = trim_tokens(all_features[index], all_embeds[index], text_embeds, trim_cfg,
-                             seeds=[trim_cfg.seed + int(s["index"]) for s in visual])
-        for j, s in enumerate(visual):
-            tokens = result.tokens[j]
-            rows.append({
-                **_base(s), "num_tokens": tokens.shape[0], "num_kept": int(result.num_kept[j]),
-                "has_aggregate": bool(result.has_aggregate[j]), "token_dim": tokens.shape[1],
-                "tokens": to_bytes(tokens),
-                "kept_indices": torch.nonzero(result.keep_mask[j]).flatten().tolist(),
-                "scores": to_bytes(result.scores[j]),
-            })
-    return rows
-
-
-def _base(sample: dict) -> dict:
-    return {k: sample[k] for k in ("id", "source", "index", "image_key", "conversations")}
-
-
-def _text_only_row(sample: dict, dim: int) -> dict:
-    return {**_base(sample), "num_tokens": 0, "num_kept": 0, "has_aggregate": False, "token_dim": dim,
-            "tokens": b"", "kept_indices": [], "scores": b""}
-
-
-class TrimActor:
-    """Ray Data actor: loads the CLIP towers once, turns batches of work items into cache rows."""
-
-    def __init__(self, clip_path: str, shards: str, layer: int, trim_cfg: dict, batch_size: int, dtype: str,
+    def __init__(self, clip_path: str, cache: str, layer: int, trim_cfg: dict, batch_size: int, dtype: str,
                  threads: int = 1):
         from trim.encoders import ClipEncoder
 
         torch.set_num_threads(threads)  # Ray gives an actor one thread unless told otherwise
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.encoder = ClipEncoder(clip_path, layer=layer, device=device, dtype=getattr(torch, dtype))
-        self.images = ImageStore(shards)
-        self.trim_cfg = TrimConfig.from_dict(trim_cfg)
-        self.batch_size = batch_size
+        self.cache, self.cfg, self.batch_size = cache, TrimConfig.from_dict(trim_cfg), batch_size
+        self._device = threading.Lock()
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        items = [{"samples": json.loads(s)} for s in batch["samples"]]
-        rows = reduce_items(self.encoder, self.images, items, self.trim_cfg, self.batch_size)
-        return {name: [r[name] for r in rows] for name in CACHE_SCHEMA.names}
+    def __call__(self, batch: pa.Table) -> dict[str, list]:
+        out: dict[str, list] = {"part": [], "samples": [], "visual": [], "kept": [], "bytes": []}
+        for i in range(batch.num_rows):
+            row = {name: _value(batch.column(name)[i]) for name in batch.column_names}
+            samples, unit = decode_unit(row, self.cfg.seed)
+            with self._device:
+                reduced = encode_unit(self.encoder.towers, unit, self.cfg, self.batch_size)
+            size = write_part(self.cache, row["part"], part_table(samples, reduced, self.encoder.feature_dim))
+            out["part"].append(row["part"])
+            out["samples"].append(len(samples))
+            out["visual"].append(int(reduced.has_image.sum()))
+            out["kept"].append(int(reduced.num_kept[reduced.has_image].sum()))
+            out["bytes"].append(size)
+        return out
 
 
-# Ray wrapper ----------------------------------------------------------------------------------
+def _value(scalar: Any) -> Any:
+    """A column value of one row; binary values as Arrow buffers (no copy of pixel arrays)."""
+    return scalar.as_buffer() if pa.types.is_binary(scalar.type) else scalar.as_py()
 
 
-def cache_identity(encoder_info: dict, trim_cfg: TrimConfig, shards_manifest: ShardsManifest, layer: int) -> dict:
-    """What must match for two runs to write into the same cache."""
+# Driver -----------------------------------------------------------------------------------------
+
+
+def cache_identity(encoder_info: dict, trim_cfg: TrimConfig, shards_manifest: ShardsManifest, layer: int,
+                   rows_per_file: int) -> dict:
+    """What must match for two runs to write into the same cache (the unit layout included: parts of
+    another layout would hold other samples)."""
     return {"encoder": encoder_info, "layer": layer, "trim": trim_cfg.to_dict(),
-            "shards": {"input": shards_manifest.input, "samples": shards_manifest.samples}}
+            "shards": {"input": shards_manifest.input, "samples": shards_manifest.samples},
+            "layout": {"version": LAYOUT_VERSION, "rows_per_file": rows_per_file}}
 
 
 def _check_identity(cache: str, identity: dict) -> None:
@@ -172,6 +118,7 @@ def _check_identity(cache: str, identity: dict) -> None:
 
 
 def load_samples(shards: str, trim_cfg: TrimConfig) -> list[dict]:
+    """Every sample of the shards with its TRIM text, in memory (small uses: pictures, benchmarks)."""
     rows = []
     for name in storage.listdir(shards, ".parquet"):
         if name.startswith("samples-"):
@@ -188,88 +135,125 @@ def run_precompute(shards: str, cache: str, clip_path: str, trim_cfg: TrimConfig
 
     started = time.time()
     shards_manifest = ShardsManifest.read(shards)
+    if shards_manifest.image_layout != IMAGE_LAYOUT:
+        raise ValueError(f"{shards} was written by an older shard stage (images not in hash buckets); run shard again")
     info = describe_checkpoint(clip_path, layer=cfg.layer)  # config only: the weights load in the actors
-    _check_identity(cache, cache_identity(info, trim_cfg, shards_manifest, cfg.layer))
+    _check_identity(cache, cache_identity(info, trim_cfg, shards_manifest, cfg.layer, cfg.rows_per_file))
     finished = CacheManifest.read_if_exists(cache)
     if finished is not None:
         logger.info("%s is complete; nothing to do", cache)
         return finished
-
-    samples = load_samples(shards, trim_cfg)
-    items = plan(samples, ImageStore(shards).order, trim_cfg, cfg.rows_per_file)
-    parts = sorted({item.part for item in items})
-    done = {int(n[5:10]) for n in storage.listdir(cache, ".parquet") if n.startswith("part-")}
-    pending = [item for item in items if item.part not in done]
-    logger.info("%d samples in %d work items, %d parts; %d already written, %d to go", len(samples), len(items),
-                len(parts), len(done), len(parts) - len(done))
-    if pending:
-        _write_parts(pending, items, cache, clip_path, shards, trim_cfg, cfg, info)
+    for name in storage.listdir(cache):
+        if ".parquet.tmp-" in name:  # a part a killed run was writing
+            storage.remove(storage.join(cache, name))
+    done = committed_parts(cache)
+    logger.info("%d samples; parts: %d already written, the rest is computed now", shards_manifest.samples, len(done))
+    units = _units(shards, shards_manifest, trim_cfg, cfg, done)
+    _encode(units, cache, clip_path, trim_cfg, cfg, info)
     manifest = summarize(cache, identity_info=info, trim_cfg=trim_cfg, seconds=time.time() - started)
-    if manifest.samples != len(samples):
-        raise RuntimeError(f"precompute: cache holds {manifest.samples} samples, shards {len(samples)}")
+    if manifest.samples != shards_manifest.samples:
+        raise RuntimeError(f"precompute: cache holds {manifest.samples} samples, shards {shards_manifest.samples}")
     manifest.write(cache)
     logger.info("%d samples cached in %s; kept share %.3f, %.0f B/sample", manifest.samples, cache,
                 manifest.kept.mean_share, manifest.bytes_per_visual_sample)
     return manifest
 
 
-def _write_parts(pending: list[WorkItem], items: list[WorkItem], cache: str, clip_path: str, shards: str,
-                 trim_cfg: TrimConfig, cfg: PrecomputeConfig, info: dict) -> None:
-    """Run the pending work items through the encoder actors; write each part once it is whole.
-    Rows are matched to parts by the sample's position in the mixture (ids may repeat)."""
+def _units(shards: str, manifest: ShardsManifest, trim_cfg: TrimConfig, cfg: PrecomputeConfig, done: list[str]) -> Any:
+    """The units not yet written, with their image bytes, as a Ray Data dataset (see precompute_units)."""
+    import pyarrow.parquet as pq
     import ray
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # rows come back in plan order: parts complete in turn
-    per_call = 1 if trim_cfg.iqr_scope == "batch" else cfg.batch_size
-    dataset = ray.data.from_items(
-        [{"part": i.part, "samples": json.dumps(i.samples)} for i in pending]
-    ).map_batches(
-        TrimActor, batch_size=per_call, compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-        num_gpus=cfg.num_gpus_per_actor, num_cpus=cfg.num_cpus_per_actor,
-        fn_constructor_kwargs=dict(clip_path=clip_path, shards=shards, layer=cfg.layer,
-                                   trim_cfg=trim_cfg.to_dict(), batch_size=cfg.batch_size, dtype=cfg.dtype,
-                                   threads=cfg.num_cpus_per_actor),
-        batch_format="default")
-    expected = {p: sum(len(i.samples) for i in items if i.part == p) for p in {i.part for i in items}}
-    total = len(expected)
-    written = total - len({i.part for i in pending})
-    part_of = {s["index"]: item.part for item in pending for s in item.samples}
-    buffers: dict[int, list[dict]] = {}
-    for row in dataset.iter_rows():  # row by row: a part is written as soon as it is whole
-        part = part_of[row["index"]]
-        buffers.setdefault(part, []).append(row)
-        if len(buffers[part]) == expected[part]:
-            rows = sorted(buffers.pop(part), key=lambda r: r["index"])
-            storage.write_parquet(storage.join(cache, f"part-{part:05d}.parquet"),
-                                  pa.Table.from_pylist(rows, schema=CACHE_SCHEMA))
-            written += 1
-            kept = [r["num_kept"] for r in rows if r["num_tokens"]]
-            logger.info("part %d/%d written (%d samples, mean kept %.1f/%d patches)", written, total, len(rows),
-                        np.mean(kept) if kept else 0, info["num_patches"])
+    fs, root = storage.arrow_fs(shards)
+    names = [n for n in storage.listdir(shards, ".parquet") if n.startswith("samples-")]
+    if batch_grouped(trim_cfg):
+        file_rows = [(n, pq.ParquetFile(storage.join(root, n), filesystem=fs).metadata.num_rows) for n in names]
+        pending = [u for u in official_units(file_rows, cfg.rows_per_file, trim_cfg.batch_group_size)
+                   if u["part"] not in set(done)]
+        if not pending:
+            return None
+        return ray.data.from_items(pending, override_num_blocks=len(pending)).map_batches(
+            gather_official_batch, fn_kwargs={"shards": shards, "group_size": trim_cfg.batch_group_size},  # type: ignore[arg-type]
+            batch_size=1, batch_format="numpy")
+    # Only sample rows (no image bytes) are shuffled: a pull-based sort shuffle, light on a small cluster.
+    keyed = ray.data.from_items([{"name": n} for n in names], override_num_blocks=len(names)).map_batches(
+        read_samples_batch, batch_size=1, batch_format="pyarrow",  # type: ignore[arg-type]
+        fn_kwargs={"shards": shards, "files": manifest.image_files, "rows_per_file": cfg.rows_per_file})
+    keyed.context.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    text_units = manifest.samples // (cfg.rows_per_file * TEXT_SPAN) + 1
+    partitions = min(manifest.image_files + text_units, 200)
+    return keyed.groupby("unit", num_partitions=partitions).map_groups(
+        gather_group, fn_kwargs={"shards": shards, "files": manifest.image_files,  # type: ignore[arg-type]
+                                 "rows_per_file": cfg.rows_per_file,
+                                 "done": done}, batch_format="pyarrow")
+
+
+def _encode(units: Any, cache: str, clip_path: str, trim_cfg: TrimConfig, cfg: PrecomputeConfig, info: dict) -> None:
+    """Prepare (CPU tasks) and encode (actors) the units; log each part as its summary comes back."""
+    import ray
+
+    if units is None:
+        return
+    gpu = cfg.num_gpus_per_actor > 0
+    # The memory a task needs (a unit's bytes, PIL's images, its pixels): also what keeps Ray Data
+    # from fusing these CPU tasks into the encoder actors when both ask for one CPU and no GPU.
+    side = int(info["image_size"])
+    memory = 512 * 2**20 + cfg.rows_per_file * 4 * side * side
+    prepared = units.map_batches(prepare_batch, batch_size=1, batch_format="pyarrow", memory=memory,
+                                 fn_kwargs={"clip_path": clip_path, "text_mode": trim_cfg.text,  # type: ignore[arg-type]
+                                            "grouped": batch_grouped(trim_cfg)})
+    compute = ray.data.ActorPoolStrategy(size=cfg.concurrency, max_concurrent_calls_per_actor=2 if gpu else 1,
+                                         enable_true_multi_threading=gpu)
+    summaries = prepared.map_batches(
+        EncoderActor, batch_size=1, batch_format="pyarrow", compute=compute,
+        num_gpus=cfg.num_gpus_per_actor, num_cpus=_actor_cpus(cfg),
+        fn_constructor_kwargs=dict(clip_path=clip_path, cache=cache, layer=cfg.layer, trim_cfg=trim_cfg.to_dict(),
+                                   batch_size=cfg.batch_size, dtype=cfg.dtype,
+                                   threads=cfg.encoder_threads or cfg.num_cpus_per_actor))
+    for n, row in enumerate(summaries.iter_rows(), 1):
+        visual = max(int(row["visual"]), 1)
+        logger.info("part %d written: %s, %d samples (%d with an image), mean kept %.1f/%d patches, %.1f MB", n,
+                    row["part"], row["samples"], row["visual"], row["kept"] / visual, info["num_patches"],
+                    row["bytes"] / 1e6)
+
+
+def _actor_cpus(cfg: PrecomputeConfig) -> float:
+    """The CPUs each encoder actor asks Ray for: num_cpus_per_actor, less where the actors would take
+    every CPU of the cluster and leave none to the tasks that feed them (which would wait forever).
+    Its torch threads stay as configured."""
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 1))
+    wanted = float(cfg.num_cpus_per_actor)
+    if wanted * cfg.concurrency <= total - 1:
+        return wanted
+    capped = max((total - 1) / cfg.concurrency, 0.25)
+    logger.info("%d encoder actor(s) x %g CPUs would leave none of the cluster's %g to the decode tasks: each asks "
+                "for %g (torch threads unchanged)", cfg.concurrency, wanted, total, capped)
+    return capped
 
 
 def summarize(cache: str, identity_info: dict, trim_cfg: TrimConfig, seconds: float) -> CacheManifest:
-    """Counts and kept-token statistics of a finished cache (the manifest's body). Each sample (its
-    position in the mixture) must be there exactly once."""
-    rows = list(iter_cache(cache, ["index", "source", "num_tokens", "num_kept", "token_dim"]))
-    positions = [r["index"] for r in rows]
-    if len(positions) != len(set(positions)):
+    """Counts and kept-token statistics of a finished cache (the manifest's body), from a few columns
+    read as Arrow arrays. Each sample (its position in the mixture) must be there exactly once."""
+    table = read_columns(cache, ["index", "source", "num_tokens", "num_kept"])
+    positions = table.column("index").to_numpy()
+    if len(np.unique(positions)) != len(positions):
         raise RuntimeError(f"precompute: {cache} holds a sample more than once")
-    visual = [r for r in rows if r["num_tokens"]]
-    kept = np.array([r["num_kept"] for r in visual] or [0])
+    tokens = table.column("num_tokens").to_numpy()
+    visual = tokens > 0
+    kept = table.column("num_kept").to_numpy()[visual] if visual.any() else np.zeros(1)
     num_patches = identity_info["num_patches"]
-    size = sum(storage.size(storage.join(cache, n)) for n in storage.listdir(cache, ".parquet"))
-    per_source: dict[str, int] = {}
-    for r in rows:
-        per_source[r["source"]] = per_source.get(r["source"], 0) + 1
+    names = committed_parts(cache)
+    size = sum(storage.size(storage.join(cache, n)) for n in names)
+    counts = pc.value_counts(table.column("source")).to_pylist()
     return CacheManifest(
-        encoder=identity_info, trim=trim_cfg.to_dict(), samples=len(rows), visual_samples=len(visual),
-        text_only_samples=len(rows) - len(visual), per_source=dict(sorted(per_source.items())),
+        encoder=identity_info, trim=trim_cfg.to_dict(), samples=len(positions), visual_samples=int(visual.sum()),
+        text_only_samples=int((~visual).sum()), per_source=dict(sorted((c["values"], c["counts"]) for c in counts)),
         kept=KeptStats(mean=float(kept.mean()), median=float(np.median(kept)), min=int(kept.min()),
                        max=int(kept.max()), mean_share=float(kept.mean() / num_patches),
-                       mean_tokens=float(np.mean([r["num_tokens"] for r in visual] or [0]))),
-        cache_bytes=int(size), bytes_per_visual_sample=size / max(len(visual), 1),
+                       mean_tokens=float(tokens[visual].mean()) if visual.any() else 0.0),
+        cache_bytes=int(size), bytes_per_visual_sample=size / max(int(visual.sum()), 1),
         full_feature_bytes_per_image=num_patches * identity_info["feature_dim"] * 2, seconds=round(seconds, 2))
 
 
@@ -278,7 +262,8 @@ def log_precompute(recipe: Recipe, manifest: CacheManifest) -> CacheManifest:
     experiment): kept-token statistics, the manifest and recipe.eval.num_pictures pictures of cached
     samples. Returns the manifest, so a job can `return log_precompute(...)`."""
     from pipelines.pictures import cache_pictures, log_pictures
-    from pipelines.tracking import Tracker, default_tracking_uri, experiment_name
+    from pipelines.tracking import Tracker
+    from pipelines.tracking_store import default_tracking_uri, experiment_name
 
     paths = recipe.paths
     with Tracker(default_tracking_uri(paths.root), experiment_name(recipe.name)) as tracker:

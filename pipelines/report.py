@@ -1,9 +1,11 @@
 """The efficiency report (the TRIM paper's Fig. 1 and Table 2): a batch of one, with and without TRIM.
 
-Measured on the model at hand (the tiny one here): visual and prompt tokens, CLIP + TRIM time, the
-LLM's time to first token (projector + prefill + first token) and the decode time per token. Computed
-from the model config (trim/efficiency.py): prefill FLOPs and KV-cache bytes, for the model at hand
-and for LLaVA-1.5-7B and 13B, so the same report prints the figures of the published sizes.
+Measured on the model at hand, on whatever device it runs on (a GPU in bf16, else the CPU in fp32),
+named in the table's title: visual and prompt tokens, CLIP + TRIM time, the LLM's time to first token
+(projector + prefill + first token) and the decode time per token, eager and on the low-latency path
+(static KV cache; CUDA graphs on CUDA). Computed from the model config (trim/efficiency.py), and
+labelled so: prefill FLOPs and KV-cache bytes, for the model at hand and for LLaVA-1.5-7B and 13B, so
+the same report prints the figures of the published sizes.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ _MEASURED_COLUMNS = (("", "label", "{}"), ("visual", "visual_tokens", "{:d}"), (
 
 
 def measured_rows(runs, shape: LlmShape, bytes_per_element: int = 2) -> list[MeasuredRow]:
-    """Rows "full" then "TRIM" from timed runs (trim.inference.TimedRun), with the analytic prefill
+    """Rows "full" then "TRIM" from timed runs (trim.timing.TimedRun), with the analytic prefill
     FLOPs and KV cache of their actual prompt lengths."""
     by_label = {run.label: run for run in runs}
     rows = []
@@ -127,27 +129,45 @@ def _key(name: str) -> str:
     return name.lower().replace(" ", "_")
 
 
-def build_report(model_name: str, runs, shape: LlmShape, question_tokens: int,
-                 visual_trim: int = PAPER_VISUAL_TOKENS, system_tokens: int = 0,
-                 measured_share: CacheShare | None = None) -> Report:
-    """The measured table of the model at hand and the analytic tables of LLaVA-1.5-7B and 13B (a
-    prompt of visual + question + system_tokens tokens; 576 visual tokens without TRIM, visual_trim
-    with it: by default the paper's share). With measured_share, one more row per table at the share
-    measured in this project's cache, labelled with its encoder."""
-    report = Report()
-    measured = measured_rows(runs, shape)
+def _measured_section(report: Report, model_name: str, runs, shape: LlmShape, question_tokens: int, device: str,
+                      bytes_per_element: int, graphs: bool) -> None:
+    """One measured table (eager runs, or low-latency ones) with its metrics."""
+    measured = measured_rows(runs, shape, bytes_per_element)
     trim_run = next(run for run in runs if run.label == "TRIM")
+    key = _key(model_name)
+    path = "eager"
+    if trim_run.low_latency:
+        key += "/low_latency"
+        path = "low-latency path: static KV cache, " + ("CUDA graphs" if graphs else "no graphs off CUDA")
     report.sections.append((
-        f"{model_name} (measured; batch of one, {question_tokens}-token question, {trim_run.new_tokens} new tokens; "
-        f"FLOPs and KV cache computed for the prompt as fed, template included)", format_rows(measured)))
-    report.tables[_key(model_name)] = _columns(measured)
+        f"{model_name} (measured on {device}, {path}; batch of one, {question_tokens}-token question, "
+        f"{trim_run.new_tokens} new tokens; FLOPs and KV cache computed for the prompt as fed, template included)",
+        format_rows(measured)))
+    report.tables[key.replace("/", "_")] = _columns(measured)
     for row in measured:
-        prefix = f"{_key(model_name)}/{row.label.lower()}"
+        prefix = f"{key}/{row.label.lower()}"
         report.metrics.update({f"{prefix}/visual_tokens": row.visual_tokens, f"{prefix}/ttft_ms": row.ttft_ms,
                                f"{prefix}/prefill_ms": row.prefill_ms,
                                f"{prefix}/decode_ms_per_token": row.decode_ms_per_token,
                                f"{prefix}/prefill_mflops": row.prefill_mflops})
-    report.metrics[f"{_key(model_name)}/ttft_ratio"] = measured[1].ttft_ratio
+    report.metrics[f"{key}/ttft_ratio"] = measured[1].ttft_ratio
+
+
+def build_report(model_name: str, runs, shape: LlmShape, question_tokens: int,
+                 visual_trim: int = PAPER_VISUAL_TOKENS, system_tokens: int = 0,
+                 measured_share: CacheShare | None = None, device: str = "this machine",
+                 low_latency_runs=None, bytes_per_element: int = 2, graphs: bool = False) -> Report:
+    """The measured tables of the model at hand on `device` (eager runs, and low_latency_runs when
+    given; `graphs`: whether those replayed CUDA graphs; bytes_per_element: of its KV cache) and the
+    analytic tables of LLaVA-1.5-7B and 13B (a prompt of visual + question + system_tokens tokens;
+    576 visual tokens without TRIM, visual_trim with it: by default the paper's share). With
+    measured_share, one more row per table at the share measured in this project's cache, labelled
+    with its encoder."""
+    report = Report()
+    _measured_section(report, model_name, runs, shape, question_tokens, device, bytes_per_element, graphs)
+    if low_latency_runs:
+        _measured_section(report, model_name, low_latency_runs, shape, question_tokens, device, bytes_per_element,
+                          graphs)
     for name, published in PUBLISHED:
         rows = efficiency_rows(published, question_tokens, visual_trim=visual_trim, system_tokens=system_tokens)
         if measured_share:
@@ -190,19 +210,22 @@ def load_answerer(recipe):
 
     from pipelines import storage
     from trim.encoders import ClipEncoder
-    from trim.inference import Answerer
+    from trim.inference import Answerer, default_device, default_dtype
     from trim.model import LlavaTrim
 
     paths = recipe.paths
     model_dir = paths.model_dir(recipe.train.run_name)
     if storage.exists(storage.join(model_dir, "trim_llava.json")):
         logger.info("model %s", model_dir)
-        return Answerer.load(storage.local_copy(model_dir), storage.local_copy(paths.clip))
+        return Answerer.load(storage.local_copy(model_dir), storage.local_copy(paths.clip))  # on a GPU if any
     paths.require("llm", "clip")
     logger.info("no fine-tuned model at %s; timing %s with a fresh projector", model_dir, paths.llm)
-    encoder = ClipEncoder(paths.clip)
-    model = LlavaTrim.from_llm(paths.llm, feature_dim=encoder.feature_dim, settings={"trim": recipe.trim.to_dict()})
-    return Answerer(model, AutoTokenizer.from_pretrained(paths.llm), encoder, recipe.trim)
+    device = default_device()
+    dtype = default_dtype(device)
+    encoder = ClipEncoder(paths.clip, device=str(device), dtype=dtype)
+    model = LlavaTrim.from_llm(paths.llm, feature_dim=encoder.feature_dim, settings={"trim": recipe.trim.to_dict()},
+                               dtype=dtype)
+    return Answerer(model.to(device), AutoTokenizer.from_pretrained(paths.llm), encoder, recipe.trim)
 
 
 def sample_image(recipe):

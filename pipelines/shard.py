@@ -1,12 +1,17 @@
-"""Stage 1, shard: LLaVA's mixture JSON + image folders into Parquet shards.
+"""Stage 1, shard: LLaVA's mixture JSON + image folders into Parquet shards, as streaming Ray Data work.
 
 Output, under `shards/`:
-  samples-NNNNN.parquet  one row per kept sample: index, id, source, image_path, image_key, conversations
-  images-NNNNN.parquet   one row per distinct image (by content hash): image_key, bytes, width, height
+  samples-NNNNN.parquet  one row per kept sample of the NNNNN-th run of ShardConfig.rows_per_shard
+                         records, in mixture order: index, id, source, image_path, image_key, conversations
+  images-NNNNN.parquet   one row per distinct image (by content hash): image_key, bytes, width, height;
+                         the file is the key's hash bucket, rows sorted by key (pipelines.images)
   rejects.parquet        one row per record set aside: index, id, reason, detail
   manifest.json          counts per source and per reject reason, the input, the config
-The pure core checks records and reads images; Ray Data reads and hashes the images in parallel while
-the driver streams them, deduplicated, into shards (memory holds one batch of image bytes at a time).
+
+The driver never holds the mixture: one worker scans it for the byte ranges of runs of records
+(pipelines.mixture), workers parse and check the runs, read and hash the distinct images, write the
+images once each, then write the samples with their image keys. The driver keeps one entry per
+distinct image path (for the keys) and per run (for the counts), never one per record.
 """
 
 from __future__ import annotations
@@ -14,141 +19,38 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from dataclasses import asdict
 from typing import Any
 
 import pyarrow as pa
 
 from pipelines import storage
 from pipelines.config import ShardConfig
-from pipelines.images import OUTSIDE_ROOT, escapes_root, load_image
+from pipelines.images import IMAGE_LAYOUT, load_image
 from pipelines.manifests import ShardsManifest
-from trim.conversation import template_conflict
+from pipelines.mixture import Chunk, iter_records, scan_chunks
+from pipelines.shard_images import IMAGE_SCHEMA, ImageIndex, hash_image_batch, write_bucket_batch
+from pipelines.shard_records import (
+    REJECT_SCHEMA,
+    SAMPLE_SCHEMA,
+    WORK,
+    Reject,
+    check_record,
+    infer_source,
+    write_chunk_batch,
+)
+
+# The pure pieces, importable from the stage's module (tests, benchmarks/naive_shard.py).
+__all__ = ["IMAGE_SCHEMA", "REJECT_SCHEMA", "SAMPLE_SCHEMA", "Reject", "check_record", "infer_source", "iter_records",
+           "load_image", "run_shard"]
 
 logger = logging.getLogger(__name__)
 
-IMAGE_TAG = "<image>"
-MANIFEST_VERSION = 1
-
-
-@dataclass
-class Reject:
-    """A record set aside, and why."""
-
-    index: int
-    id: str
-    reason: str
-    detail: str
-
-
-# Pure core: records ----------------------------------------------------------------------------
-
-
-def iter_records(data: bytes, name: str) -> Iterator[tuple[int, Any]]:
-    """(index, record) of a JSON array (as LLaVA ships it) or of JSONL. A line of JSONL that does
-    not parse is yielded as an exception object, so it becomes a reject instead of stopping the job."""
-    stripped = data.lstrip()
-    if stripped.startswith(b"["):
-        try:
-            records = json.loads(data)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{name}: not valid JSON ({err})") from err
-        del data
-        # Hand records over one by one, dropping each from the list: the parsed mixture shrinks as
-        # the (smaller) sample rows grow, instead of both being held whole.
-        records.reverse()
-        index = 0
-        while records:
-            yield index, records.pop()
-            index += 1
-        return
-    for index, line in enumerate(data.splitlines()):
-        if not line.strip():
-            continue
-        try:
-            yield index, json.loads(line)
-        except json.JSONDecodeError as err:
-            yield index, err
-
-
-def check_record(index: int, record: Any) -> Reject | None:
-    """Why a record cannot be used (None if it can): structure, turns, the <image> tag."""
-    if isinstance(record, Exception):
-        return Reject(index, f"#{index}", "malformed record", f"line does not parse: {record}")
-    if not isinstance(record, dict) or not isinstance(record.get("id"), (str, int)):
-        return Reject(index, f"#{index}", "malformed record", "not an object with an id")
-    rid = str(record["id"])
-    turns = record.get("conversations")
-    if not isinstance(turns, list) or not turns:
-        return Reject(index, rid, "malformed conversation", "no conversations list")
-    for i, turn in enumerate(turns):
-        expected = "human" if i % 2 == 0 else "gpt"
-        if not isinstance(turn, dict) or turn.get("from") != expected or not isinstance(turn.get("value"), str):
-            return Reject(index, rid, "malformed conversation",
-                          f"turn {i} is not a {expected!r} turn with a text value")
-        if not turn["value"].replace(IMAGE_TAG, "").strip():
-            return Reject(index, rid, "empty turn", f"turn {i} ({expected}) is empty")
-    if len(turns) % 2:
-        return Reject(index, rid, "malformed conversation", "the last human turn has no answer")
-    tags = sum(turn["value"].count(IMAGE_TAG) for turn in turns)
-    image = record.get("image")
-    if image is not None and not (isinstance(image, str) and image.strip()):
-        return Reject(index, rid, "malformed record", f"image is not a path: {image!r}")
-    if image and tags == 0:
-        return Reject(index, rid, "image without <image> tag", f"image {image} but no {IMAGE_TAG} in any turn")
-    if not image and tags:
-        return Reject(index, rid, "<image> tag without image", f"{tags} {IMAGE_TAG} tag(s) but no image field")
-    if image and escapes_root(image):
-        return Reject(index, rid, OUTSIDE_ROOT, escapes_root(image) or "")
-    if tags > 1 or (tags == 1 and IMAGE_TAG not in turns[0]["value"]):
-        return Reject(index, rid, "misplaced <image> tag", f"{tags} tag(s); expected one, in the first human turn")
-    conflict = template_conflict(turns)  # LLaVA would train on it with every label masked
-    if conflict:
-        return Reject(index, rid, "template conflict", conflict)
-    return None
-
-
-def infer_source(record: dict) -> str:
-    """Which part of the 665K mixture a record comes from. The JSON has no source field, so it is read
-    off the image folder and the prompt style (VQAv2 and OK-VQA share both: "coco_vqa")."""
-    image = record.get("image")
-    if not image:
-        return "sharegpt"
-    first = record["conversations"][0]["value"]
-    for prefix, source in (("gqa/", "gqa"), ("ocr_vqa/", "ocrvqa"), ("textvqa/", "textcaps"), ("vg/", "vg")):
-        if image.startswith(prefix):
-            return source
-    if "option's letter" in first:
-        return "aokvqa"
-    if "bounding box" in first or "short description for this region" in first:
-        return "refcoco"
-    if "single word or phrase" in first:
-        return "coco_vqa"
-    return "llava_instruct"
-
-
-# Pure core: images -----------------------------------------------------------------------------
-
-
-def load_image_batch(batch: dict[str, Any], image_root: str) -> dict[str, list]:
-    """Ray Data map_batches function over {"path": [...]}. Empty strings/bytes stand for "none", so
-    every column keeps one Arrow type whatever mix of good and bad images a batch holds."""
-    rows = [load_image(image_root, p) for p in batch["path"]]
-    return {k: [r[k] if r[k] is not None else (b"" if k == "bytes" else "") for r in rows] for k in rows[0]}
+MANIFEST_VERSION = 2  # 2: streamed, images in hash buckets
 
 
 # Ray wrapper ----------------------------------------------------------------------------------
-
-SAMPLE_SCHEMA = pa.schema([
-    ("index", pa.int64()), ("id", pa.string()), ("source", pa.string()), ("image_path", pa.string()),
-    ("image_key", pa.string()), ("conversations", pa.string()),
-])
-IMAGE_SCHEMA = pa.schema([("image_key", pa.string()), ("bytes", pa.binary()), ("width", pa.int32()),
-                          ("height", pa.int32())])
-REJECT_SCHEMA = pa.schema([("index", pa.int64()), ("id", pa.string()), ("reason", pa.string()),
-                           ("detail", pa.string())])
-IMAGE_ROW_GROUP = 16  # small row groups: precompute fetches images by key
 
 
 def _input_fingerprint(mixture: str, image_root: str, cfg: ShardConfig) -> dict:
@@ -160,114 +62,93 @@ def _input_fingerprint(mixture: str, image_root: str, cfg: ShardConfig) -> dict:
 
 def run_shard(mixture: str, image_root: str, out: str, cfg: ShardConfig) -> ShardsManifest:
     """Shard the mixture; skip if `out` already holds a manifest of the same input and config."""
+    import ray
+
     fingerprint = _input_fingerprint(mixture, image_root, cfg)
     previous = ShardsManifest.read_if_exists(out)
     if previous is not None and previous.input == fingerprint:
         logger.info("%s is already complete for this input; nothing to do", out)
         return previous
     started = time.time()
-    samples, rejects = _read_records(mixture)
-    logger.info("%d records read, %d set aside so far", len(samples) + len(rejects), len(rejects))
     storage.makedirs(out)
-    images = _store_images(sorted({s["image_path"] for s in samples if s["image_path"]}), image_root, out, cfg)
-    kept = []
-    for sample in samples:
-        path = sample["image_path"]
-        if path and path in images.error_of:
-            rejects.append(Reject(sample["index"], sample["id"], *images.error_of[path]))
-            continue
-        sample["image_key"] = images.key_of.get(path) if path else None
-        kept.append(sample)
-    for i in range(0, max(len(kept), 1), cfg.rows_per_shard):
-        table = pa.Table.from_pylist(kept[i:i + cfg.rows_per_shard], schema=SAMPLE_SCHEMA)
-        storage.write_parquet(storage.join(out, f"samples-{i // cfg.rows_per_shard:05d}.parquet"), table)
-    rejects.sort(key=lambda r: r.index)
-    storage.write_parquet(storage.join(out, "rejects.parquet"),
-                          pa.Table.from_pylist([asdict(r) for r in rejects], schema=REJECT_SCHEMA))
+    for name in storage.listdir(out, ".parquet"):  # a previous, different run's files
+        storage.remove(storage.join(out, name))
+    # One worker reads the mixture once: the runs' byte ranges and the distinct image paths.
+    chunks, paths = ray.get(ray.remote(num_cpus=1)(scan_chunks).remote(mixture, cfg.rows_per_shard))
+    logger.info("%s: %d records in %d runs of up to %d, %d distinct image paths", mixture, sum(c.count for c in chunks),
+                len(chunks), cfg.rows_per_shard, len(paths))
+    index = _hash_images(paths, image_root, cfg)
+    del paths
+    counts = _write_samples(chunks, mixture, out, index, cfg)
+    stored = _write_images(index, counts["keys"], image_root, out, cfg)
+    rejects = [storage.read_parquet(storage.join(out, WORK, f"rejects-{c.number:05d}.parquet")) for c in chunks]
+    table = pa.concat_tables(rejects) if rejects else REJECT_SCHEMA.empty_table()
+    storage.write_parquet(storage.join(out, "rejects.parquet"), table)
+    if not chunks:  # an empty mixture still has a samples table
+        storage.write_parquet(storage.join(out, "samples-00000.parquet"), SAMPLE_SCHEMA.empty_table())
+    storage.remove(storage.join(out, WORK))
     manifest = ShardsManifest(
-        input=fingerprint, samples=len(kept), rejects=len(rejects), images=images.count,
-        image_bytes=images.bytes, image_files=images.files, per_source=_count(s["source"] for s in kept),
-        per_reject_reason=_count(r.reason for r in rejects), seconds=round(time.time() - started, 2))
+        input=fingerprint, samples=counts["kept"], rejects=table.num_rows, images=sum(stored["images"]),
+        image_bytes=sum(stored["bytes"]), image_files=len(stored["bucket"]),
+        per_source=dict(sorted(counts["source"].items())), per_reject_reason=dict(sorted(counts["reason"].items())),
+        seconds=round(time.time() - started, 2),
+        image_layout=IMAGE_LAYOUT, sample_files=max(len(chunks), 1))
     manifest.write(out)
-    logger.info("%d samples, %d distinct images, %d rejects -> %s", len(kept), images.count, len(rejects), out)
+    logger.info("%d samples, %d distinct images, %d rejects -> %s", manifest.samples, manifest.images,
+                manifest.rejects, out)
     return manifest
 
 
-def _read_records(mixture: str) -> tuple[list[dict], list[Reject]]:
-    """The mixture's records checked: (sample rows, rejects). A sample is its position (index)."""
-    samples: list[dict] = []
-    rejects: list[Reject] = []
-    for index, record in iter_records(storage.read_bytes(mixture), mixture):
-        problem = check_record(index, record)
-        if problem:
-            rejects.append(problem)
-            continue
-        samples.append({"index": index, "id": str(record["id"]), "source": infer_source(record),
-                        "image_path": record.get("image"), "image_key": None,
-                        "conversations": json.dumps(record["conversations"], ensure_ascii=False)})
-    return samples, rejects
-
-
-@dataclass
-class StoredImages:
-    """What _store_images wrote and found."""
-
-    key_of: dict[str, str] = field(default_factory=dict)
-    """Image path -> content key, for the images that read."""
-    error_of: dict[str, tuple[str, str]] = field(default_factory=dict)
-    """Image path -> (reason, detail), for those that did not."""
-    count: int = 0
-    """Distinct images stored."""
-    bytes: int = 0
-    """Their bytes."""
-    files: int = 0
-    """images-NNNNN.parquet files written."""
-
-
-def _store_images(paths: list[str], image_root: str, out: str, cfg: ShardConfig) -> StoredImages:
-    """Ray Data reads and hashes the images in parallel while the driver streams them, deduplicated by
-    content, into image shards (memory holds one batch of image bytes at a time)."""
+def _hash_images(paths: list[str], image_root: str, cfg: ShardConfig) -> ImageIndex:
+    """Every distinct path read, decoded and hashed by workers."""
     import ray
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # deterministic shards: a rerun writes the same files
-    dataset = ray.data.from_items([{"path": p} for p in paths]).map_batches(
-        load_image_batch,  # type: ignore[arg-type]  # image_root comes through fn_kwargs
-        fn_kwargs={"image_root": image_root}, batch_size=cfg.read_batch_size,
-        concurrency=cfg.concurrency, batch_format="default")
-    stored = StoredImages()
-    seen: set[str] = set()
-    buffer: list[dict] = []
-
-    def flush() -> None:
-        if buffer:
-            table = pa.Table.from_pylist(buffer, schema=IMAGE_SCHEMA)
-            storage.write_parquet(storage.join(out, f"images-{stored.files:05d}.parquet"), table, IMAGE_ROW_GROUP)
-            stored.files += 1
-            buffer.clear()
-
-    for batch in dataset.iter_batches(batch_size=cfg.read_batch_size, batch_format="default"):
-        for path, key, data, width, height, error, detail in zip(
-                batch["path"], batch["image_key"], batch["bytes"], batch["width"], batch["height"], batch["error"],
-                batch["detail"]):
-            if error:
-                stored.error_of[path] = (error, detail)
-                continue
-            stored.key_of[path] = key
-            if key in seen:  # the same bytes under another name: stored once
-                continue
-            seen.add(key)
-            stored.bytes += len(data)
-            buffer.append({"image_key": key, "bytes": data, "width": width, "height": height})
-            if len(buffer) >= cfg.images_per_shard:
-                flush()
-    flush()
-    stored.count = len(seen)
-    return stored
+    index = ImageIndex()
+    if not paths:
+        return index
+    blocks = -(-len(paths) // cfg.read_batch_size)
+    dataset = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=blocks).map_batches(
+        hash_image_batch, fn_kwargs={"image_root": image_root},  # type: ignore[arg-type]
+        batch_size=cfg.read_batch_size, compute=ray.data.TaskPoolStrategy(size=cfg.concurrency), batch_format="default")
+    for batch in dataset.iter_batches(batch_size=None, batch_format="default"):
+        for path, key, width, height, size, error, detail in zip(
+                *(batch[k] for k in ("path", "image_key", "width", "height", "size", "error", "detail"))):
+            index.add(str(path), str(key), int(width), int(height), int(size), str(error), str(detail))
+    logger.info("%d image paths: %d distinct images, %d unreadable", len(paths), len(index.owner), len(index.error_of))
+    return index
 
 
-def _count(values) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for value in values:
-        counts[value] = counts.get(value, 0) + 1
-    return dict(sorted(counts.items()))
+def _write_images(index: ImageIndex, used: set[str], image_root: str, out: str, cfg: ShardConfig) -> dict[str, list]:
+    """The images the kept samples use, each stored once, in files written by workers."""
+    import ray
+
+    written: dict[str, list] = {"bucket": [], "images": [], "bytes": []}
+    buckets = index.buckets(cfg.images_per_shard, used)
+    dataset = ray.data.from_items(buckets, override_num_blocks=len(buckets)).map_batches(
+        write_bucket_batch, fn_kwargs={"image_root": image_root, "out": out},  # type: ignore[arg-type]
+        batch_size=1, compute=ray.data.TaskPoolStrategy(size=cfg.concurrency), batch_format="default")
+    for batch in dataset.iter_batches(batch_size=None, batch_format="default"):
+        for key in written:
+            written[key] += [int(v) for v in batch[key]]
+    return written
+
+
+def _write_samples(chunks: list[Chunk], mixture: str, out: str, index: ImageIndex, cfg: ShardConfig) -> dict[str, Any]:
+    """Runs parsed, checked, given their image keys and written by workers; returns the counts and
+    the image keys the kept samples use."""
+    import ray
+
+    totals: dict[str, Any] = {"kept": 0, "source": Counter(), "reason": Counter(), "keys": set()}
+    if not chunks:
+        return totals
+    ref = ray.put((index.key_of, index.error_of))
+    dataset = ray.data.from_items([asdict(c) for c in chunks], override_num_blocks=len(chunks)).map_batches(
+        write_chunk_batch, fn_kwargs={"mixture": mixture, "out": out, "index_ref": ref},  # type: ignore[arg-type]
+        batch_size=1, compute=ray.data.TaskPoolStrategy(size=cfg.concurrency), batch_format="default")
+    for batch in dataset.iter_batches(batch_size=None, batch_format="default"):
+        for kept, counts, keys in zip(batch["kept"], batch["counts"], batch["keys"]):
+            totals["kept"] += int(kept)
+            totals["keys"].update(str(k) for k in keys)
+            for name, values in json.loads(counts).items():
+                totals[name].update(values)
+    return totals

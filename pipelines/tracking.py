@@ -1,44 +1,44 @@
 """MLflow tracking, in one place and on rank 0 only.
 
-Default store: a local sqlite file beside the run (or `./mlruns.db` when the run root is on S3); with
-MLFLOW_TRACKING_URI, that server. If the server cannot be reached, training goes on and says so once.
-A resumed run continues the same MLflow run (its id travels in the Ray Train checkpoint). A Tracker is
-a context manager: the run ends FINISHED, or FAILED when the block raises.
+Default store: a local sqlite file beside the run (or `./mlflow.db` when the run root is on S3); with
+MLFLOW_TRACKING_URI, that server. A resumed run continues the same MLflow run (its id travels in the
+Ray Train checkpoint). A Tracker is a context manager: the run ends FINISHED, or FAILED when the block
+raises (KILLED on Ctrl-C).
+
+Tracking never stops training and never gives up for good. Each call is tried a few times with a
+short backoff; a call the server refuses (a bad value) is not retried. When the server cannot be
+reached, the failure is logged once per kind of failure, metric calls are skipped for a cool-down
+(growing while the server stays down) and every call gets a single try until one gets through. A
+run that could not be started is started by the next call that reaches the server (with the params
+logged before it).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+from pipelines.runtime import redact, redact_uri
+from pipelines.tracking_store import artifact_location
+
 logger = logging.getLogger(__name__)
 
-# Fail fast instead of retrying for minutes when the server is down.
+# Our own retries below replace MLflow's (which would retry for minutes when the server is down).
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
-
-def experiment_name(recipe_name: str) -> str:
-    """The MLflow experiment every stage of a recipe logs to."""
-    return f"trim-llava-{recipe_name}"
-
-
-def default_tracking_uri(root: str) -> str:
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    base = os.path.abspath(root) if not root.startswith("s3://") else os.getcwd()
-    return f"sqlite:///{os.path.join(base, 'mlflow.db')}"
-
-
-def artifact_location(tracking_uri: str) -> str | None:
-    """Where a new experiment keeps its artifacts: beside a sqlite store (its folder's mlartifacts/);
-    None (the server's choice) otherwise. Without this, MLflow puts them under the creating
-    process's working directory (for a Ray Train worker, a temporary Ray session folder)."""
-    if tracking_uri.startswith("sqlite:///"):
-        return os.path.join(os.path.dirname(tracking_uri[len("sqlite:///"):]), "mlartifacts")
-    return None
+REFUSED_CODES = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
+                           "BAD_REQUEST", "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED"})
+"""MLflow error codes that another try would get again: the server answered, and said no."""
+MAX_COOLDOWN_S = 600.0
+"""The longest wait between tries while the server stays unreachable."""
+# Errors of the call itself (a missing artifact file, a bad value), not of the server.
+LOCAL_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, TypeError, ValueError)
 
 
 def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
@@ -53,86 +53,251 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-class Tracker:
-    """Rank 0's MLflow run. Every method is a no-op once the server has failed (said once)."""
+def _refused(err: Exception) -> bool:
+    return isinstance(err, LOCAL_ERRORS) or getattr(err, "error_code", None) in REFUSED_CODES
 
-    def __init__(self, tracking_uri: str, experiment: str, enabled: bool = True):
+
+@dataclass
+class TrackerStats:
+    """What tracking could not do, for the summary line at the end of a run."""
+
+    tries: int = 0
+    """Requests made (each try of each call)."""
+    failed: int = 0
+    """Calls that failed after all their tries."""
+    skipped: int = 0
+    """Calls not made: metrics during a cool-down, or calls needing a run that could not be started."""
+    kinds: set[tuple[str, str]] = field(default_factory=set)
+    """Kinds of failure seen (error type, MLflow error code), each logged once."""
+
+
+class Tracker:
+    """Rank 0's MLflow run (enabled=False: every method does nothing). Arguments beside the store:
+    attempts per call, the first backoff in seconds (doubled at each try), the first cool-down in
+    seconds (doubled after each further failure, up to MAX_COOLDOWN_S: a server that stays down costs
+    one try now and then, not a share of every step)."""
+
+    def __init__(self, tracking_uri: str, experiment: str, enabled: bool = True, attempts: int = 3,
+                 backoff_s: float = 0.5, cooldown_s: float = 30.0):
         self.enabled = enabled
         self.tracking_uri = tracking_uri
         self.experiment = experiment
+        self.attempts, self.backoff_s, self.cooldown_s = max(1, attempts), backoff_s, cooldown_s
         self.run_id: str | None = None
-        self._mlflow: Any = None
-        self._warned = False
-        self._active = False
+        self.stats = TrackerStats()
+        self._client: Any = None
+        self._wanted: tuple[str, str | None] | None = None  # (run name, run id to continue) until started
+        self._pending_params: dict[str, str] = {}
+        self._down_until = 0.0
+        self._down_streak = 0  # transient failures since the last call that got through
+        self._ended = False
+        self._monitor: Any = None  # MLflow's system metrics monitor, while it runs
 
-    def _call(self, what: str, fn, *args, **kwargs):
-        if not self.enabled:
+    # --- calling MLflow -----------------------------------------------------------------------
+
+    def cooling_down(self) -> bool:
+        """True while the server recently failed: metric calls are skipped. Until a call gets through
+        again, every call (metrics after the cool-down) gets a single try."""
+        return time.monotonic() < self._down_until
+
+    def _call(self, what: str, fn: Callable[[], Any], metric: bool = False) -> Any:
+        """fn() in the run, tried as the module docstring says; None when it could not be done."""
+        if not self.enabled or self._ended:
             return None
-        try:
-            return fn(*args, **kwargs)
-        except Exception as err:  # any failure to reach or write to the store
-            self.enabled = False
-            if not self._warned:
-                self._warned = True
-                logger.warning("MLflow at %s failed (%s: %s: %s); going on without tracking", self.tracking_uri,
-                               what, type(err).__name__, str(err)[:200])
+        if metric and self.cooling_down():
+            self.stats.skipped += 1
             return None
+        if self.run_id is None and not self._start_now():
+            self.stats.skipped += 1
+            return None
+        return self._with_retries(what, fn)
+
+    def _with_retries(self, what: str, fn: Callable[[], Any]) -> Any:
+        tries = 1 if self._down_streak else self.attempts
+        for attempt in range(tries):
+            self.stats.tries += 1
+            try:
+                if self._client is None:
+                    from mlflow import MlflowClient
+
+                    self._client = MlflowClient(self.tracking_uri)
+                result = fn()
+            except Exception as err:  # any failure to reach or write to the store
+                if _refused(err):
+                    self._failed(what, err, transient=False)
+                    return None
+                if attempt + 1 == tries:
+                    self._failed(what, err, transient=True)
+                    return None
+                time.sleep(self.backoff_s * 2**attempt)
+            else:
+                if self._down_streak:
+                    logger.info("MLflow at %s answers again (%s); %d calls were skipped meanwhile",
+                                redact_uri(self.tracking_uri), what, self.stats.skipped)
+                    self._down_until, self._down_streak = 0.0, 0
+                return result
+        return None
+
+    def _failed(self, what: str, err: Exception, transient: bool) -> None:
+        self.stats.failed += 1
+        if transient:
+            self._down_streak += 1
+            self._down_until = time.monotonic() + min(self.cooldown_s * 2 ** (self._down_streak - 1), MAX_COOLDOWN_S)
+            self._client = None  # a new client next time: the store may have been the problem
+        kind = (type(err).__name__, str(getattr(err, "error_code", "")))
+        if kind in self.stats.kinds:
+            return
+        self.stats.kinds.add(kind)
+        detail = redact(str(err))[:200]
+        if transient:
+            logger.warning("MLflow at %s failed (%s: %s: %s); going on without tracking, trying again after %.0f s",
+                           redact_uri(self.tracking_uri), what, type(err).__name__, detail, self.cooldown_s)
+        else:
+            logger.warning("MLflow at %s refused %s (%s: %s); tracking goes on", redact_uri(self.tracking_uri),
+                           what, type(err).__name__, detail)
+
+    # --- the run ------------------------------------------------------------------------------
 
     def start(self, run_name: str, run_id: str | None = None) -> str | None:
-        """Start a new run, or continue run_id (a resumed training)."""
-        def _start():
-            import mlflow
-
-            self._mlflow = mlflow
-            mlflow.set_tracking_uri(self.tracking_uri)
-            if run_id is None:
-                location = artifact_location(self.tracking_uri)
-                if location and mlflow.get_experiment_by_name(self.experiment) is None:
-                    try:
-                        mlflow.create_experiment(self.experiment, artifact_location=location)
-                    except Exception:  # created meanwhile by another process: use theirs
-                        pass
-                mlflow.set_experiment(self.experiment)
-                run = mlflow.start_run(run_name=run_name)
-            else:
-                run = mlflow.start_run(run_id=run_id)
-            return run.info.run_id
-
-        self.run_id = self._call("start run", _start)
-        self._active = self.run_id is not None
+        """Start a new run, or continue run_id (a resumed training). Returns the run's id, or None
+        when the server cannot be reached now (a later call starts it)."""
+        if not self.enabled:
+            return None
+        self._wanted = (run_name, run_id)
+        self._start_now()
         return self.run_id
 
-    def log_params(self, params: dict) -> None:
-        flat = {k: str(v)[:500] for k, v in flatten(params).items()}
-        self._call("log params", lambda: self._mlflow.log_params(flat))
+    def _start_now(self) -> bool:
+        if self._wanted is None:
+            return False
+        run_id = self._with_retries("start run", self._open_run)
+        if run_id is None:
+            return False
+        self.run_id, self._wanted = run_id, None
+        if self._pending_params:
+            self._call("log params", self._flush_params)
+        return True
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._call("log metrics", lambda: self._mlflow.log_metrics(metrics, step=step))
+    def _open_run(self) -> str:
+        from mlflow.exceptions import MlflowException
 
-    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
-        self._call("log artifact", lambda: self._mlflow.log_artifact(path, artifact_path))
-
-    def log_dict(self, data: dict, name: str) -> None:
-        self._call("log dict", lambda: self._mlflow.log_dict(data, name))
-
-    def log_text(self, text: str, name: str) -> None:
-        self._call("log text", lambda: self._mlflow.log_text(text, name))
-
-    def log_table(self, data: dict[str, list], name: str) -> None:
-        """A table artifact (columns of equal length), shown as a table in the MLflow UI."""
-        self._call("log table", lambda: self._mlflow.log_table(data, name))
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        self._call("set tags", lambda: self._mlflow.set_tags(tags))
+        client, (run_name, run_id) = self._client, self._wanted or ("", None)
+        if run_id is not None:
+            try:
+                client.update_run(run_id, status="RUNNING")
+                return run_id
+            except MlflowException as err:
+                if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                logger.warning("MLflow run %s is not in %s: starting a new run %s", run_id,
+                               redact_uri(self.tracking_uri), run_name)
+        found = client.get_experiment_by_name(self.experiment)
+        if found is None:
+            try:
+                client.create_experiment(self.experiment, artifact_location=artifact_location(self.tracking_uri))
+            except MlflowException:  # created meanwhile by another process: use theirs
+                pass
+            found = client.get_experiment_by_name(self.experiment)
+        return client.create_run(found.experiment_id, run_name=run_name).info.run_id
 
     def end(self, status: str = "FINISHED") -> None:
-        if self._active:
-            self._active = False
-            self._call("end run", lambda: self._mlflow.end_run(status=status))
+        if not self.enabled or self._ended:
+            return
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
+        if self.run_id is not None:
+            if self._pending_params:
+                self._call("log params", self._flush_params)
+            self._call("end run", lambda: self._client.set_terminated(self.run_id, status=status))
+        self._ended = True
+        if self.stats.failed or self.stats.skipped:
+            logger.info("MLflow at %s: %d calls failed and %d were skipped in this run (run %s, %s)",
+                        redact_uri(self.tracking_uri), self.stats.failed, self.stats.skipped, self.run_id, status)
 
     def __enter__(self) -> Tracker:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  traceback: TracebackType | None) -> None:
-        self.end("FAILED" if kind is not None else "FINISHED")
+        self.end(end_status(error))
+
+    # --- what is logged -----------------------------------------------------------------------
+
+    def log_params(self, params: dict) -> None:
+        """Params (nested dicts flattened, secrets blanked). Kept until they reach the server: a run
+        that starts late gets them, and the next log_params or end() sends what failed."""
+        if self.enabled:
+            self._pending_params.update({k: str(redact(v))[:500] for k, v in flatten(params).items()})
+            self._call("log params", self._flush_params)
+
+    def _flush_params(self) -> None:
+        params, self._pending_params = self._pending_params, {}
+        try:
+            self._batch(params=params)
+        except Exception as err:
+            if not _refused(err):  # a refused value would be refused again: drop it
+                self._pending_params = {**params, **self._pending_params}
+            raise
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._call("log metrics", lambda: self._batch(metrics=metrics, step=step), metric=True)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._call("set tags", lambda: self._batch(tags={k: str(redact(v)) for k, v in tags.items()}))
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        self._call("log artifact", lambda: self._client.log_artifact(self.run_id, path, artifact_path))
+
+    def log_dict(self, data: dict, name: str) -> None:
+        self._call("log dict", lambda: self._client.log_dict(self.run_id, redact(data), name))
+
+    def log_text(self, text: str, name: str) -> None:
+        self._call("log text", lambda: self._client.log_text(self.run_id, redact(text), name))
+
+    def log_table(self, data: dict[str, list], name: str) -> None:
+        """A table artifact (columns of equal length), shown as a table in the MLflow UI."""
+        self._call("log table", lambda: self._client.log_table(self.run_id, data, name))
+
+    def log_model(self, local_dir: str, registered_name: str) -> str | None:
+        """The model directory as the run's `model` artifact, registered as a new version of
+        `registered_name` in MLflow's model registry; returns the version (None if it failed)."""
+        def register() -> str:
+            from mlflow.exceptions import MlflowException
+
+            self._client.log_artifacts(self.run_id, local_dir, "model")
+            try:
+                self._client.create_registered_model(registered_name)
+            except MlflowException as err:  # registered before: add a version
+                if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            return self._client.create_model_version(registered_name, source=f"runs:/{self.run_id}/model",
+                                                     run_id=self.run_id).version
+        return self._call("log model", register)
+
+    def start_system_metrics(self, interval_s: float = 5.0) -> None:
+        """CPU, memory, disk, network and GPU figures every interval_s into the run (system/...)."""
+        def start() -> None:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s,
+                                                 tracking_uri=self.tracking_uri)
+            self._monitor.start()
+        if self._monitor is None:
+            self._call("start system metrics", start)
+
+    def _batch(self, metrics: dict[str, float] | None = None, step: int = 0, params: dict[str, str] | None = None,
+               tags: dict[str, str] | None = None) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        self._client.log_batch(self.run_id, [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()],
+                               [Param(k, v) for k, v in (params or {}).items()],
+                               [RunTag(k, v) for k, v in (tags or {}).items()])
+
+
+def end_status(error: BaseException | None) -> str:
+    """The MLflow status a run ends with, after a block that raised `error` (None: it did not)."""
+    if error is None or (isinstance(error, SystemExit) and error.code in (0, None)):
+        return "FINISHED"
+    return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"

@@ -14,7 +14,7 @@ from typing import Any
 from pipelines import checkpoints, storage
 from pipelines.config import Recipe
 from pipelines.manifests import CacheManifest
-from pipelines.tracking import experiment_name
+from pipelines.tracking_store import experiment_name
 from pipelines.train_engine import deepspeed_config
 from pipelines.train_plan import TrainJob, plan_steps, run_identity
 from trim.formats import check_vision_settings, read_vision_settings, tokenizer_path
@@ -58,6 +58,7 @@ def train_job(recipe: Recipe, tracking_uri: str) -> TrainJob:
         feature_dim=manifest.encoder["feature_dim"], deepspeed=deepspeed_config(cfg.deepspeed_config, cfg),
         model_settings={"trim": manifest.trim, "encoder": manifest.encoder, "recipe": recipe.name},
         tracking_uri=tracking_uri, experiment=experiment_name(recipe.name), recipe=recipe.to_dict(),
+        registered_model=cfg.registered_model or experiment_name(recipe.name),
         cache_manifest=manifest.to_dict(), run_dir=run_dir, export_dir=paths.model_dir(cfg.run_name),
         identity=run_identity(cfg, manifest.to_dict(), paths.llm, paths.projector))
 

@@ -105,9 +105,10 @@ def build(job: TrainJob) -> Built:
                  zero_stage=int(job.deepspeed.get("zero_optimization", {}).get("stage", 0)))
 
 
-def export(built: Built, destination: str, is_master: bool) -> None:
-    """Write the final model directory to local disk or S3. Every rank must call this: under ZeRO-3
-    the partitioned weights are gathered (DeepSpeed's save_16bit_model) and rank 0 writes them."""
+def export(built: Built, destination: str, is_master: bool, tracker: Any = None, registered_name: str = "") -> None:
+    """Write the final model directory to local disk or S3 (and, with a tracker, into the run and the
+    model registry as `registered_name`). Every rank must call this: under ZeRO-3 the partitioned
+    weights are gathered (DeepSpeed's save_16bit_model) and rank 0 writes them."""
     with tempfile.TemporaryDirectory() as gathered, tempfile.TemporaryDirectory() as directory:
         state = None
         if built.zero_stage == 3:
@@ -117,6 +118,10 @@ def export(built: Built, destination: str, is_master: bool) -> None:
         if not is_master:
             return
         built.model.save(directory, tokenizer=built.tokenizer, state_dict=state)
+        if tracker is not None and registered_name:
+            version = tracker.log_model(directory, registered_name)
+            if version:
+                logger.info("model registered in MLflow as %s version %s", registered_name, version)
         fs, path = storage.fsspec_fs(destination)
         if storage.exists(destination):
             fs.rm(path, recursive=True)

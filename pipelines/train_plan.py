@@ -144,6 +144,8 @@ class TrainJob:
     """Where this run's checkpoints live."""
     export_dir: str
     """Where the final model is written."""
+    registered_model: str
+    """The name the exported model is registered under in MLflow's model registry."""
     identity: dict
     """What a resumed run must share with its checkpoint: the cache, the training settings that change
     the optimization or the data order, and the number of workers (see run_identity)."""

@@ -35,6 +35,7 @@ class Progress:
     tokens: int = 0
     visual: int = 0
     samples: int = 0
+    steps_here: int = 0
     real_positions: int = 0
     all_positions: int = 0
     losses: list[float] = field(default_factory=list)
@@ -48,8 +49,14 @@ class Progress:
         self.visual += sum(r["visual"].shape[0] for r in chunk)
         self.samples += len(chunk)
 
+    def eta(self, step: int, total: int) -> str:
+        """Time left at the pace of the steps since the start (or resume), as h:mm:ss."""
+        seconds = int((time.time() - self.started) / max(self.steps_here, 1) * max(total - step, 0))
+        return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
     def step_metrics(self, mean_loss: float, lr: float, world: int) -> dict[str, float]:
         now = time.time()
+        self.steps_here += 1
         elapsed, step_time, self.step_started = now - self.started, now - self.step_started, now
         self.losses = []
         return {"loss": mean_loss, "lr": lr, "step_time_s": step_time,
@@ -95,9 +102,12 @@ def fit(built: Built, job: TrainJob, state: TrainState, windows: Callable[[], It
             metrics = progress.step_metrics(mean_loss, built.lr(), world)
             tracker.log_metrics(metrics, step=state.step)
             if is_master and (state.step % 10 == 0 or state.step in (1, plan.total_steps)):
-                logger.info("step %d/%d loss %.4f lr %.2e tokens/s %.0f", state.step, plan.total_steps,
-                            mean_loss, metrics["lr"], metrics["tokens_per_s"])
+                logger.info("step %d/%d loss %.4f lr %.2e tokens/s %.0f ETA %s", state.step, plan.total_steps,
+                            mean_loss, metrics["lr"], metrics["tokens_per_s"],
+                            progress.eta(state.step, plan.total_steps))
             if state.step % cfg.checkpoint_every == 0 or state.step == plan.total_steps:
+                # a run MLflow could only start late is the one a resume continues
+                state.mlflow_run_id = tracker.run_id or state.mlflow_run_id
                 checkpoints.save(engine, state, {**metrics, "step": state.step, "first_loss": state.first_loss},
                                  job.run_dir, is_master)
         if seen == 0 and state.micro_in_epoch == 0:
@@ -107,12 +117,17 @@ def fit(built: Built, job: TrainJob, state: TrainState, windows: Callable[[], It
 
 
 def _start_tracking(tracker: Tracker, job: TrainJob, state: TrainState) -> None:
+    """Start (or continue) the run; the recipe, the cache manifest and the TRIM config go in as params
+    and artifacts each time (the same values: a resume leaves them as they were, or adds what a
+    first attempt could not log)."""
     resumed = state.mlflow_run_id is not None
     state.mlflow_run_id = tracker.start(job.train.run_name, state.mlflow_run_id)
-    if not resumed:
-        tracker.log_params({**job.recipe, "plan": asdict(job.plan)})
-        tracker.log_dict(job.cache_manifest, "cache_manifest.json")
-    else:
+    tracker.log_params({**job.recipe, "plan": asdict(job.plan)})
+    tracker.log_dict(job.recipe, "recipe.json")
+    tracker.log_dict(job.cache_manifest, "cache_manifest.json")
+    tracker.log_dict(job.cache_manifest.get("trim", {}), "trim_config.json")
+    tracker.start_system_metrics()
+    if resumed:
         logger.info("resumed at step %d (epoch %d, micro-batch %d), MLflow run %s", state.step, state.epoch,
                     state.micro_in_epoch, state.mlflow_run_id)
 
@@ -164,5 +179,5 @@ def train_loop(config: dict[str, Any]) -> None:
     with Tracker(job.tracking_uri, job.experiment, enabled=is_master) as tracker:
         _start_tracking(tracker, job, state)
         fit(built, job, state, (lambda: preloaded) if preloaded is not None else windows, tracker, is_master, world)
-        export(built, job.export_dir, is_master)
+        export(built, job.export_dir, is_master, tracker, job.registered_model)
         tracker.set_tags({"model_dir": job.export_dir})

@@ -76,11 +76,11 @@ class TrimConfig:
     """Which text is embedded at inference, where only the question is known."""
 
     batch_group_size: int = 4
-    """For iqr_scope == "batch" offline (caching): samples are grouped in cache order (sorted by
-    sample id) into consecutive groups of this many; each group is one "micro-batch" whose images
-    share one IQR and one count (the released finetune_8gpu_TRIM.sh ran 4 samples per GPU). Text-only
-    samples contribute no image to their group's IQR, as in the released training, whose
-    modality-grouped sampler kept them out of the image micro-batches."""
+    """For iqr_scope == "batch" offline (caching): samples are grouped in mixture order into
+    consecutive groups of this many; each group is one "micro-batch" whose images share one IQR and
+    one count (the released finetune_8gpu_TRIM.sh ran 4 samples per GPU). A text-only sample in a
+    group contributes LLaVA's all-zero dummy image to the group's IQR, as released, and its result
+    is discarded."""
 
     seed: int = 0
     """Seed of the "random" baseline; each sample's generator is seeded from (seed, sample index)."""

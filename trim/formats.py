@@ -176,7 +176,9 @@ def read_model_dir(model_dir: str | Path) -> tuple[dict[str, Any], Path, dict[st
         raise ValueError(f"{model_dir} is not a model directory of this project (llm/, {PROJECTOR_FILE}, "
                          f"{SETTINGS_FILE})")
     settings = json.loads((model_dir / SETTINGS_FILE).read_text())
-    projector = torch.load(model_dir / PROJECTOR_FILE, map_location="cpu", weights_only=True)
+    # Cloned: a file written before model.save cloned may hold views of one shared buffer.
+    projector = {k: v.clone() for k, v in torch.load(model_dir / PROJECTOR_FILE, map_location="cpu",
+                                                     weights_only=True).items()}
     return settings, model_dir / "llm", projector
 
 

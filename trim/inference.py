@@ -9,17 +9,20 @@ prompt of the batch (as any batched generation is).
     answers = answerer.answer([image], ["What is the colour of the cat?"], max_new_tokens=16)
     answers[0].text, answers[0].num_visual_tokens, answers[0].kept_indices
 
-With the released `official` config (IQR over the whole batch, one count for all images) a row's
-tokens depend on its batch, as in the released code; every other config gives each row the tokens it
-would get alone.
+Every row gets the tokens it would get alone, whatever the batch size used for speed: with the
+released `official` config (IQR over the whole batch, one count for all images) TRIM runs on each
+image by itself at inference, as the released evaluation, which answers one question at a time.
+
+On CUDA the weights are bf16 (fp16 where bf16 is not supported), on the CPU fp32. `low_latency=True`
+answers one question at a time through `trim.low_latency` (static KV cache, bucketed prompt shapes,
+CUDA graphs on CUDA), with the same tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import statistics
-import time
+import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +36,14 @@ from trim.config import TrimConfig
 from trim.conversation import IMAGE_TOKEN, TrimTextMode, generation_prompt, tokenize_prompt
 from trim.core import TrimOutput, trim_tokens
 from trim.encoders import ClipEncoder, checkpoint_hash
+from trim.low_latency import LowLatencyGenerator
 from trim.model import SETTINGS_FILE, Batch, LlavaTrim, pad_batch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_PROMPT_TOKENS = 1024
+"""Longest prompt (visual tokens included) the low-latency path pads to a bucket by default: 576
+patches, the template and a long question."""
 
 
 @dataclass
@@ -56,29 +66,6 @@ class Answer:
     """Length of the LLM's prompt, visual tokens included."""
 
 
-@dataclass
-class TimedRun:
-    """Timings of one greedy generation for a batch of one (medians over the repeats)."""
-
-    label: str
-    """"TRIM" or "full" (all 576 patches)."""
-    visual_tokens: int
-    prompt_tokens: int
-    """Prompt length the LLM prefills: template + question + visual tokens."""
-    encode_s: float
-    """CLIP image + text forward and TRIM."""
-    prefill_s: float
-    """Projector, LLM prefill and the first token's logits: the LLM's time to first token."""
-    decode_s_per_token: float
-    """Mean time of each further token (KV cache in use)."""
-    new_tokens: int
-
-    @property
-    def ttft_s(self) -> float:
-        """Time to first token as a user sees it: encoding + prefill."""
-        return self.encode_s + self.prefill_s
-
-
 def inference_text(question: str, mode: TrimTextMode) -> str:
     """The text TRIM scores patches against at inference, where only the question is known:
     the question itself ("questions", "first_question") or its templated prompt ("conversation")."""
@@ -94,22 +81,54 @@ def strip_image_tag(question: str) -> str:
     return question.replace(IMAGE_TOKEN, "").strip()
 
 
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """bf16 on CUDA (fp16 where the GPU has no bf16), fp32 elsewhere."""
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def reduce_images(encoder: ClipEncoder, images: Sequence[Image.Image], texts: Sequence[str],
-                  cfg: TrimConfig) -> TrimOutput:
-    """CLIP over the images and texts (one forward each), then TRIM over the batch."""
+                  cfg: TrimConfig, alone: bool = False) -> TrimOutput:
+    """CLIP over the images and texts (one forward each), then TRIM. alone=False: TRIM over the
+    batch as given (with iqr_scope "batch", one IQR and one count for the batch, as the released
+    training). alone=True: each image's tokens as it would get them in a batch of one, as at
+    evaluation: a batch-wide IQR is taken over each image by itself, and the "random" baseline is
+    seeded as a batch of one."""
     if len(images) != len(texts):
         raise ValueError(f"{len(images)} images but {len(texts)} texts")
     if not images:
         raise ValueError("no images")
     features = encoder.encode_images(list(images))
     text_embeds = encoder.encode_texts(list(texts))
-    return trim_tokens(features.features, features.patch_embeds, text_embeds, cfg)
+    if not alone:
+        return trim_tokens(features.features, features.patch_embeds, text_embeds, cfg)
+    # The released evaluation upcasts the features to fp32 before scoring (clip_encoder.py, "NOTE:
+    # eval"), whatever dtype the model runs in: "encoder" scoring at inference means fp32.
+    cfg = dataclasses.replace(cfg, score_dtype="float32")
+    if cfg.iqr_scope == "batch" and cfg.threshold == "iqr" and len(images) > 1:
+        return concat_outputs([trim_tokens(features.features[i:i + 1], features.patch_embeds[i:i + 1],
+                                           text_embeds[i:i + 1], cfg, seeds=[cfg.seed]) for i in range(len(images))])
+    return trim_tokens(features.features, features.patch_embeds, text_embeds, cfg, seeds=[cfg.seed] * len(images))
+
+
+def concat_outputs(outputs: Sequence[TrimOutput]) -> TrimOutput:
+    """TRIM outputs of consecutive parts of a batch as one."""
+    return TrimOutput(keep_mask=torch.cat([o.keep_mask for o in outputs]),
+                      scores=torch.cat([o.scores for o in outputs]), num_kept=torch.cat([o.num_kept for o in outputs]),
+                      tokens=[t for o in outputs for t in o.tokens],
+                      has_aggregate=torch.cat([o.has_aggregate for o in outputs]))
 
 
 class Answerer:
     """A LLaVA model on TRIM-reduced tokens with its CLIP towers: images + questions -> answers."""
 
-    def __init__(self, model: LlavaTrim, tokenizer, encoder: ClipEncoder, trim_cfg: TrimConfig | None = None):
+    def __init__(self, model: LlavaTrim, tokenizer, encoder: ClipEncoder, trim_cfg: TrimConfig | None = None,
+                 generators: dict[str, LowLatencyGenerator] | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.encoder = encoder
@@ -125,13 +144,16 @@ class Answerer:
             raise ValueError("the LLM tokenizer has no eos token")
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else tokenizer.eos_token_id
+        # The low-latency generator (static cache, graphs), shared with the with_trim copies.
+        self._generators = generators if generators is not None else {}
 
     @classmethod
     def load(cls, model_dir: str | Path, clip_path: str | Path | None = None, trim_cfg: TrimConfig | None = None,
-             device: str = "cpu", dtype: torch.dtype = torch.float32) -> Answerer:
+             device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Answerer:
         """From an exported model directory (LlavaTrim.save) and a CLIP checkpoint. clip_path None:
         the encoder path recorded in the directory's settings; trim_cfg None: the TRIM config the
-        model was trained with (its settings["trim"])."""
+        model was trained with (its settings["trim"]); device None: CUDA if there is one; dtype
+        None: bf16 on CUDA (fp16 without bf16 support), fp32 on the CPU (LLM and CLIP alike)."""
         settings = json.loads((Path(model_dir) / SETTINGS_FILE).read_text())
         encoder_info = settings.get("encoder", {})
         clip_path = clip_path or encoder_info.get("path")
@@ -141,8 +163,11 @@ class Answerer:
         if recorded and recorded != checkpoint_hash(clip_path):
             warnings.warn(f"the CLIP checkpoint at {clip_path} (config hash {checkpoint_hash(clip_path)}) is not the "
                           f"one {model_dir} was trained with ({recorded})", stacklevel=2)
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or default_dtype(device)
         model, tokenizer = LlavaTrim.load(model_dir, dtype=dtype)
-        encoder = ClipEncoder(clip_path, layer=int(encoder_info.get("layer", -2)), device=device, dtype=dtype)
+        encoder = ClipEncoder(clip_path, layer=int(encoder_info.get("layer", -2)), device=str(device), dtype=dtype)
+        logger.info("answerer for %s on %s, %s", model_dir, device, dtype)
         return cls(model.to(device), tokenizer, encoder, trim_cfg)
 
     @property
@@ -150,15 +175,16 @@ class Answerer:
         return next(self.model.parameters()).device
 
     def with_trim(self, trim_cfg: TrimConfig) -> Answerer:
-        """The same model and encoder (shared, not copied) with another TRIM config."""
-        return Answerer(self.model, self.tokenizer, self.encoder, trim_cfg)
+        """The same model, encoder and low-latency generator (shared, not copied), another TRIM config."""
+        return Answerer(self.model, self.tokenizer, self.encoder, trim_cfg, self._generators)
 
     def scoring_texts(self, questions: Sequence[str]) -> list[str]:
         return [inference_text(q, self.trim_cfg.text_at_inference) for q in questions]
 
     def reduce(self, images: Sequence[Image.Image], questions: Sequence[str]) -> TrimOutput:
-        """CLIP + TRIM for a batch: each image's visual tokens, scores and kept patches."""
-        return reduce_images(self.encoder, images, self.scoring_texts(questions), self.trim_cfg)
+        """CLIP + TRIM for a batch: each image's visual tokens, scores and kept patches, as it would
+        get them alone (a batch-wide IQR is taken per image: see reduce_images)."""
+        return reduce_images(self.encoder, images, self.scoring_texts(questions), self.trim_cfg, alone=True)
 
     def prompt_ids(self, question: str) -> list[int]:
         """BOS + the vicuna_v1 generation prompt with the image placeholder."""
@@ -171,9 +197,44 @@ class Answerer:
         return Batch(input_ids=batch.input_ids.to(device), labels=batch.labels.to(device),
                      attention_mask=batch.attention_mask.to(device), visual=[v.to(device) for v in batch.visual])
 
+    def low_latency_generator(self, max_new_tokens: int, max_prompt_tokens: int | None = None) -> LowLatencyGenerator:
+        """The low-latency path's generator, made on first use and kept (its cache and captured
+        graphs) while it holds max_new_tokens and prompts of max_prompt_tokens (None: the kept
+        generator's, or DEFAULT_MAX_PROMPT_TOKENS for a new one). Longer prompts are answered eagerly."""
+        current = self._generators.get("low_latency")
+        if max_prompt_tokens is None:
+            max_prompt_tokens = current.buckets[-1] if current is not None else DEFAULT_MAX_PROMPT_TOKENS
+        if current is None or current.max_new_tokens < max_new_tokens or current.buckets[-1] < max_prompt_tokens:
+            if current is not None:
+                max_new_tokens = max(max_new_tokens, current.max_new_tokens)
+            current = LowLatencyGenerator(self.model.llm, max_new_tokens=max_new_tokens,
+                                          max_prompt_tokens=max_prompt_tokens)
+            self._generators["low_latency"] = current
+        return current
+
+    def _generate_low_latency(self, batch: Batch, max_new_tokens: int) -> list[list[int]]:
+        """Each row on its own through the low-latency generator; a prompt longer than its largest
+        bucket goes through the eager generate."""
+        generator = self.low_latency_generator(max_new_tokens)
+        embeds, mask, _ = self.model.splice(batch)
+        lengths = mask.sum(dim=1).tolist()
+        out = []
+        for b, n in enumerate(lengths):
+            if generator.bucket_for(n) is None:
+                logger.warning("a prompt of %d tokens is longer than the low-latency buckets; answered eagerly", n)
+                row = Batch(input_ids=batch.input_ids[b:b + 1], labels=batch.labels[b:b + 1],
+                            attention_mask=batch.attention_mask[b:b + 1], visual=batch.visual[b:b + 1])
+                out += self.model.generate(row, max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
+                                           pad_token_id=self.pad_token_id)
+            else:
+                out.append(generator.generate(embeds[b, :n], max_new_tokens, self.tokenizer.eos_token_id))
+        return out
+
     @torch.no_grad()
-    def answer(self, images: Sequence[Image.Image], questions: Sequence[str], max_new_tokens: int = 16) -> list[Answer]:
-        """Greedy answers for (image, question) pairs, in one batch."""
+    def answer(self, images: Sequence[Image.Image], questions: Sequence[str], max_new_tokens: int = 16,
+               low_latency: bool = False) -> list[Answer]:
+        """Greedy answers for (image, question) pairs: one CLIP + TRIM pass, then one batched generate,
+        or with low_latency each question alone on the low-latency path (the same tokens)."""
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
         if not questions:
@@ -182,86 +243,19 @@ class Answerer:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         reduced = self.reduce(images, questions)
         batch = self._batch(questions, reduced.tokens)
-        generated = self.model.generate(batch, max_new_tokens=max_new_tokens,
-                                        eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.pad_token_id)
+        if low_latency:
+            generated = self._generate_low_latency(batch, max_new_tokens)
+        else:
+            generated = self.model.generate(batch, max_new_tokens=max_new_tokens,
+                                            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.pad_token_id)
+        keep_mask, scores = reduced.keep_mask.cpu(), reduced.scores.float().cpu().numpy()  # one copy each
+        text_lengths = batch.attention_mask.sum(dim=1).tolist()
         answers = []
         for b, ids in enumerate(generated):
-            kept = torch.nonzero(reduced.keep_mask[b]).flatten().tolist()
+            visual = int(reduced.tokens[b].shape[0])
             answers.append(Answer(
-                text=self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
-                token_ids=list(ids),
-                num_visual_tokens=int(reduced.tokens[b].shape[0]),
-                num_kept=int(reduced.num_kept[b]),
-                kept_indices=kept,
-                scores=reduced.scores[b].detach().float().cpu().numpy(),
-                prompt_tokens=int(batch.attention_mask[b].sum()) - 1 + int(reduced.tokens[b].shape[0]),
-            ))
+                text=self.tokenizer.decode(ids, skip_special_tokens=True).strip(), token_ids=list(ids),
+                num_visual_tokens=visual, num_kept=int(reduced.num_kept[b]),
+                kept_indices=torch.nonzero(keep_mask[b]).flatten().tolist(), scores=scores[b],
+                prompt_tokens=int(text_lengths[b]) - 1 + visual))
         return answers
-
-    # Timing (the efficiency report) ------------------------------------------------------------
-
-    @torch.inference_mode()
-    def _time_once(self, image: Image.Image, question: str, new_tokens: int) -> tuple[float, float, float, int, int]:
-        start = time.perf_counter()
-        reduced = self.reduce([image], [question])
-        encoded = time.perf_counter()
-        batch = self._batch([question], reduced.tokens)
-        llm = self.model.llm
-        embeds, mask, _ = self.model.splice(batch)
-        out = llm(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1)
-        token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
-        first = time.perf_counter()
-        past = out.past_key_values
-        for _ in range(new_tokens - 1):
-            # Greedy, whatever the token: timing needs every step, so eos does not stop it.
-            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
-            out = llm(input_ids=token, attention_mask=mask, past_key_values=past, use_cache=True, logits_to_keep=1)
-            past = out.past_key_values
-            token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
-        done = time.perf_counter()
-        decode = (done - first) / (new_tokens - 1) if new_tokens > 1 else 0.0
-        return encoded - start, first - encoded, decode, int(reduced.tokens[0].shape[0]), int(embeds.shape[1])
-
-    def timed_generation(self, image: Image.Image, question: str, new_tokens: int = 16, repeats: int = 3,
-                         warmup: int = 1) -> list[TimedRun]:
-        """Time a batch of one with this answerer's TRIM config ("TRIM") and with all patches
-        ("full": the same config with selection="all"): CLIP + TRIM, prefill + first token, and each
-        further token, as medians over `repeats` runs after `warmup` untimed ones."""
-        return timed_generation(self, image, question, new_tokens, repeats, warmup)
-
-
-def timed_generation(answerer: Answerer, image: Image.Image, question: str, new_tokens: int = 16, repeats: int = 3,
-                     warmup: int = 1) -> list[TimedRun]:
-    """See Answerer.timed_generation. Returns [TRIM run, full run]."""
-    if new_tokens < 1 or repeats < 1 or warmup < 0:
-        raise ValueError(f"need new_tokens >= 1, repeats >= 1, warmup >= 0; got {new_tokens}, {repeats}, {warmup}")
-    runs = []
-    for label, cfg in (("TRIM", answerer.trim_cfg), ("full", dataclasses.replace(answerer.trim_cfg, selection="all"))):
-        timed = answerer.with_trim(cfg)
-        for _ in range(warmup):
-            timed._time_once(image, question, new_tokens)
-        samples = [timed._time_once(image, question, new_tokens) for _ in range(repeats)]
-        encode, prefill, decode = (statistics.median(s[i] for s in samples) for i in range(3))
-        runs.append(TimedRun(label=label, visual_tokens=samples[0][3], prompt_tokens=samples[0][4], encode_s=encode,
-                             prefill_s=prefill, decode_s_per_token=decode, new_tokens=new_tokens))
-    return runs
-
-
-def question_of_length(tokenizer, tokens: int, words: Sequence[str] | None = None) -> str:
-    """A question of about `tokens` LLM tokens (never more when it can be helped): "What is shown
-    in the picture" followed by filler words, cut at the longest word prefix that fits."""
-    if tokens < 1:
-        raise ValueError(f"tokens must be >= 1, got {tokens}")
-    words = list(words or "what is shown in the picture the colour of each object and where is it located".split())
-
-    def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    text, i = "", 0
-    while True:
-        candidate = (text + " " + words[i % len(words)]).strip()
-        if count(candidate) > tokens:
-            return text or candidate
-        text, i = candidate, i + 1
-        if count(text) == tokens:
-            return text

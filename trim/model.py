@@ -210,7 +210,10 @@ class LlavaTrim(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         state = state_dict if state_dict is not None else self.state_dict()
         llm_state = {k[len("llm."):]: v for k, v in state.items() if k.startswith("llm.")}
-        projector_state = {k[len("projector."):]: v for k, v in state.items() if k.startswith("projector.")}
+        # Cloned: after DeepSpeed the parameters are views into flat buffers, and torch.save would
+        # write each whole buffer (and the exports would find tensors sharing storage).
+        projector_state = {k[len("projector."):]: v.detach().clone() for k, v in state.items()
+                           if k.startswith("projector.")}
         self.llm.save_pretrained(directory / "llm", state_dict=llm_state)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory / "llm")

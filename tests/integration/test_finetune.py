@@ -39,7 +39,10 @@ def test_overfitting_a_few_samples_drives_the_loss_down_and_is_tracked(tmp_path,
             assert client.get_metric_history(run.info.run_id, metric)
         assert run.data.params["train.micro_batch_size"] == "2" and run.data.params["trim.similarity"] == "dot"
         artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
-        assert "cache_manifest.json" in artifacts
+        assert {"cache_manifest.json", "recipe.json", "trim_config.json", "model"} <= set(artifacts)
+        versions = client.search_model_versions("name = 'trim-llava-tiny'")
+        assert [v.run_id for v in versions] == [run.info.run_id]  # the exported model, registered
+        assert any(name.startswith("system/") for name in run.data.metrics)  # system metrics on
     assert "look with: mlflow ui" in result.stdout
     model, tokenizer = LlavaTrim.load(root / "checkpoints" / "tiny" / "model")
     assert model.settings["trim"]["iqr_scope"] == "sample" and model.settings["encoder"]["num_patches"] == 576

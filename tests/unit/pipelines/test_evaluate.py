@@ -10,8 +10,11 @@ from PIL import Image
 
 from pipelines.evaluate import (
     ANSWER_KEYS,
+    _metrics,
     answer_id,
     answer_questions,
+    busy_seconds,
+    fetch_bytes,
     parse_questions,
     question_key,
     resolve_trim,
@@ -90,3 +93,26 @@ def test_answer_questions_rejects_unusable_images_and_batches_the_rest(tmp_path)
     with_scores = [r for r in rows if r["scores"]]
     assert len(with_scores) == 1 and json.loads(with_scores[0]["kept"]) == [4, 9]
     assert len(with_scores[0]["scores"]) == 576 * 2
+    # Each answer row carries its batch's answering interval; the rejects none.
+    spans = [(r["started"], r["ended"]) for r in rows if r["kind"] == "answer"]
+    assert all(0 < start <= end for start, end in spans) and len(set(spans)) == 3
+    assert all(r["started"] == r["ended"] == 0.0 for r in rows if r["kind"] == "reject")
+
+
+def test_a_batchs_images_come_in_one_fetch_with_errors_in_place(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"A")
+    (tmp_path / "b.png").write_bytes(b"BB")
+    (tmp_path / "folder").mkdir()
+    out = fetch_bytes([str(tmp_path / name) for name in ("a.png", "gone.png", "b.png", "folder")])
+    assert out[0] == b"A" and out[2] == b"BB"
+    assert isinstance(out[1], FileNotFoundError) and isinstance(out[3], OSError)
+    assert fetch_bytes([]) == []
+
+
+def test_throughput_counts_overlapping_actors_once():
+    assert busy_seconds([]) == 0.0
+    assert busy_seconds([(0.0, 2.0), (0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (5.5, 5.8)]) == pytest.approx(4.0)
+    answers = [{"metadata": {"visual_tokens": 3}}] * 6
+    metrics = _metrics(answers, [], questions=7, seconds=30.0, answering_s=4.0)
+    assert metrics["questions_per_s"] == 1.5 and metrics["inference_s"] == 4.0 and metrics["seconds"] == 30.0
+    assert _metrics([], [], questions=0, seconds=1.0, answering_s=0.0)["questions_per_s"] == 0.0

@@ -48,3 +48,32 @@ def test_an_s3_root_refuses_escaping_paths_before_any_request():
     assert resolve("s3://bucket/images", "coco/x.jpg") == "s3://bucket/images/coco/x.jpg"
     row = load_image("s3://bucket/images", "/etc/passwd")
     assert row["error"] == OUTSIDE_ROOT
+
+
+def test_the_image_store_fetches_one_image_by_its_key_from_the_bucket_layout(tmp_path):
+    import hashlib
+
+    from pipelines.images import IMAGE_LAYOUT, ImageStore, bucket_of
+    from pipelines.manifests import ShardsManifest
+    from pipelines.shard_images import ImageIndex, write_bucket_batch
+
+    index = ImageIndex()
+    for n in range(7):
+        _png(tmp_path / "images" / f"{n}.png", size=(8 + n, 6))
+        data = (tmp_path / "images" / f"{n}.png").read_bytes()
+        index.add(f"{n}.png", hashlib.sha256(data).hexdigest(), 8 + n, 6, len(data), "", "")
+    buckets = index.buckets(images_per_file=3)
+    for bucket in buckets:
+        write_bucket_batch({k: [v] for k, v in bucket.items()}, str(tmp_path / "images"), str(tmp_path / "shards"))
+    ShardsManifest(input={}, samples=0, rejects=0, images=7, image_bytes=0, image_files=len(buckets),
+                   image_layout=IMAGE_LAYOUT).write(str(tmp_path / "shards"))
+    store = ImageStore(str(tmp_path / "shards"))
+    for path, key in index.key_of.items():
+        assert store.get(key) == (tmp_path / "images" / path).read_bytes()
+        assert key in bucket_of_keys(buckets, bucket_of(key, len(buckets)))
+    with pytest.raises(KeyError):
+        store.get("0" * 64)
+
+
+def bucket_of_keys(buckets, number):
+    return next(b["keys"] for b in buckets if b["bucket"] == number)

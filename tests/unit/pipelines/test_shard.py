@@ -120,3 +120,44 @@ def test_an_image_path_outside_the_root_is_set_aside_before_any_read(image):
         {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A file."}]}
     reject = check_record(0, record)
     assert reject is not None and reject.reason == "path outside image root" and image in reject.detail
+
+
+@pytest.mark.parametrize("rows", [1, 3, 50])
+def test_the_mixture_streams_in_runs_that_read_back_every_record_once(tmp_path, monkeypatch, rows):
+    from pipelines import mixture
+
+    monkeypatch.setattr(mixture, "BLOCK_BYTES", 61)  # records straddle blocks
+    records = [_record(id=i, extra="é ü \"]" * (i % 4)) for i in range(11)] + [7, "text", _record(image="vg/é.jpg")]
+    array = tmp_path / "m.json"
+    array.write_text(json.dumps(records, ensure_ascii=False, indent=1))
+    chunks, paths = mixture.scan_chunks(str(array), rows)
+    assert paths == ["coco/train2017/x.jpg", "vg/é.jpg"]
+    assert [c.first_index for c in chunks] == list(range(0, len(records), rows))
+    assert [r for c in chunks for r in mixture.read_chunk(str(array), c)] == list(enumerate(records))
+    lines = [json.dumps(r, ensure_ascii=False) for r in records]
+    lines[2], lines[5] = "", "{broken"
+    jsonl = tmp_path / "m.jsonl"
+    jsonl.write_text("\n".join(lines))
+    chunks, paths = mixture.scan_chunks(str(jsonl), rows)
+    assert paths == ["coco/train2017/x.jpg", "vg/é.jpg"]
+    got = [r for c in chunks for r in mixture.read_chunk(str(jsonl), c)]
+    assert [i for i, _ in got] == [i for i in range(len(records)) if i != 2]
+    assert isinstance(dict(got)[5], json.JSONDecodeError) and dict(got)[0] == records[0]
+
+
+def test_identical_bytes_are_stored_once_under_the_first_path_whatever_the_order():
+    from pipelines.shard_images import ImageIndex
+
+    k1, k2 = "1a" * 32, "2b" * 32
+    found = [("b/2.jpg", k1, 0), ("a/1.jpg", k1, 0), ("c/3.jpg", k2, 0), ("d/4.jpg", "", 1)]
+    indexes = []
+    for order in (found, found[::-1]):
+        index = ImageIndex()
+        for path, key, bad in order:
+            index.add(path, key, 4, 3, 10, "unreadable image" if bad else "", "detail" if bad else "")
+        indexes.append(index)
+    for index in indexes:
+        assert index.owner[k1][0] == "a/1.jpg" and index.key_of["b/2.jpg"] == k1
+        assert index.error_of == {"d/4.jpg": ("unreadable image", "detail")}
+    assert indexes[0].buckets(1) == indexes[1].buckets(1)
+    assert sum(len(b["keys"]) for b in indexes[0].buckets(1)) == 2  # one row per distinct content

@@ -109,3 +109,56 @@ def test_tiny_llm_loads_through_from_pretrained(tiny_models):
     assert tokenizer.decode(ids) == "USER: what is the colour ASSISTANT:"
     logits = model(torch.tensor([ids])).logits
     assert logits.shape == (1, len(ids), len(tokenizer))
+
+
+def test_pixel_values_are_the_clip_processors_bit_for_bit(encoder):
+    # 8-bit pixels on the host, rescaled and normalized on the device by table lookup: the same values
+    # as the processor's float64 rescale and float32 normalize.
+    images = [Image.effect_noise(size, 50).convert("RGB") for size in ((500, 120), (90, 700), (336, 336))]
+    squared = [expand_to_square(image, encoder.background) for image in images]
+    expected = encoder.processor(images=squared, return_tensors="pt")["pixel_values"]
+    levels = encoder.host.prepare(images)
+    assert levels.dtype == torch.uint8 and levels.shape == (3, 3, 336, 336)
+    assert torch.equal(encoder.preprocess(images), expected)
+    assert torch.equal(encoder.towers.normalize(levels), expected)
+
+
+def test_the_processor_path_is_taken_when_resize_and_crop_differ(tiny_models):
+    # A processor whose crop is smaller than its resize: the fast path does not apply.
+    from trim.encoders import ClipHost
+
+    host = ClipHost(tiny_models.clip)
+    host.processor.size = {"shortest_edge": 340}
+    host._side = None
+    image = Image.effect_noise((64, 40), 50).convert("RGB")
+    squared = expand_to_square(image, host.background)
+    expected = host.processor(images=[squared], do_rescale=False, do_normalize=False, return_tensors="np")
+    assert torch.equal(host.prepare([image]), torch.from_numpy(expected["pixel_values"]))
+
+
+def test_the_vision_tower_runs_only_to_the_selected_layer_with_the_same_result(tiny_models):
+    encoder = ClipEncoder(tiny_models.clip)
+    pixels = encoder.preprocess([Image.effect_noise((64, 64), 40).convert("RGB")])
+    hidden = encoder.model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states
+    calls = []
+    last = encoder.model.vision_model.encoder.layers[-1]
+    handle = last.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        features = encoder.encode_pixels(pixels).features
+    finally:
+        handle.remove()
+    assert calls == []  # layer -2 never runs the last layer
+    assert torch.equal(features, hidden[-2][:, 1:])
+
+
+def test_texts_tokenized_apart_give_the_same_embeddings(encoder):
+    texts = ["a red circle", "what is the colour of the car on the left " * 20]
+    ids, mask = encoder.host.tokenize(texts)
+    assert ids.shape[1] <= 77
+    assert torch.equal(encoder.towers.encode_tokens(ids, mask), encoder.encode_texts(texts))
+
+
+def test_the_zero_image_is_llavas_dummy_pixels(encoder):
+    zero = encoder.towers.zero_image()
+    expected = encoder.encode_pixels(torch.zeros(1, 3, 336, 336))
+    assert torch.equal(zero.features, expected.features) and zero.features.shape == (1, 576, encoder.feature_dim)

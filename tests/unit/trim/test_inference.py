@@ -1,4 +1,5 @@
-"""Online CLIP + TRIM + generation on the tiny models: batching, determinism, configs, timing."""
+"""Online CLIP + TRIM + generation on the tiny models: batching, determinism, configs, the
+low-latency path, timing."""
 
 from __future__ import annotations
 
@@ -10,13 +11,9 @@ from PIL import Image, ImageDraw
 from transformers import AutoTokenizer
 
 from trim import TrimConfig
-from trim.inference import (
-    Answerer,
-    inference_text,
-    question_of_length,
-    timed_generation,
-)
+from trim.inference import Answerer, default_dtype, inference_text, reduce_images
 from trim.model import LlavaTrim
+from trim.timing import device_name, question_of_length, timed_generation
 
 QUESTIONS = [
     "What is the colour of the circle?\nAnswer the question using a single word or phrase.",
@@ -125,12 +122,79 @@ def test_question_of_length(answerer):
         assert len(answerer.tokenizer(question, add_special_tokens=False)["input_ids"]) <= n
 
 
-def test_timed_generation_times_trim_and_full(answerer, images):
+@pytest.mark.parametrize("low_latency", [False, True])
+def test_timed_generation_times_trim_and_full(answerer, images, low_latency):
     question = question_of_length(answerer.tokenizer, 16)
-    trim_run, full_run = timed_generation(answerer, images[0], question, new_tokens=4, repeats=1, warmup=0)
+    trim_run, full_run = timed_generation(answerer, images[0], question, new_tokens=4, repeats=1, warmup=0,
+                                          low_latency=low_latency)
     assert (trim_run.label, full_run.label) == ("TRIM", "full")
     assert full_run.visual_tokens == 576 and trim_run.visual_tokens < 576
     assert full_run.prompt_tokens - trim_run.prompt_tokens == 576 - trim_run.visual_tokens
     for run in (trim_run, full_run):
         assert run.encode_s > 0 and run.prefill_s > 0 and run.decode_s_per_token > 0
         assert run.ttft_s == pytest.approx(run.encode_s + run.prefill_s) and run.new_tokens == 4
+        assert run.low_latency is low_latency
+
+
+def test_cpu_runs_in_fp32_and_is_named():
+    assert default_dtype("cpu") == torch.float32
+    assert device_name(torch.device("cpu")).startswith("CPU")
+
+
+def test_official_answers_each_image_alone_whatever_the_batch(answerer, images):
+    """The released evaluation answers one question at a time, so its batch-wide IQR is one image's:
+    a batch of 4 gives each row what it gets alone, not one shared count."""
+    official = answerer.with_trim(TrimConfig.official())
+    batched = official.answer(images, QUESTIONS, max_new_tokens=6)
+    single = [official.answer([image], [question], max_new_tokens=6)[0] for image, question in zip(images, QUESTIONS)]
+    counts = [a.num_kept for a in batched]
+    assert len(set(counts)) > 1, f"the test needs images with different counts alone, got {counts}"
+    for b, s in zip(batched, single):
+        assert (b.token_ids, b.num_kept, b.kept_indices) == (s.token_ids, s.num_kept, s.kept_indices)
+    # Over the batch as given (the released training's micro-batch), one count for every image.
+    shared = reduce_images(answerer.encoder, images, official.scoring_texts(QUESTIONS), official.trim_cfg)
+    assert len(set(shared.num_kept.tolist())) == 1
+
+
+def test_random_baseline_rows_do_not_depend_on_their_batch(answerer, images):
+    random = answerer.with_trim(dataclasses.replace(TrimConfig(), selection="random"))
+    batched = random.answer(images, QUESTIONS, max_new_tokens=1)
+    single = [random.answer([image], [question], max_new_tokens=1)[0] for image, question in zip(images, QUESTIONS)]
+    assert [a.kept_indices for a in batched] == [a.kept_indices for a in single]
+
+
+@pytest.mark.parametrize("selection", ["trim", "all"])
+def test_low_latency_answers_equal_the_eager_ones(answerer, images, selection):
+    timed = answerer.with_trim(dataclasses.replace(answerer.trim_cfg, selection=selection))
+    eager = timed.answer(images, QUESTIONS, max_new_tokens=8)
+    fast = timed.answer(images, QUESTIONS, max_new_tokens=8, low_latency=True)
+    assert [a.token_ids for a in fast] == [a.token_ids for a in eager]
+    assert [a.text for a in fast] == [a.text for a in eager]
+    assert [a.prompt_tokens for a in fast] == [a.prompt_tokens for a in eager]
+    assert any(a.token_ids for a in fast)
+    generator = answerer.low_latency_generator(8)
+    assert generator is timed.low_latency_generator(8)  # one cache and one set of graphs for both configs
+    assert not generator.use_graphs  # on the CPU the static-cache path runs without capture
+
+
+def test_low_latency_answers_a_prompt_longer_than_its_buckets_eagerly(answerer, images):
+    fresh = Answerer(answerer.model, answerer.tokenizer, answerer.encoder, answerer.trim_cfg)
+    small = fresh.low_latency_generator(6, max_prompt_tokens=64)
+    assert small.buckets[-1] == 64
+    full = fresh.with_trim(dataclasses.replace(answerer.trim_cfg, selection="all"))
+    fast = full.answer(images[:2], QUESTIONS[:2], max_new_tokens=6, low_latency=True)  # ~600-token prompts
+    eager = full.answer(images[:2], QUESTIONS[:2], max_new_tokens=6)
+    assert [a.token_ids for a in fast] == [a.token_ids for a in eager]
+    assert fresh.low_latency_generator(6) is small
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graph_replays_answer_as_the_eager_path_on_cuda(model_dir, images):
+    assert next(Answerer.load(model_dir, device="cuda").model.parameters()).dtype in (torch.bfloat16, torch.float16)
+    cuda = Answerer.load(model_dir, device="cuda", dtype=torch.float32)  # fp32: no bf16 near ties in the check
+    eager = cuda.answer(images, QUESTIONS, max_new_tokens=8)
+    fast = cuda.answer(images, QUESTIONS, max_new_tokens=8, low_latency=True)
+    assert cuda.low_latency_generator(8).use_graphs
+    assert [a.token_ids for a in fast] == [a.token_ids for a in eager]
+    assert [a.kept_indices for a in fast] == [a.kept_indices for a in eager]

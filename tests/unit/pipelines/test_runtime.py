@@ -1,0 +1,39 @@
+"""What the Ray workers are given: settings, never secrets; and blanking secrets in text."""
+
+import logging
+
+from pipelines.runtime import SECRET_ENV, forwarded_env, redact, redact_uri
+
+SENTINEL = "sentinel-51b2e0-secret"
+
+DRIVER_ENV = {
+    "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": SENTINEL, "AWS_SESSION_TOKEN": SENTINEL,
+    "AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_DEFAULT_REGION": "eu-west-1",
+    "MLFLOW_TRACKING_URI": "http://mlflow.example:5000", "MLFLOW_TRACKING_PASSWORD": SENTINEL,
+    "HF_TOKEN": SENTINEL, "RAY_AUTH_TOKEN": SENTINEL, "PATH": "/usr/bin",
+}
+
+
+def test_workers_get_the_settings_and_no_credential():
+    env = forwarded_env(DRIVER_ENV)
+    assert env == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_DEFAULT_REGION": "eu-west-1",
+                   "MLFLOW_TRACKING_URI": "http://mlflow.example:5000"}
+    assert SENTINEL not in repr(env)
+
+
+def test_a_tracking_uri_with_credentials_is_not_forwarded_and_the_warning_hides_them(caplog):
+    driver = {"MLFLOW_TRACKING_URI": f"https://alice:{SENTINEL}@mlflow.example", "AWS_REGION": "us-east-1"}
+    with caplog.at_level(logging.WARNING, logger="pipelines.runtime"):
+        assert forwarded_env(driver) == {"AWS_REGION": "us-east-1"}
+    (record,) = caplog.records
+    assert "https://***@mlflow.example" in record.getMessage() and SENTINEL not in record.getMessage()
+
+
+def test_redact_blanks_credentials_in_uris_and_the_values_of_secret_variables():
+    assert redact_uri("s3://bucket/x and https://u:p@host:5000/api") == "s3://bucket/x and https://***@host:5000/api"
+    assert redact_uri("http://mlflow.example:5000") == "http://mlflow.example:5000"
+    environ = {name: SENTINEL for name in SECRET_ENV} | {"AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "HF_TOKEN": "ab"}
+    assert redact(f"key={SENTINEL};", environ) == "key=***;"
+    assert redact("lab-ab", environ) == "lab-ab"  # values too short to be a secret are left alone
+    nested = {"a": [f"x{SENTINEL}", 3], "b": {"c": "sqlite:////runs/mlflow.db"}, "d": None}
+    assert redact(nested, environ) == {"a": ["x***", 3], "b": {"c": "sqlite:////runs/mlflow.db"}, "d": None}

@@ -1,0 +1,115 @@
+"""The low-latency generator (static cache, bucketed prompts, CUDA graphs on CUDA) against transformers'
+own greedy generate on a small random Llama: the same tokens, across bucket edges, GQA, eos, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from trim.low_latency import LowLatencyGenerator, default_buckets
+
+
+def small_llama(device: str = "cpu", dtype: torch.dtype = torch.float32, attn: str = "sdpa", kv_heads: int = 2):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=kv_heads, intermediate_size=128, max_position_embeddings=1024)
+    with torch.device(device):
+        return LlamaForCausalLM._from_config(config, attn_implementation=attn, dtype=dtype).eval()
+
+
+def reference(llm, embeds: torch.Tensor, new_tokens: int, eos: int | None = None) -> list[int]:
+    """transformers' greedy generate with its dynamic cache, cut before eos."""
+    with torch.no_grad():
+        out = llm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long,
+                                                                           device=embeds.device),
+                           max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    tokens = out[0].tolist()
+    return tokens[:tokens.index(eos)] if eos is not None and eos in tokens else tokens
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return small_llama()
+
+
+def prompt(n: int, seed: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(1, n, 64, generator=generator).to(device, dtype)
+
+
+def test_buckets():
+    assert default_buckets(130) == [32, 64, 96, 128, 160]
+    assert default_buckets(64) == [32, 64] and default_buckets(100, step=64) == [64, 128]
+    with pytest.raises(ValueError):
+        default_buckets(0)
+
+
+@pytest.mark.parametrize("attn,kv_heads", [("sdpa", 2), ("sdpa", 4), ("eager", 2)])
+def test_tokens_equal_transformers_greedy_across_bucket_edges(attn, kv_heads):
+    llm = small_llama(attn=attn, kv_heads=kv_heads)
+    generator = LowLatencyGenerator(llm, max_new_tokens=12, max_prompt_tokens=192)
+    assert not generator.use_graphs and generator.capacity >= 192 + 12
+    for n in (1, 31, 32, 33, 64, 65, 150):  # one prompt after another through the same cache
+        embeds = prompt(n, seed=n)
+        assert generator.generate(embeds, 12, eos_token_id=-1) == reference(llm, embeds, 12), n
+
+
+def test_stops_at_eos_and_takes_unbatched_embeds(llm):
+    embeds = prompt(40, seed=1)
+    tokens = reference(llm, embeds, 10)
+    eos = tokens[3]
+    generator = LowLatencyGenerator(llm, max_new_tokens=10, max_prompt_tokens=64)
+    expected = tokens[:tokens.index(eos)]
+    assert generator.generate(embeds[0], 10, eos_token_id=eos) == expected
+    assert generator.generate(embeds, 2, eos_token_id=-1) == tokens[:2]
+
+
+def test_works_inside_inference_mode(llm):
+    embeds = prompt(20, seed=2)
+    generator = LowLatencyGenerator(llm, max_new_tokens=5, max_prompt_tokens=64)
+    with torch.inference_mode():
+        first = generator.generate(embeds, 5, eos_token_id=-1)
+    assert first == generator.generate(embeds, 5, eos_token_id=-1) == reference(llm, embeds, 5)
+
+
+def test_prefill_and_step_are_the_two_halves(llm):
+    embeds = prompt(30, seed=3)
+    generator = LowLatencyGenerator(llm, max_new_tokens=4, max_prompt_tokens=64)
+    tokens = [generator.prefill(embeds)] + [generator.step() for _ in range(3)]
+    assert tokens == reference(llm, embeds, 4)
+    with pytest.raises(ValueError, match="4 generated tokens at most"):
+        generator.step()
+
+
+def test_refusals(llm):
+    generator = LowLatencyGenerator(llm, max_new_tokens=4, max_prompt_tokens=64)
+    with pytest.raises(ValueError, match="does not fit the buckets"):
+        generator.prefill(prompt(65, seed=0))
+    with pytest.raises(ValueError, match="max_new_tokens must be in"):
+        generator.generate(prompt(5, seed=0), 5, eos_token_id=-1)
+    with pytest.raises(ValueError, match="needs 'sdpa' or 'eager'"):
+        llm.config._attn_implementation = "flex_attention"
+        try:
+            LowLatencyGenerator(llm)
+        finally:
+            llm.config._attn_implementation = "sdpa"
+    with pytest.raises(ValueError, match="CUDA graphs need"):
+        LowLatencyGenerator(llm, use_graphs=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_replays_give_the_eager_tokens_on_cuda(dtype):
+    llm = small_llama("cuda", dtype)
+    graphs = LowLatencyGenerator(llm, max_new_tokens=12, buckets=(64, 128, 192))
+    plain = LowLatencyGenerator(llm, max_new_tokens=12, buckets=(64, 128, 192), use_graphs=False)
+    assert graphs.use_graphs
+    for n in (7, 64, 100, 150, 7):  # new buckets after the decode graph exists, and back
+        embeds = prompt(n, seed=n, device="cuda", dtype=dtype)
+        replayed = graphs.generate(embeds, 12, eos_token_id=-1)
+        assert replayed == plain.generate(embeds, 12, eos_token_id=-1), n  # same kernels, same shapes
+        if dtype == torch.float32:
+            assert replayed == reference(llm, embeds, 12), n
+    assert sorted(graphs._prefill_graphs) == [64, 128, 192] and graphs._decode_graph is not None

@@ -1,0 +1,210 @@
+"""Greedy generation for one prompt at a time with little per-token overhead: a static KV cache, prompts
+padded to fixed shape buckets, and (on CUDA) prefill and decode replayed from captured CUDA graphs.
+
+At batch 1 a 7B model's eager forward is bound by kernel launches, so TRIM's shorter prompt barely
+shortens the time to first token; replaying a captured graph removes the launch overhead (issue 15).
+A graph needs fixed shapes and fixed addresses, so:
+
+- the KV cache is a transformers `StaticCache` of `capacity` slots, allocated once;
+- a prompt of n tokens is LEFT-padded to the smallest bucket L >= n: the real tokens fill slots
+  L-n .. L-1 with positions 0 .. n-1, so the first token's logits are those of the last slot, and
+  decoding continues at slot L with position n; the padding slots are masked out of every row;
+- every forward gets an explicit 4D additive mask (0 where attended, the dtype's minimum elsewhere),
+  computed on the device from device-side counters, so transformers' mask builder (which reads
+  tensor values) is never called;
+- one graph per bucket for prefill, one graph for decode (it advances its own counters and writes
+  the next token into a static buffer, so a decode loop is replays and one host read per token).
+
+Off CUDA the same functions run eagerly (the static cache and the buckets still apply), so the CPU
+tests check what the graphs replay. Greedy = argmax, no logits processors: the answers equal
+`LlavaTrim.generate`'s (which runs transformers' `generate` with do_sample=False) up to float noise
+in the reductions, which does not move an argmax short of a near tie.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+
+import torch
+from transformers import StaticCache
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BUCKET_STEP = 32
+"""Prompt lengths are padded up to a multiple of this by default (at most 31 padding positions)."""
+_DECODE_WARMUP = 2
+"""Decode steps run before a decode graph is captured (they need free cache slots)."""
+
+
+def default_buckets(max_prompt_tokens: int, step: int = DEFAULT_BUCKET_STEP) -> list[int]:
+    """Bucket lengths step, 2*step, ... up to the first >= max_prompt_tokens."""
+    if max_prompt_tokens < 1 or step < 1:
+        raise ValueError(f"need max_prompt_tokens >= 1 and step >= 1, got {max_prompt_tokens}, {step}")
+    return list(range(step, max_prompt_tokens + step, step))
+
+
+def _no_grad_mode() -> ExitStack:
+    """no_grad, and never inference mode: the static buffers are updated in place across calls, which
+    inference tensors forbid outside inference mode."""
+    stack = ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.no_grad())
+    return stack
+
+
+class LowLatencyGenerator:
+    """Greedy decoding of one prompt (inputs_embeds) at a time on a causal LM, static cache, bucketed
+    prompt shapes, CUDA graphs when on CUDA.
+
+        generator = LowLatencyGenerator(model.llm, max_new_tokens=16, max_prompt_tokens=1024)
+        tokens = generator.generate(embeds, max_new_tokens=16, eos_token_id=2)  # embeds [1, n, H] or [n, H]
+
+    `prefill` and `step` expose the two halves (time to first token, time per token)."""
+
+    def __init__(self, llm, max_new_tokens: int = 16, max_prompt_tokens: int = 1024,
+                 buckets: Sequence[int] | None = None, use_graphs: bool | None = None):
+        """buckets: prompt lengths prompts are padded to (default: multiples of 32 up to
+        max_prompt_tokens); use_graphs: capture CUDA graphs (default: when the LLM is on CUDA)."""
+        config = llm.config
+        if config._attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(f"the low-latency path passes its own 4D masks: it needs 'sdpa' or 'eager' attention, "
+                             f"not {config._attn_implementation!r}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.llm = llm.eval()
+        self.buckets = sorted(set(buckets or default_buckets(max_prompt_tokens)))
+        self.max_new_tokens = max_new_tokens
+        self.device = next(llm.parameters()).device
+        self.dtype = next(llm.parameters()).dtype
+        self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
+        if self.use_graphs and self.device.type != "cuda":
+            raise ValueError("CUDA graphs need the LLM on a CUDA device")
+        # Decode warm-up steps (run before a capture) write past the longest generation: room for them;
+        # a multiple of 16 keeps the mask rows aligned for the fused attention kernels.
+        self.capacity = -(-(self.buckets[-1] + max_new_tokens + _DECODE_WARMUP) // 16) * 16
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        with _no_grad_mode():
+            self.cache = StaticCache(config=config, max_cache_len=self.capacity)
+            if any(getattr(layer, "is_sliding", False) for layer in self.cache.layers):
+                raise ValueError("sliding-window layers are not supported by the low-latency path")
+            self.cache.early_initialization(batch_size=1, num_heads=config.num_key_value_heads, head_dim=head_dim,
+                                            dtype=self.dtype, device=self.device)
+            long = dict(dtype=torch.long, device=self.device)
+            self._embeds = torch.zeros(1, self.buckets[-1], config.hidden_size, dtype=self.dtype, device=self.device)
+            self._start = torch.zeros((), **long)  # first real slot of the prompt (= bucket - n)
+            self._slot = torch.zeros((), **long)  # the cache slot the next token is written to
+            self._position = torch.zeros(1, 1, **long)  # the next token's position id
+            self._token = torch.zeros(1, 1, **long)  # the last generated token
+            self._columns = torch.arange(self.capacity, **long)
+        self._prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._decode_graph: torch.cuda.CUDAGraph | None = None
+        self._generated = max_new_tokens  # no step before a prefill
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+
+    # What each replay runs: only static buffers in, only static buffers out ------------------------
+
+    def _mask(self, visible: torch.Tensor) -> torch.Tensor:
+        """[1, 1, Q, capacity] additive mask from a [Q, capacity] bool."""
+        hidden = torch.full((), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
+        return torch.where(visible, torch.zeros((), dtype=self.dtype, device=self.device), hidden)[None, None]
+
+    def _prefill_fn(self, bucket: int) -> None:
+        _rewind(self.cache)
+        rows = self._columns[:bucket, None]
+        # Real rows see the real slots up to themselves; a padding row sees itself only (no empty row).
+        visible = (self._columns[None] <= rows) & ((self._columns[None] >= self._start) | (self._columns[None] == rows))
+        positions = (self._columns[:bucket] - self._start).clamp(min=0)[None]
+        out = self.llm(inputs_embeds=self._embeds[:, :bucket], attention_mask=self._mask(visible),
+                       position_ids=positions, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self._token.copy_(out.logits[:, -1].argmax(dim=-1, keepdim=True))
+        self._position.fill_(bucket).sub_(self._start)
+        self._slot.fill_(bucket)
+
+    def _decode_fn(self) -> None:
+        visible = ((self._columns >= self._start) & (self._columns <= self._slot))[None]
+        out = self.llm(input_ids=self._token, attention_mask=self._mask(visible), position_ids=self._position,
+                       past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self._token.copy_(out.logits[:, -1].argmax(dim=-1, keepdim=True))
+        self._position.add_(1)
+        self._slot.add_(1)
+
+    def _capture(self, fn: Callable[[], None], warmup: int) -> torch.cuda.CUDAGraph:
+        """Warm fn up on a side stream (lazy allocations, library handles), then capture it."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            fn()
+        return graph
+
+    # The public halves ---------------------------------------------------------------------------
+
+    def bucket_for(self, prompt_tokens: int) -> int | None:
+        """The bucket a prompt of this length is padded to, None if it is longer than every bucket."""
+        return next((b for b in self.buckets if b >= prompt_tokens), None)
+
+    def prefill(self, embeds: torch.Tensor) -> int:
+        """Fill the cache with one prompt's embeddings ([1, n, H] or [n, H]); returns the first token."""
+        with _no_grad_mode():
+            embeds = embeds.reshape(-1, embeds.shape[-1])
+            n = embeds.shape[0]
+            bucket = self.bucket_for(n)
+            if bucket is None or n == 0:
+                raise ValueError(f"a prompt of {n} tokens does not fit the buckets (up to {self.buckets[-1]})")
+            self._embeds[0, :bucket - n].zero_()
+            self._embeds[0, bucket - n:bucket].copy_(embeds)
+            self._start.fill_(bucket - n)
+            if not self.use_graphs:
+                self._prefill_fn(bucket)
+            else:
+                if bucket not in self._prefill_graphs:
+                    logger.info("capturing the prefill graph of bucket %d", bucket)
+                    self._prefill_graphs[bucket] = self._capture(lambda: self._prefill_fn(bucket), warmup=2)
+                if self._decode_graph is None:
+                    # Captured once the cache holds a prefill (its warm-up steps decode after it).
+                    self._prefill_graphs[bucket].replay()
+                    self._decode_graph = self._capture(self._decode_fn, warmup=_DECODE_WARMUP)
+                self._prefill_graphs[bucket].replay()  # also resets every counter the warm-ups moved
+            self._generated = 1
+            return int(self._token)
+
+    def step(self) -> int:
+        """One decode step after `prefill` (or the previous step); returns the new token."""
+        if self._generated >= self.max_new_tokens:
+            raise ValueError(f"the cache holds {self.max_new_tokens} generated tokens at most")
+        with _no_grad_mode():
+            if self._decode_graph is not None:
+                self._decode_graph.replay()
+            else:
+                self._decode_fn()
+            self._generated += 1
+            return int(self._token)
+
+    def generate(self, embeds: torch.Tensor, max_new_tokens: int, eos_token_id: int) -> list[int]:
+        """Greedy tokens after the prompt, stopping at eos (not included) or after max_new_tokens."""
+        if not 1 <= max_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"max_new_tokens must be in [1, {self.max_new_tokens}], got {max_new_tokens}")
+        tokens = [self.prefill(embeds)]
+        while tokens[-1] != eos_token_id and len(tokens) < max_new_tokens:
+            tokens.append(self.step())
+        return tokens[:-1] if tokens[-1] == eos_token_id else tokens
+
+
+def _rewind(cache: StaticCache) -> None:
+    """An empty cache again: every layer's write position back to 0 (the stale keys stay, masked).
+    transformers 5.x static layers count in a device tensor; otherwise the public reset (which also
+    zeroes the keys and values)."""
+    counters = [getattr(layer, "cumulative_length", None) for layer in cache.layers]
+    tensors = [c for c in counters if isinstance(c, torch.Tensor)]
+    if len(tensors) < len(counters):
+        cache.reset()
+        return
+    for counter in tensors:
+        counter.zero_()
