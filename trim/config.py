@@ -1,6 +1,6 @@
 """TrimConfig: every knob of TRIM in one typed, JSON-round-tripping config.
 
-The default follows the authors' released scoring (DESIGN.md §3) with the IQR taken per sample, so a
+The default follows the authors' released scoring (docs/method.md) with the IQR taken per sample, so a
 sample's tokens do not depend on its batch and can be cached offline. `paper()` and `official()` are
 the two presets beside it; `fixed_ratio()` keeps a fixed share with the paper's scoring and
 `official(ratio)` a fixed share with the released scoring (`TRIM:<ratio>`).
