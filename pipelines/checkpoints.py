@@ -10,7 +10,6 @@ checkpoint that Ray does not know; `find_resume_point` finds it and the run resu
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import posixpath
@@ -201,8 +200,3 @@ def remove_unregistered_before(run_dir: str, newest: str) -> None:
         if step_of(name) is not None and name < newest and name not in registered:
             logger.info("removing %s, a checkpoint Ray Train never registered, older than %s", name, newest)
             storage.remove(storage.join(run_dir, name))
-
-
-def read_state(checkpoint_dir: str) -> TrainState:
-    """The training state recorded in a checkpoint folder (local or s3://)."""
-    return TrainState.from_json(json.dumps(storage.read_json(storage.join(checkpoint_dir, STATE_FILE))))
