@@ -4,7 +4,7 @@ PY := .venv/bin/python
 PIP := .venv/bin/pip
 STAMP := .venv/.installed
 
-.PHONY: demo test test-unit lint bench clean
+.PHONY: demo test test-unit lint bench drills clean
 
 $(STAMP): pyproject.toml tests/infra/install_kubectl.py
 	test -x $(PY) || python3 -m venv .venv
@@ -28,6 +28,11 @@ lint: $(STAMP)
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
+
+# Fault drills: nodes of a multi-node Ray cluster on this machine killed mid-shard, -precompute and
+# -fine-tune (tests/integration/test_fault_drills.py); slow, so not part of `make test`.
+drills: $(STAMP)
+	$(PY) -m pytest -q -m drill tests/integration/test_fault_drills.py -o log_cli=true --log-cli-level=INFO
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done

@@ -29,6 +29,7 @@ from PIL import Image
 
 from pipelines import storage
 from pipelines.config import PrecomputeConfig, ShardConfig
+from pipelines.manifests import CURRENT_FILE, ShardsManifest, resolve_output
 from trim import TrimConfig
 
 PRESET = TrimConfig.paper()
@@ -101,11 +102,13 @@ def raw_rates(work: Path, batch: int) -> tuple[float, float, int, int]:
     from trim.encoders import ClipEncoder
 
     encoder = ClipEncoder(work / "clip")
-    data = [row["bytes"] for name in storage.listdir(str(work / "shards"), ".parquet") if name.startswith("images-")
-            for row in storage.read_parquet(str(work / "shards" / name)).to_pylist()]
+    shards = resolve_output(str(work / "shards"))  # the current version: only the files its manifest lists
+    listed = ShardsManifest.read(shards).files
+    data = [row["bytes"] for name in sorted(listed) if name.startswith("images-")
+            for row in storage.read_parquet(storage.join(shards, name)).to_pylist()]
     pixels = [encoder.preprocess([Image.open(io.BytesIO(b)) for b in data[i:i + batch]])
               for i in range(0, len(data), batch)]
-    texts = [s["text"] for s in load_samples(str(work / "shards"), PRESET) if s["image_key"]]
+    texts = [s["text"] for s in load_samples(shards, PRESET) if s["image_key"]]
     tokens = [encoder.host.tokenize(texts[i:i + batch]) for i in range(0, len(texts), batch)]
     encoder.encode_pixels(pixels[0])  # warm-up
     started = time.perf_counter()
@@ -153,7 +156,7 @@ def main() -> None:
             "vision_config"]["hidden_size"] != args.width:
         shutil.rmtree(work, ignore_errors=True)
         build_tiny_clip(work / "clip", width=args.width, depth=args.depth, projection_dim=256)
-    if not (work / "shards" / "manifest.json").exists():
+    if not (work / "shards" / CURRENT_FILE).exists():
         write_mixture(work / "data", num_samples=args.images * 2, num_images=args.images, seed=1)
         run_child(args, "shard")
     # The raw forward before and after the job, the faster of the two: on a shared machine another

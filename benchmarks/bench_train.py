@@ -1,8 +1,8 @@
 """Training step time fed all 576 visual tokens / fed the TRIM cache: same samples, same batch, through
 the real Ray Train + DeepSpeed (ZeRO-2, 2 CPU workers) loop, in one run. Beside it, the same ratio for
 a bare forward+backward+step of the model on tensors already in memory, and whether the input
-pipeline is the bottleneck: step time from the Ray Data loader / step time on batches preloaded into
-the workers' memory.
+pipeline is the bottleneck: step time with each worker reading and tokenizing its rows from the cache's
+Parquet parts as it trains / step time on samples preloaded into the workers' memory (train.preload).
 
     python benchmarks/bench_train.py [--samples 512] [--steps 40]
 """
@@ -113,7 +113,7 @@ def main() -> None:
     manifest = json.loads((work / "trim" / "cache" / "manifest.json").read_text())
     bare, full_len, trim_len = bare_ratio(work, models.llm, args.micro)
     pipeline = results[("full", False)] / results[("trim", False)]
-    print(table([[f"{k} {'preloaded' if p else 'Ray Data loader'}", v * 1000] for (k, p), v in results.items()],
+    print(table([[f"{k} {'preloaded' if p else 'read from the cache'}", v * 1000] for (k, p), v in results.items()],
                 [f"step (2 workers, ZeRO-2, micro-batch {args.micro})", "median ms"]))
     for kind in ("full", "trim"):  # the full runs must really have seen 576 tokens an image
         assert visual_per_sample(work / kind, runs[(kind, False)]) > (400 if kind == "full" else 0), kind

@@ -9,7 +9,8 @@
 local or S3). "hf" bundles the CLIP vision tower (the one the model records, or --clip) and a processor
 that pads images like LLaVA; "llava" records --clip (or the recorded CLIP path) as mm_vision_tower.
 An engine serving either export feeds all 576 visual tokens per image: TRIM runs only in this project's
-inference (trim.inference.Answerer).
+inference (trim.inference.Answerer). The export is written beside --out and takes its place once
+complete, so a failed or killed export leaves the previous one there.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pipelines import storage  # noqa: E402
 from pipelines.cli import recipe_argparser  # noqa: E402
 from pipelines.config import load_recipe  # noqa: E402
 from pipelines.logs import setup_logging  # noqa: E402
+from pipelines.train_runs import resolve_run_name  # noqa: E402
 from trim.formats import export_model  # noqa: E402
 
 logger = logging.getLogger("jobs.export")
@@ -39,18 +41,17 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", required=True, help="directory to write (local)")
     parser.add_argument("--clip", default=None, help="CLIP checkpoint to bundle (hf) or name to record (llava); "
                         "default: the encoder path the model directory records")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (the new export is "
+                        "written beside it and takes its place once complete)")
     args = parser.parse_args(argv)
     setup_logging()
     model = args.model
     if not model:
-        recipe = load_recipe(args.recipe, args.overrides)
+        recipe = resolve_run_name(load_recipe(args.recipe, args.overrides))  # {cache_version}: the current cache's run
         model = recipe.paths.model_dir(recipe.train.run_name)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        if not args.overwrite:
-            raise SystemExit(f"{out} exists and is not empty; pass --overwrite to replace it")
-        shutil.rmtree(out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise SystemExit(f"{out} exists and is not empty; pass --overwrite to replace it")
     local = storage.local_copy(model)
     try:
         written = export_model(local, out, args.format, clip=args.clip)

@@ -3,7 +3,10 @@
     ray job submit --working-dir . -- python jobs/finetune.py --recipe tiny
     python jobs/finetune.py --recipe llava-1.5-7b --set paths.root=s3://bucket/run --set train.num_workers=8
 
-The same train.run_name resumes from its latest checkpoint (step, data position and MLflow run).
+The same train.run_name resumes from its latest checkpoint (step, data position and MLflow run); on
+another cache, recipe or number of workers it is refused unless train.start_fresh. A name holding
+{cache_version} follows the cache (pipelines/train_runs.py): the scheduled retraining passes
+train.run_name=<name>-{cache_version}, so new data starts a new run and a rerun resumes or skips it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pipelines.tracking_store import (  # noqa: E402
     experiment_name,
     fail_unfinished_runs,
 )
-from pipelines.train import run_finetune  # noqa: E402
+from pipelines.train_runs import finetune, resolve_run_name  # noqa: E402
 
 logger = logging.getLogger("jobs.finetune")
 
@@ -39,18 +42,21 @@ def main(argv: list[str] | None = None) -> dict:
     init_ray(num_cpus=max(os.cpu_count() or 1, recipe.train.num_workers + 2))
     tracking_uri = default_tracking_uri(recipe.paths.root)
     check_store_reachable(tracking_uri, node_count())  # a sqlite file on one node cannot serve rank 0 elsewhere
+    run_name = recipe.train.run_name
     try:
-        result, export_dir = run_finetune(recipe, tracking_uri)
-        error = result.error
+        run_name = resolve_run_name(recipe).train.run_name  # the MLflow run's name, should the job fail
+        outcome = finetune(recipe, tracking_uri)
+        run_name, error = outcome.run_name, outcome.error
     except Exception as exc:
-        error, result = exc, None
+        error, outcome = exc, None
     if error is not None:  # runs whose worker was killed were left RUNNING
-        fail_unfinished_runs(tracking_uri, experiment_name(recipe.name), recipe.train.run_name)
+        fail_unfinished_runs(tracking_uri, experiment_name(recipe.name), run_name)
         raise SystemExit(f"finetune failed: {error}")
-    assert result is not None
-    metrics = result.metrics or {}
-    logger.info("loss %.4f -> %.4f over %s steps; model in %s", metrics.get("first_loss", float("nan")),
-                metrics.get("loss", float("nan")), metrics.get("step"), export_dir)
+    assert outcome is not None
+    metrics = outcome.metrics
+    if not outcome.already_complete:
+        logger.info("loss %.4f -> %.4f over %s steps; model in %s", metrics.get("first_loss", float("nan")),
+                    metrics.get("loss", float("nan")), metrics.get("step"), outcome.model_dir)
     shown = redact_uri(tracking_uri)
     logger.info("runs tracked at %s; look with: mlflow ui --backend-store-uri %s", shown, shown)
     return metrics

@@ -26,9 +26,19 @@ from pipelines.config import load_recipe  # noqa: E402
 from pipelines.evaluate import parse_questions, question_key  # noqa: E402
 from pipelines.images import ImageStore, read_image  # noqa: E402
 from pipelines.logs import setup_logging  # noqa: E402
+from pipelines.manifests import MANIFEST_FILE, CacheManifest, resolve_output  # noqa: E402
 from pipelines.pictures import cache_pictures, default_out_dir, online_pictures  # noqa: E402
 
 logger = logging.getLogger("jobs.pictures")
+
+
+def cache_shards(cache: str, shards_root: str) -> str:
+    """The shards version the cache version `cache` was made from (it holds the images of the cache's
+    samples), or the current one where retention removed it (images are stored by content hash, so
+    those the mixture still uses are found there)."""
+    version = CacheManifest.read(cache).identity.get("shards", {}).get("version")
+    folder = storage.join(shards_root, version) if version else ""
+    return folder if folder and storage.exists(storage.join(folder, MANIFEST_FILE)) else resolve_output(shards_root)
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
@@ -44,7 +54,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     out = Path(args.out or default_out_dir(paths.root))
 
     if args.samples and args.from_cache:
-        written = cache_pictures(paths.shards, paths.cache, out, ids=args.samples)
+        cache = resolve_output(paths.cache)
+        written = cache_pictures(cache_shards(cache, paths.shards), cache, out, ids=args.samples)
     else:
         from pipelines.precompute import load_samples
         from trim.encoders import ClipEncoder
@@ -53,8 +64,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
         items = []
         if args.samples:
             wanted = set(args.samples)
-            samples = [s for s in load_samples(paths.shards, cfg) if s["id"] in wanted and s["image_key"]]
-            images = ImageStore(paths.shards)
+            shards = resolve_output(paths.shards)  # once: samples and images from the same version
+            samples = [s for s in load_samples(shards, cfg) if s["id"] in wanted and s["image_key"]]
+            images = ImageStore(shards)
             items += [(f"sample-{s['index']:07d}-{s['id']}", Image.open(io.BytesIO(images.get(s["image_key"]))),
                        s["text"]) for s in samples]
         if args.questions or not args.samples:

@@ -2,7 +2,9 @@
 
     python jobs/precompute.py --recipe tiny [--set trim.preset=official] [--set paths.root=s3://bucket/run]
 
-Run again to resume a stopped job; a cache written with another configuration is refused.
+Writes a new version of {paths.root}/cache/ when the shards' version, the CLIP checkpoint's files or a
+setting that changes the cache differ from every complete version (the same inputs again: nothing to
+do); run again to resume a stopped job. The newest precompute.keep_versions versions are kept.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from pipelines.report import (  # noqa: E402
 from pipelines.runtime import redact_uri  # noqa: E402
 from pipelines.tracking import Tracker  # noqa: E402
 from pipelines.tracking_store import default_tracking_uri, experiment_name  # noqa: E402
+from pipelines.train_runs import resolve_run_name  # noqa: E402
 from trim.efficiency import LlmShape  # noqa: E402
 from trim.timing import device_name, question_of_length, timed_generation  # noqa: E402
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--no-low-latency", action="store_true", help="time the eager path only")
     args = parser.parse_args(argv)
     setup_logging()
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = resolve_run_name(load_recipe(args.recipe, args.overrides))  # {cache_version}: the current cache's run
     paths = recipe.paths
 
     manifest = CacheManifest.read_if_exists(paths.cache)

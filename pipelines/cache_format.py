@@ -1,6 +1,8 @@
 """The TRIM cache's row format, in one place for its writer (precompute) and its readers (training,
 pictures, benchmarks): the Parquet schema, a part's table built from the encoder's host arrays,
-tensors to and from bytes, and reading the parts."""
+tensors to and from bytes, and reading the parts. Readers read a complete cache: the parts its
+manifest lists (the current version of a cache root, or a version folder given directly), each
+checked for its rows; the writer's view of an unfinished version is committed_parts."""
 
 from __future__ import annotations
 
@@ -36,6 +38,13 @@ META_COLUMNS = ("id", "source", "index", "image_key", "conversations")
 PART_PREFIX = "part-"
 BINARY_CHUNK_BYTES = 2**30
 """Largest Arrow binary chunk built (Arrow's binary type addresses under 2 GiB per chunk)."""
+ROW_GROUP_ROWS = 16
+"""Rows per Parquet row group of a part. Training reads samples in a shuffled order, and a row is read
+with its whole row group's column chunks: 16 rows are about 4 MB of visual tokens at 7B scale (250 KB a
+row), where one group per part would be 500 MB. Smaller groups would grow the footer read on each open."""
+STATISTICS_COLUMNS = ["index", "num_tokens", "num_kept", "has_aggregate", "token_dim"]
+"""Columns with min/max statistics: those of the long strings and bytes would make up most of a
+footer of many row groups (about 8 KB a group), and no reader filters on them."""
 
 
 def part_table(meta: Sequence[dict], reduced: ReducedRows, token_dim: int) -> pa.Table:
@@ -83,17 +92,32 @@ def _kept_lists(reduced: ReducedRows, count: int) -> pa.Array:
 
 
 def write_part(cache: str, name: str, table: pa.Table) -> int:
-    """Write a part whole (a reader or a resumed run never sees half of one); returns its bytes."""
+    """Write a part whole (a reader or a resumed run never sees half of one), in row groups of
+    ROW_GROUP_ROWS; returns its bytes."""
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, compression="zstd", row_group_size=ROW_GROUP_ROWS,
+                   write_statistics=STATISTICS_COLUMNS)
     data = sink.getvalue()
     storage.write_bytes(storage.join(cache, name), data.to_pybytes())
     return data.size
 
 
 def committed_parts(cache: str) -> list[str]:
-    """The parts already written (a part is written whole, so each listed one is complete)."""
+    """The parts already written in a version folder being written (a part is written whole, so each
+    listed one is complete). The writer's view: readers use cache_files."""
     return [n for n in storage.listdir(cache, ".parquet") if n.startswith(PART_PREFIX)]
+
+
+def cache_files(cache: str) -> tuple[str, dict[str, int]]:
+    """(version folder, part -> rows) of the complete cache at `cache`: a cache root (its current
+    version) or a version folder. Raises where the manifest lists no parts or a part is missing or
+    holds other rows than it records (the error names the file)."""
+    from pipelines.manifests import CacheManifest, check_files, resolve_output
+
+    folder = resolve_output(cache)
+    manifest = CacheManifest.read(folder)
+    check_files(folder, manifest.files, "precompute")
+    return folder, manifest.files
 
 
 def decode_tokens(row: dict) -> torch.Tensor:
@@ -113,12 +137,13 @@ def to_bytes(tensor: torch.Tensor) -> bytes:
 
 
 def iter_cache(cache: str, columns: list[str] | None = None) -> Iterator[dict]:
-    for name in committed_parts(cache):
-        yield from storage.read_parquet(storage.join(cache, name), columns=columns).to_pylist()
+    """The rows of the complete cache at `cache` (see cache_files), part by part."""
+    folder, files = cache_files(cache)
+    for name in sorted(files):
+        yield from storage.read_parquet(storage.join(folder, name), columns=columns).to_pylist()
 
 
-def read_columns(cache: str, columns: list[str]) -> pa.Table:
-    """Some columns of every part, as one Arrow table (compact: no Python object per row)."""
-    tables = [storage.read_parquet(storage.join(cache, n), columns=columns) for n in committed_parts(cache)]
-    return pa.concat_tables(tables) if tables else CACHE_SCHEMA.empty_table().select(columns)
-
+def read_parts(folder: str, names: Sequence[str], columns: list[str]) -> dict[str, pa.Table]:
+    """Some columns of the named parts of a folder, one Arrow table per part (compact: no Python
+    object per row)."""
+    return {name: storage.read_parquet(storage.join(folder, name), columns=columns) for name in names}

@@ -2,14 +2,23 @@
 
 A checkpoint is a folder `checkpoint_step_NNNNNNNN` under the run directory (local or s3://) holding
 every rank's DeepSpeed shards (tag ENGINE_TAG) and the training state (STATE_FILE). It counts as
-complete once every rank has uploaded its part: rank 0 then writes COMPLETE_FILE into it. Ray Train
-registers a checkpoint a moment after the upload, so a job killed in between leaves a complete
-checkpoint that Ray does not know; `find_resume_point` finds it and the run resumes there.
+complete once every rank has uploaded its part: rank 0 then writes DIGESTS_FILE (the SHA-256 of
+every file each rank wrote) and COMPLETE_FILE into it. Ray Train registers a checkpoint a moment after
+the upload, so a job killed in between leaves a complete checkpoint that Ray does not know;
+`find_resume_point` finds it and the run resumes there.
+
+DeepSpeed loads its files with full unpickling (torch.load, weights_only=False): a file planted in the
+checkpoint folder would run code on the workers. So before loading, every file a rank reads is checked
+against DIGESTS_FILE, and a file that is not listed, is missing or differs refuses the checkpoint,
+naming the file. The digests file sits beside the files it covers, so it guards against replaced,
+added or damaged files, not against someone who can rewrite it too: only the training job may write
+the checkpoint storage (docs/runbook.md, "Checkpoints you can trust").
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import posixpath
@@ -20,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import storage
+from pipelines.checkpoint_digests import DIGESTS_FILE, digest_file, digest_tree, merge, walk
 from pipelines.train_plan import TrainState
 
 logger = logging.getLogger(__name__)
@@ -51,7 +61,8 @@ def step_of(name: str) -> int | None:
 
 def save(engine: Any, state: TrainState, metrics: dict, run_dir: str, is_master: bool) -> None:
     """Every rank writes its DeepSpeed shards; Ray Train gathers them into one checkpoint folder.
-    Once all ranks have uploaded (the barrier), rank 0 marks it complete."""
+    Once all ranks have uploaded, rank 0 records the digests of every rank's files, then marks the
+    checkpoint complete."""
     import ray.train
     import torch.distributed as dist
 
@@ -60,16 +71,70 @@ def save(engine: Any, state: TrainState, metrics: dict, run_dir: str, is_master:
         engine.save_checkpoint(directory, tag=ENGINE_TAG)
         if is_master:
             Path(directory, STATE_FILE).write_text(state.to_json())
+        mine = digest_tree(directory)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                          checkpoint_dir_name=name)
-    dist.barrier()  # report() returns once this rank's upload is done, not every rank's
+    # report() returns once this rank's upload is done: the gather also waits for every rank's.
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
     if is_master:
-        storage.write_json(storage.join(run_dir, name, COMPLETE_FILE), state.to_dict())
+        folder = storage.join(run_dir, name)
+        storage.write_json(storage.join(folder, DIGESTS_FILE), {"algorithm": "sha256", "files": merge(everyone)})
+        storage.write_json(storage.join(folder, COMPLETE_FILE), state.to_dict())
 
 
-def load(engine: Any, directory: str, source: str) -> TrainState:
-    """Load a local checkpoint folder into the engine; returns its training state. A checkpoint that
-    cannot be read is named, with what to do about it."""
+class UntrustedCheckpoint(RuntimeError):
+    """A checkpoint whose files do not match the digests recorded when it was saved."""
+
+
+def untrusted(directory: str | Path, ranks: set[int] | None = None) -> str | None:
+    """Why the checkpoint in directory must not be loaded, naming the file, or None. Every file there
+    must be listed in DIGESTS_FILE; the listed files these ranks read (files_for_ranks; None: all)
+    must be there with their recorded digest."""
+    try:
+        listed = json.loads(Path(directory, DIGESTS_FILE).read_text())["files"]
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in listed.items()):
+            raise TypeError("names and digests must be strings")
+    except FileNotFoundError:
+        return f"it has no {DIGESTS_FILE} (it is not complete, or was written before digests were recorded)"
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        return f"its {DIGESTS_FILE} cannot be read ({error!r})"
+    files, others = walk(directory)
+    present = set(files) - {DIGESTS_FILE, COMPLETE_FILE}
+    unlisted = others + sorted(present - set(listed))
+    if unlisted:
+        return f"{unlisted[0]} is not listed in {DIGESTS_FILE}" + (f" ({len(unlisted)} such files)"
+                                                                  if len(unlisted) > 1 else "")
+    wanted = sorted(listed) if ranks is None else files_for_ranks(sorted(listed), ranks)
+    for name in wanted:
+        if name not in present:
+            return f"{name} is listed in {DIGESTS_FILE} but missing"
+        if digest_file(os.path.join(directory, name)) != listed[name]:
+            return f"{name} does not match the SHA-256 digest recorded when it was saved"
+    return None
+
+
+def refuse_if_any(problem: str | None, source: str) -> None:
+    """Raise UntrustedCheckpoint on every rank when any rank found a problem (so that no rank is left
+    waiting in a collective while another has stopped); alone, when there is no process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        problems: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+        problem = next((p for p in problems if p), None)
+    if problem:
+        raise UntrustedCheckpoint(f"finetune: refusing to load checkpoint {source}: {problem}. DeepSpeed unpickles "
+                                  "checkpoint files, so only files recorded at save are loaded. Delete that folder "
+                                  "to resume from the one before it, or --set train.start_fresh=true.")
+
+
+def load(engine: Any, directory: str, source: str, ranks: set[int] | None = None, verify: bool = True) -> TrainState:
+    """Load a local checkpoint folder into the engine; returns its training state. The files the given
+    ranks read are checked against the recorded digests first (verify=False: another rank on this
+    node checks them; a collective either way). A checkpoint that cannot be read is named, with what
+    to do about it."""
+    refuse_if_any(untrusted(directory, ranks) if verify else None, source)
     try:
         engine.load_checkpoint(directory, tag=ENGINE_TAG)
         return TrainState.from_json(Path(directory, STATE_FILE).read_text())
@@ -83,22 +148,32 @@ def _state_of(checkpoint: Any) -> TrainState:
         return TrainState.from_json(f.read().decode())
 
 
+def _is_complete(checkpoint: Any) -> bool:
+    import pyarrow.fs as pafs
+
+    info = checkpoint.filesystem.get_file_info(f"{checkpoint.path}/{COMPLETE_FILE}")
+    return info.type == pafs.FileType.File
+
+
 def restore(engine: Any, registered: Any, found: str | None) -> TrainState:
     """Load the newer of Ray Train's registered checkpoint and the newest complete one the driver
-    found on storage; returns the training state (a fresh one when there is neither)."""
+    found on storage (a registered one not marked complete only when there is no other); returns the
+    training state (a fresh one when there is neither). Its files are verified before loading."""
     import pyarrow.fs
     import ray.train
+    import torch.distributed as dist
 
     checkpoint = registered
     if found:
         found_step = storage.read_json(storage.join(found, COMPLETE_FILE))["step"]
-        if registered is None or _state_of(registered).step < found_step:
+        if registered is None or not _is_complete(registered) or _state_of(registered).step < found_step:
             fs, path = storage.arrow_fs(found)
             checkpoint = ray.train.Checkpoint(path, filesystem=fs)
     if checkpoint is None:
         return TrainState()
     if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
-        return load(engine, checkpoint.path, checkpoint.path)
+        ranks = {dist.get_rank()} if dist.is_available() and dist.is_initialized() else None
+        return load(engine, checkpoint.path, checkpoint.path, ranks)
     return _restore_remote(engine, checkpoint)
 
 
@@ -144,9 +219,9 @@ def _download(checkpoint: Any, directory: str, ranks: set[int]) -> None:
 
 
 def _restore_remote(engine: Any, checkpoint: Any) -> TrainState:
-    """One download per node, by its local rank 0, of the files its ranks read; read by every rank
-    there, removed once all have loaded (Ray's shared as_directory() lets one rank delete it before
-    another has read it)."""
+    """One download per node, by its local rank 0, of the files its ranks read, verified there
+    against the recorded digests; read by every rank there, removed once all have loaded (Ray's
+    shared as_directory() lets one rank delete it before another has read it)."""
     import ray.train
     import torch.distributed as dist
 
@@ -154,12 +229,16 @@ def _restore_remote(engine: Any, checkpoint: Any) -> TrainState:
     directory = os.path.join(tempfile.gettempdir(), name)
     first_on_node = ray.train.get_context().get_local_rank() == 0
     ranks = _ranks_on_this_node()  # collective: every rank takes part
+    problem = None
     if first_on_node:
         shutil.rmtree(directory, ignore_errors=True)
-        _download(checkpoint, directory, ranks)
-    dist.barrier()
+        try:
+            _download(checkpoint, directory, ranks)
+        except Exception as error:  # told to every rank below, so none waits for this one
+            problem = f"cannot download it ({error!r})"
+    refuse_if_any(problem, checkpoint.path)  # also the barrier: the files are all here now
     try:
-        return load(engine, directory, checkpoint.path)
+        return load(engine, directory, checkpoint.path, ranks, verify=first_on_node)
     finally:
         dist.barrier()
         if first_on_node:

@@ -110,6 +110,21 @@ class ShardConfig:
     """Records per Ray Data batch while reading images."""
     concurrency: int = 2
     """Parallel tasks that read and hash images."""
+    keep_versions: int = 2
+    """Complete versions of the shards kept under paths.shards (at least 1): each changed input (mixture,
+    images, every field of this section but read_batch_size, concurrency and this one) is written into a
+    new version folder; once it is current the oldest complete ones beyond this many are removed.
+    Unfinished versions are kept."""
+    max_image_pixels: int = 4096 * 4096
+    """Images with more pixels (width x height, read from the file's header before any decoding) are set
+    aside as "image too large": a guard against decompression bombs. 4096 x 4096 is far above the photos of
+    LLaVA's sources (CLIP sees 336 x 336 anyway); PIL's own limit (2 x Image.MAX_IMAGE_PIXELS, about 179
+    Mpixel) still bounds a larger cap."""
+    max_aspect_ratio: float = 20.0
+    """Images whose long side is more than this many times their short side are set aside as "extreme
+    aspect ratio": LLaVA pads each image to a square of its long side before resizing, so a 1 x 30000
+    strip would become 900 Mpixel in precompute. With max_image_pixels this bounds the padded square at
+    max_image_pixels x max_aspect_ratio pixels."""
 
 
 @dataclass
@@ -133,6 +148,11 @@ class PrecomputeConfig:
     encoder_threads: int = 0
     """Torch threads of each encoder actor on CPU (0: num_cpus_per_actor). More than the actor asks Ray
     for lets a CPU-only node's encoder use the cores its decode tasks leave idle."""
+    keep_versions: int = 2
+    """Complete versions of the cache kept under paths.cache (at least 1): each new identity (shards
+    version, CLIP weights, layer, dtype, TRIM config, rows_per_file) is written into a new version
+    folder; once it is current the oldest complete ones beyond this many are removed. Unfinished
+    versions are kept (a rerun with their identity resumes them)."""
 
 
 @dataclass
@@ -140,7 +160,14 @@ class TrainConfig:
     """Ray Train + DeepSpeed fine-tuning on the cache."""
 
     run_name: str = "tiny"
-    """Ray Train run name and MLflow run name; the same name resumes."""
+    """Ray Train run name and MLflow run name; the same name resumes (on another cache, recipe or number
+    of workers it is refused unless start_fresh). It may hold "{cache_version}", which the jobs replace
+    with the version folder of the current cache (cache/CURRENT.json, e.g. "v-3f2a9c0d1b2e"): the
+    scheduled retraining uses "<name>-{cache_version}", so new data starts a new run, a rerun on the same
+    cache resumes its run, and a run already complete on it is not run again. Such runs are kept while
+    their cache version is (precompute.keep_versions); once a run has exported its model, those whose
+    cache version is gone are removed, checkpoints and model (MLflow keeps their runs and registered
+    models). A name without it is never removed."""
     num_workers: int = 2
     """Ray Train workers (one per GPU on a GPU cluster)."""
     use_gpu: bool = False

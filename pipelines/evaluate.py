@@ -1,7 +1,8 @@
 """Stage 4, evaluate: online CLIP + TRIM + generation over a LLaVA evaluation split, then scores.
 
 Input: LLaVA's question file (JSONL: question_id, image, text, category?) and its image folder (local
-or s3://). Output, under `eval/`:
+or s3://). Output, in this evaluation's own folder `eval/<run>-<trim>-<hash12>/` (the hash is of
+everything that changes the answers: pipelines/eval_outputs.py):
   answers.jsonl   LLaVA's answer-file format, one line per answered question, sorted by question_id:
                   {question_id, prompt, text, answer_id, model_id, metadata}
   rejects.jsonl   questions set aside (missing or unreadable image, malformed line): question_id,
@@ -14,7 +15,9 @@ its GPU in bf16 when the cluster has GPUs, else on the CPU in fp32), fetches a b
 storage call and answers the batch with one CLIP forward, one TRIM call and one generate call. The
 driver writes the files, scores them when an annotation file exists, and logs metrics (throughput
 `questions_per_s` = answers / seconds some actor spent answering), the answers and a few TRIM
-pictures to MLflow. Run again with the same inputs: inference is skipped, scores and logs are redone.
+pictures to MLflow. Run again with the same inputs: inference is skipped, scores and logs are redone;
+with another model, TRIM setting, question file or generation setting the answers go to another
+folder, and a run that failed before its manifest leaves answers that nothing reuses.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import storage
+from pipelines import eval_outputs, storage
 from pipelines.answer_scoring import iter_question_records
 from pipelines.config import Recipe
 from pipelines.manifests import EvalManifest
@@ -254,10 +257,10 @@ def _score(answers: list[dict], annotations_uri: str, kind: str) -> dict[str, fl
         return score(answers, load_annotations(local), kind=kind)  # type: ignore[arg-type]  # checked there
 
 
-def _infer(questions: list[dict], model_dir: str, trim_cfg: TrimConfig, recipe, picture_ids: list[str]
+def _infer(questions: list[dict], model_dir: str, trim_cfg: TrimConfig, recipe, picture_ids: list[str], gpus: int
            ) -> tuple[list[dict], list[dict], dict[str, tuple[list[int], np.ndarray]], float]:
-    """The Ray Data job: (answers, rejects, {question_id: (kept, scores)} for the pictures, seconds
-    some actor spent answering)."""
+    """The Ray Data job, gpus (0 or 1) per actor: (answers, rejects, {question_id: (kept, scores)} for
+    the pictures, seconds some actor spent answering)."""
     import ray
 
     cfg, paths = recipe.eval, recipe.paths
@@ -266,8 +269,6 @@ def _infer(questions: list[dict], model_dir: str, trim_cfg: TrimConfig, recipe, 
     pictures: dict[str, tuple[list[int], np.ndarray]] = {}
     if not questions:
         return answers, rejects, pictures, 0.0
-    # One GPU per actor where the cluster has GPUs (Ray hides them from actors that ask for none).
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     logger.info("inference actors on %s", "one GPU each" if gpus else "CPUs")
     intervals = []
     dataset = ray.data.from_items([{"question": json.dumps(q)} for q in questions]).map_batches(
@@ -308,9 +309,18 @@ def _log_run(tracker, params: dict, metrics: dict, files: list[str], pictures_ur
     return len(pictures)
 
 
+def _accelerator() -> str:
+    """The device kind the actors answer on: one GPU each where the cluster has GPUs (Ray hides them
+    from actors that ask for none), else CPUs."""
+    import ray
+
+    return "GPU" if ray.cluster_resources().get("GPU", 0) >= 1 else "CPU"
+
+
 def run_evaluate(recipe: Recipe, model_dir: str, trim_spec: str = "model",
                  tracking_uri: str | None = None) -> EvalManifest:
-    """Answer, write, score and log an evaluation split; returns the manifest (with "metrics")."""
+    """Answer, write, score and log an evaluation split into this evaluation's own folder
+    (pipelines.eval_outputs); returns the manifest (with "metrics")."""
     started = time.time()
     paths, cfg = recipe.paths, recipe.eval
     model_id = recipe.train.run_name
@@ -319,37 +329,32 @@ def run_evaluate(recipe: Recipe, model_dir: str, trim_spec: str = "model",
     label = trim_name(trim_cfg)
     question_bytes = storage.read_bytes(paths.eval_questions)
     questions, malformed = parse_questions(question_bytes, paths.eval_questions)
-    identity = {"model_dir": model_dir, "model_files": storage.fingerprint(model_dir), "clip": paths.clip,
-                "trim": trim_cfg.to_dict(), "max_new_tokens": cfg.max_new_tokens, "model_id": model_id,
-                "questions": paths.eval_questions, "questions_sha256": hashlib.sha256(question_bytes).hexdigest(),
-                "images": paths.eval_images}
-    answers_uri, rejects_uri, pictures_uri = (
-        storage.join(paths.eval_dir, name) for name in ("answers.jsonl", "rejects.jsonl", "pictures"))
+    accelerator = _accelerator()
+    identity = eval_outputs.identity(recipe, model_dir, trim_cfg, question_bytes, accelerator)
+    out_dir = eval_outputs.output_dir(paths.eval_dir, model_id, label, identity)
+    answers_uri, rejects_uri, pictures_uri = (storage.join(out_dir, name) for name in (
+        eval_outputs.ANSWERS_FILE, eval_outputs.REJECTS_FILE, eval_outputs.PICTURES_DIR))
 
-    previous = EvalManifest.read_if_exists(paths.eval_dir)
-    reused = bool(previous and previous.identity == identity and storage.exists(answers_uri))
-    if reused:
-        logger.info("%s already holds these answers; scoring and logging only", paths.eval_dir)
-        answers, rejects = _read_jsonl(answers_uri), _read_jsonl(rejects_uri)
-    else:
-        if previous:
-            logger.info("%s holds answers of another configuration; replacing them", paths.eval_dir)
-        logger.info("%d questions (%d malformed) with TRIM %s, %d actor(s), batches of %d", len(questions),
-                    len(malformed), label, cfg.concurrency, cfg.batch_size)
-        ordered = sorted(questions, key=lambda q: question_key(q["question_id"]))
-        picture_ids = [str(q["question_id"]) for q in ordered[:cfg.num_pictures]]
-        answers, rejects, picture_rows, answering_s = _infer(questions, model_dir, trim_cfg, recipe, picture_ids)
-        answers.sort(key=lambda r: question_key(r["question_id"]))
-        rejects = sorted(rejects + malformed, key=lambda r: question_key(r["question_id"]))
-        storage.write_bytes(answers_uri, _jsonl(answers))
-        storage.write_bytes(rejects_uri, _jsonl(rejects))
-        _write_pictures(picture_rows, questions, paths.eval_images, pictures_uri)
-
-    # The times of the inference that wrote the answers (a rerun that only rescores keeps them).
-    if reused and previous:
+    previous = eval_outputs.stored(out_dir, identity)
+    if previous:
+        logger.info("%s already holds these answers; scoring and logging only", out_dir)
+        answers, rejects = _read_jsonl(previous.answers), _read_jsonl(previous.rejects_file)
         seconds, answering_s = previous.metrics.get("seconds", 0.0), previous.metrics.get("inference_s", 0.0)
     else:
-        seconds = time.time() - started
+        eval_outputs.forget(out_dir)
+        logger.info("%d questions (%d malformed) with TRIM %s on %s, %d actor(s), batches of %d -> %s",
+                    len(questions), len(malformed), label, accelerator, cfg.concurrency, cfg.batch_size, out_dir)
+        ordered = sorted(questions, key=lambda q: question_key(q["question_id"]))
+        picture_ids = [str(q["question_id"]) for q in ordered[:cfg.num_pictures]]
+        answers, rejects, picture_rows, answering_s = _infer(questions, model_dir, trim_cfg, recipe, picture_ids,
+                                                             gpus=int(accelerator == "GPU"))
+        answers.sort(key=lambda r: question_key(r["question_id"]))
+        rejects = sorted(rejects + malformed, key=lambda r: question_key(r["question_id"]))
+        storage.write_bytes(answers_uri, _jsonl(answers))  # whole: a temporary name, then a rename
+        storage.write_bytes(rejects_uri, _jsonl(rejects))
+        _write_pictures(picture_rows, questions, paths.eval_images, pictures_uri)
+        seconds = time.time() - started  # a rerun that only rescores keeps the times of this inference
+
     metrics = _metrics(answers, rejects, len(questions) + len(malformed), seconds, answering_s)
     if storage.exists(paths.eval_annotations):
         metrics.update({k: float(v) for k, v in _score(answers, paths.eval_annotations, cfg.kind).items()})
@@ -357,13 +362,14 @@ def run_evaluate(recipe: Recipe, model_dir: str, trim_spec: str = "model",
         logger.info("no annotations at %s; answers are not scored", paths.eval_annotations)
     manifest = EvalManifest(identity=identity, trim_name=label, answers=answers_uri, rejects_file=rejects_uri,
                             metrics=metrics, reject_reasons=_count(r["reason"] for r in rejects))
-    manifest.write(paths.eval_dir)
+    manifest.write(out_dir)  # last of the outputs: from here this folder's answers are reused
 
     with Tracker(tracking_uri or default_tracking_uri(paths.root), experiment_name(recipe.name)) as tracker:
         manifest.mlflow_run_id = tracker.start(f"{model_id}-eval")
         params = {"model_dir": model_dir, "model_id": model_id, "trim_name": label, "trim": trim_cfg.to_dict(),
-                  "eval": dataclasses.asdict(cfg), "questions": paths.eval_questions}
+                  "eval": dataclasses.asdict(cfg), "questions": paths.eval_questions, "output": out_dir}
         pictures = _log_run(tracker, params, metrics, [answers_uri, rejects_uri], pictures_uri)
+    manifest.write(out_dir)  # with the MLflow run
     logger.info("%d answers, %d rejects (%s) in %s; TRIM %s, %.1f visual tokens per image, %.3g questions/s "
                 "(%.1f s answering); %d TRIM pictures in %s", len(answers), len(rejects),
                 manifest.reject_reasons or "none", answers_uri, label, metrics["mean_visual_tokens"],

@@ -1,13 +1,19 @@
 """Stage 2, precompute: the frozen CLIP towers run once, offline; TRIM's reduced tokens are cached.
 
-Output, under `cache/`:
-  config.json           what the cache is made with (encoder, layer, TRIM config, input, unit layout);
-                        written first, so a later run with another configuration is refused
-  part-*.parquet        one row per sample (pipelines.cache_format.CACHE_SCHEMA), one file per unit of
-                        work under a deterministic name (pipelines.precompute_units); a part is written
-                        whole by the worker that computed it, so a stopped job resumes by skipping the
-                        parts that exist
-  manifest.json         counts and kept-token statistics, written last
+Input: the shards' current version (or a version folder given directly), only the files its manifest
+lists, each checked for its rows. Output, one version folder per identity under `cache/`
+(pipelines.manifests: versioned outputs):
+  CURRENT.json               which version is complete and current, written last (training reads it)
+  v-<12 hex>/identity.json   what the cache is made from (the encoder with a digest of its weight
+                             files, layer, dtype, TRIM config, the shards' version, unit layout), first
+  v-<12 hex>/part-*.parquet  one row per sample (pipelines.cache_format.CACHE_SCHEMA), one file per unit
+                             of work under a deterministic name (pipelines.precompute_units); a part is
+                             written whole by the worker that computed it, so a stopped job resumes by
+                             skipping the parts that exist in its version
+  v-<12 hex>/manifest.json   every part with its rows, counts and kept-token statistics, written last
+A run with another identity (new shards, new weights, another setting) writes a new version, never
+mixing with or refusing an older one; older complete versions beyond PrecomputeConfig.keep_versions
+are removed once the new one is current.
 
 One streaming Ray Data pipeline, the shape of Ray's batch-inference guide: the shards' samples read
 and grouped into units (each distinct image once; `official`: groups in mixture order) -> CPU tasks
@@ -33,10 +39,16 @@ import pyarrow.compute as pc
 import torch
 
 from pipelines import storage
-from pipelines.cache_format import committed_parts, part_table, read_columns, write_part
+from pipelines.cache_format import CACHE_SCHEMA, committed_parts, part_table, read_parts, write_part
 from pipelines.config import PrecomputeConfig, Recipe
-from pipelines.images import IMAGE_LAYOUT
-from pipelines.manifests import CacheManifest, KeptStats, ShardsManifest
+from pipelines.manifests import (
+    CacheManifest,
+    KeptStats,
+    ShardsManifest,
+    publish,
+    start_version,
+    version_of,
+)
 from pipelines.precompute_encode import batch_grouped, encode_unit
 from pipelines.precompute_prepare import decode_unit, prepare_batch
 from pipelines.precompute_units import (
@@ -45,6 +57,8 @@ from pipelines.precompute_units import (
     gather_official_batch,
     official_units,
     read_samples_batch,
+    read_shards,
+    sample_files,
 )
 from trim import TrimConfig
 from trim.conversation import trim_text
@@ -95,34 +109,26 @@ def _value(scalar: Any) -> Any:
 # Driver -----------------------------------------------------------------------------------------
 
 
-def cache_identity(encoder_info: dict, trim_cfg: TrimConfig, shards_manifest: ShardsManifest, layer: int,
-                   rows_per_file: int) -> dict:
-    """What must match for two runs to write into the same cache (the unit layout included: parts of
-    another layout would hold other samples)."""
-    return {"encoder": encoder_info, "layer": layer, "trim": trim_cfg.to_dict(),
-            "shards": {"input": shards_manifest.input, "samples": shards_manifest.samples},
-            "layout": {"version": LAYOUT_VERSION, "rows_per_file": rows_per_file}}
+NON_OUTPUT_KNOBS = frozenset({"batch_size", "concurrency", "num_gpus_per_actor", "num_cpus_per_actor",
+                              "encoder_threads", "keep_versions"})
+"""PrecomputeConfig fields that do not change the cache: left out of its identity (every other is in)."""
 
 
-def _check_identity(cache: str, identity: dict) -> None:
-    uri = storage.join(cache, "config.json")
-    if not storage.exists(uri):
-        storage.write_json(uri, identity)
-        return
-    existing = storage.read_json(uri)
-    if existing != identity:
-        differs = sorted(k for k in identity if existing.get(k) != identity[k])
-        raise ValueError(
-            f"cache {cache} was written with a different configuration (differs in: {', '.join(differs)}); "
-            f"refusing to add to it. Use another paths.root or remove {cache}.")
+def cache_identity(encoder_info: dict, trim_cfg: TrimConfig, shards_manifest: ShardsManifest,
+                   cfg: PrecomputeConfig) -> dict:
+    """Everything that changes the cache: the encoder (its config_hash covers the weight files), the
+    knobs (layer, dtype, rows_per_file: the unit layout), the TRIM config and the shards' version."""
+    knobs = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NON_OUTPUT_KNOBS}
+    return {"encoder": encoder_info, "precompute": knobs, "trim": trim_cfg.to_dict(),
+            "shards": {"version": shards_manifest.version, "samples": shards_manifest.samples},
+            "layout": {"version": LAYOUT_VERSION}}
 
 
 def load_samples(shards: str, trim_cfg: TrimConfig) -> list[dict]:
     """Every sample of the shards with its TRIM text, in memory (small uses: pictures, benchmarks)."""
-    rows = []
-    for name in storage.listdir(shards, ".parquet"):
-        if name.startswith("samples-"):
-            rows += storage.read_parquet(storage.join(shards, name)).to_pylist()
+    folder, manifest = read_shards(shards)
+    rows = [row for name, _ in sample_files(manifest) for row in storage.read_parquet(storage.join(folder, name))
+            .to_pylist()]
     for row in rows:
         row["text"] = trim_text(json.loads(row["conversations"]), trim_cfg.text)
     return rows
@@ -130,44 +136,48 @@ def load_samples(shards: str, trim_cfg: TrimConfig) -> list[dict]:
 
 def run_precompute(shards: str, cache: str, clip_path: str, trim_cfg: TrimConfig,
                    cfg: PrecomputeConfig) -> CacheManifest:
-    """Write the TRIM cache; resume where a stopped run left off; refuse a foreign cache."""
+    """Write the TRIM cache of the current shards into the version of `cache` its identity names;
+    resume there where a stopped run left off; a complete one is made current without work."""
     from trim.encoders import describe_checkpoint
 
     started = time.time()
-    shards_manifest = ShardsManifest.read(shards)
-    if shards_manifest.image_layout != IMAGE_LAYOUT:
-        raise ValueError(f"{shards} was written by an older shard stage (images not in hash buckets); run shard again")
-    info = describe_checkpoint(clip_path, layer=cfg.layer)  # config only: the weights load in the actors
-    _check_identity(cache, cache_identity(info, trim_cfg, shards_manifest, cfg.layer, cfg.rows_per_file))
-    finished = CacheManifest.read_if_exists(cache)
+    shards_dir, shards_manifest = read_shards(shards)
+    info = describe_checkpoint(clip_path, layer=cfg.layer)  # config + weight digest: the weights load in the actors
+    identity = cache_identity(info, trim_cfg, shards_manifest, cfg)
+    version = version_of(identity)
+    finished = CacheManifest.read_if_exists(storage.join(cache, version))
     if finished is not None:
-        logger.info("%s is complete; nothing to do", cache)
+        logger.info("%s/%s is complete for these shards and settings; nothing to do", cache, version)
+        publish(cache, version, cfg.keep_versions)
         return finished
-    for name in storage.listdir(cache):
+    folder = start_version(cache, identity)
+    for name in storage.listdir(folder):
         if ".parquet.tmp-" in name:  # a part a killed run was writing
-            storage.remove(storage.join(cache, name))
-    done = committed_parts(cache)
-    logger.info("%d samples; parts: %d already written, the rest is computed now", shards_manifest.samples, len(done))
-    units = _units(shards, shards_manifest, trim_cfg, cfg, done)
-    _encode(units, cache, clip_path, trim_cfg, cfg, info)
-    manifest = summarize(cache, identity_info=info, trim_cfg=trim_cfg, seconds=time.time() - started)
+            storage.remove(storage.join(folder, name))
+    done = committed_parts(folder)
+    logger.info("%d samples of %s -> %s; parts: %d already written, the rest is computed now",
+                shards_manifest.samples, shards_dir, folder, len(done))
+    units = _units(shards_dir, shards_manifest, trim_cfg, cfg, done)
+    _encode(units, folder, clip_path, trim_cfg, cfg, info)
+    manifest = summarize(folder, identity_info=info, trim_cfg=trim_cfg, seconds=time.time() - started)
     if manifest.samples != shards_manifest.samples:
-        raise RuntimeError(f"precompute: cache holds {manifest.samples} samples, shards {shards_manifest.samples}")
-    manifest.write(cache)
-    logger.info("%d samples cached in %s; kept share %.3f, %.0f B/sample", manifest.samples, cache,
+        raise RuntimeError(f"precompute: {folder} holds {manifest.samples} samples, the shards "
+                           f"{shards_manifest.samples} ({shards_dir})")
+    manifest.identity, manifest.version = identity, version
+    manifest.write(folder)  # last: the version is complete
+    publish(cache, version, cfg.keep_versions)
+    logger.info("%d samples cached in %s (now current); kept share %.3f, %.0f B/sample", manifest.samples, folder,
                 manifest.kept.mean_share, manifest.bytes_per_visual_sample)
     return manifest
 
 
 def _units(shards: str, manifest: ShardsManifest, trim_cfg: TrimConfig, cfg: PrecomputeConfig, done: list[str]) -> Any:
-    """The units not yet written, with their image bytes, as a Ray Data dataset (see precompute_units)."""
-    import pyarrow.parquet as pq
+    """The units not yet written, with their image bytes, as a Ray Data dataset (see precompute_units).
+    `shards` is the version folder; only the samples files its manifest lists are read."""
     import ray
 
-    fs, root = storage.arrow_fs(shards)
-    names = [n for n in storage.listdir(shards, ".parquet") if n.startswith("samples-")]
+    file_rows = sample_files(manifest)
     if batch_grouped(trim_cfg):
-        file_rows = [(n, pq.ParquetFile(storage.join(root, n), filesystem=fs).metadata.num_rows) for n in names]
         pending = [u for u in official_units(file_rows, cfg.rows_per_file, trim_cfg.batch_group_size)
                    if u["part"] not in set(done)]
         if not pending:
@@ -176,6 +186,7 @@ def _units(shards: str, manifest: ShardsManifest, trim_cfg: TrimConfig, cfg: Pre
             gather_official_batch, fn_kwargs={"shards": shards, "group_size": trim_cfg.batch_group_size},  # type: ignore[arg-type]
             batch_size=1, batch_format="numpy")
     # Only sample rows (no image bytes) are shuffled: a pull-based sort shuffle, light on a small cluster.
+    names = [name for name, _ in file_rows]
     keyed = ray.data.from_items([{"name": n} for n in names], override_num_blocks=len(names)).map_batches(
         read_samples_batch, batch_size=1, batch_format="pyarrow",  # type: ignore[arg-type]
         fn_kwargs={"shards": shards, "files": manifest.image_files, "rows_per_file": cfg.rows_per_file})
@@ -234,9 +245,12 @@ def _actor_cpus(cfg: PrecomputeConfig) -> float:
 
 
 def summarize(cache: str, identity_info: dict, trim_cfg: TrimConfig, seconds: float) -> CacheManifest:
-    """Counts and kept-token statistics of a finished cache (the manifest's body), from a few columns
-    read as Arrow arrays. Each sample (its position in the mixture) must be there exactly once."""
-    table = read_columns(cache, ["index", "source", "num_tokens", "num_kept"])
+    """Counts, kept-token statistics and the parts with their rows (the manifest's body) of a version
+    folder whose parts are all written, from a few columns read as Arrow arrays. Each sample (its
+    position in the mixture) must be there exactly once."""
+    tables = read_parts(cache, committed_parts(cache), ["index", "source", "num_tokens", "num_kept"])
+    table = pa.concat_tables(tables.values()) if tables else CACHE_SCHEMA.empty_table().select(
+        ["index", "source", "num_tokens", "num_kept"])
     positions = table.column("index").to_numpy()
     if len(np.unique(positions)) != len(positions):
         raise RuntimeError(f"precompute: {cache} holds a sample more than once")
@@ -244,8 +258,7 @@ def summarize(cache: str, identity_info: dict, trim_cfg: TrimConfig, seconds: fl
     visual = tokens > 0
     kept = table.column("num_kept").to_numpy()[visual] if visual.any() else np.zeros(1)
     num_patches = identity_info["num_patches"]
-    names = committed_parts(cache)
-    size = sum(storage.size(storage.join(cache, n)) for n in names)
+    size = sum(storage.size(storage.join(cache, n)) for n in tables)
     counts = pc.value_counts(table.column("source")).to_pylist()
     return CacheManifest(
         encoder=identity_info, trim=trim_cfg.to_dict(), samples=len(positions), visual_samples=int(visual.sum()),
@@ -254,7 +267,8 @@ def summarize(cache: str, identity_info: dict, trim_cfg: TrimConfig, seconds: fl
                        max=int(kept.max()), mean_share=float(kept.mean() / num_patches),
                        mean_tokens=float(tokens[visual].mean()) if visual.any() else 0.0),
         cache_bytes=int(size), bytes_per_visual_sample=size / max(int(visual.sum()), 1),
-        full_feature_bytes_per_image=num_patches * identity_info["feature_dim"] * 2, seconds=round(seconds, 2))
+        full_feature_bytes_per_image=num_patches * identity_info["feature_dim"] * 2, seconds=round(seconds, 2),
+        files={name: t.num_rows for name, t in tables.items()})
 
 
 def log_precompute(recipe: Recipe, manifest: CacheManifest) -> CacheManifest:
@@ -269,7 +283,8 @@ def log_precompute(recipe: Recipe, manifest: CacheManifest) -> CacheManifest:
     with Tracker(default_tracking_uri(paths.root), experiment_name(recipe.name)) as tracker:
         tracker.start(f"{recipe.train.run_name}-precompute")
         tracker.log_params({"trim": recipe.trim.to_dict(), "precompute": dataclasses.asdict(recipe.precompute),
-                            "paths": {"shards": paths.shards, "cache": paths.cache, "clip": paths.clip}})
+                            "paths": {"shards": paths.shards, "cache": paths.cache, "clip": paths.clip},
+                            "cache_version": manifest.version})
         kept = dataclasses.asdict(manifest.kept)
         tracker.log_metrics({f"kept_{k}": float(v) for k, v in kept.items()} | {
             "samples": float(manifest.samples), "visual_samples": float(manifest.visual_samples),
@@ -277,7 +292,9 @@ def log_precompute(recipe: Recipe, manifest: CacheManifest) -> CacheManifest:
         tracker.log_dict(manifest.to_dict(), "manifest.json")
         with tempfile.TemporaryDirectory() as directory:
             try:
-                pictures = cache_pictures(paths.shards, paths.cache, directory, count=recipe.eval.num_pictures)
+                shards = storage.join(paths.shards, manifest.identity["shards"]["version"])  # the cache's own
+                pictures = cache_pictures(shards, storage.join(paths.cache, manifest.version), directory,
+                                          count=recipe.eval.num_pictures)
             except Exception as err:  # pictures are a courtesy: never fail the stage for them
                 logger.warning("no pictures (%s: %s)", type(err).__name__, err)
                 pictures = []

@@ -11,6 +11,9 @@ Batch-wide IQR (`official`): a unit is a run of consecutive samples in mixture o
 of groups of TrimConfig.batch_group_size (text-only samples included: they score the zero image in
 their group's IQR, as the released training's dummy image); images are fetched by key. Parts: part-oNNNNN.
 A sample is its position in the mixture (`index`) everywhere: ids repeat in LLaVA's file.
+
+The shards are read through their manifest (read_shards): the current version's folder, and in it only
+the files the manifest lists, each checked for its rows first.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines import storage
-from pipelines.images import ImageStore, bucket_of, images_file
+from pipelines.images import IMAGE_LAYOUT, ImageStore, bucket_of, images_file
+from pipelines.manifests import ShardsManifest, check_files, resolve_output
 
 TEXT_SPAN = 8
 """Text-only samples are ~6% of LLaVA's mixture: their units span TEXT_SPAN x rows_per_file positions."""
@@ -31,6 +35,26 @@ SAMPLE_COLUMNS = ["index", "id", "source", "image_key", "conversations"]
 UNIT_SCHEMA = pa.schema([("part", pa.string()), ("samples", pa.string()), ("images", pa.list_(pa.binary()))])
 """A unit as the gathering stage hands it on: its part, its samples (JSON: the sample's fields plus
 "image", its row in images or -1, and "group", its IQR group or -1) and its images' bytes."""
+
+
+def read_shards(shards: str) -> tuple[str, ShardsManifest]:
+    """(version folder, manifest) of the complete shards at `shards` (a root or a version folder),
+    every file the manifest lists checked for its rows."""
+    folder = resolve_output(shards)
+    manifest = ShardsManifest.read(folder)
+    if manifest.image_layout != IMAGE_LAYOUT:
+        raise ValueError(f"{folder} was written by an older shard stage (images not in hash buckets); run shard again")
+    check_files(folder, manifest.files, "shard")
+    images = sorted(n for n in manifest.files if n.startswith("images-"))
+    if images != [images_file(b) for b in range(manifest.image_files)]:
+        raise ValueError(f"{folder}: the shard manifest records {manifest.image_files} images files but lists "
+                         f"{len(images)}; run shard again")
+    return folder, manifest
+
+
+def sample_files(manifest: ShardsManifest) -> list[tuple[str, int]]:
+    """(name, rows) of the samples files a shards manifest lists, in mixture order."""
+    return sorted((n, rows) for n, rows in manifest.files.items() if n.startswith("samples-"))
 
 
 def unit_key_batch(batch: pa.Table, files: int, rows_per_file: int) -> pa.Table:

@@ -7,6 +7,7 @@ them. pyarrow and Ray Data get the same filesystem wrapped as a pyarrow filesyst
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -77,6 +78,35 @@ def listdir(uri: str, suffix: str = "") -> list[str]:
 def size(uri: str) -> int:
     fs, path = fsspec_fs(uri)
     return int(fs.size(path))
+
+
+def stat(uri: str) -> tuple[int, str]:
+    """(size, modification stamp) of a file: locally its mtime in ns, on S3 its ETag (else LastModified).
+    Raises OSError (FileNotFoundError among them) when there is no such file."""
+    if not is_s3(uri):
+        info = os.stat(uri)
+        return int(info.st_size), str(info.st_mtime_ns)
+    fs, path = fsspec_fs(uri)
+    fs.invalidate_cache(path)  # a listing cached earlier in this process would hide a rewrite
+    info = fs.info(path)
+    return int(info.get("size") or 0), str(info.get("ETag") or info.get("LastModified") or "")
+
+
+def sha256(uri: str, block: int = 8 * 2**20) -> str:
+    """Hex SHA-256 of a file's bytes, streamed (never the whole file in memory)."""
+    fs, path = fsspec_fs(uri)
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def parquet_rows(uri: str) -> int:
+    """Rows of a Parquet file, from its footer alone."""
+    fs, path = arrow_fs(uri)
+    with fs.open_input_file(path) as handle:
+        return int(pq.ParquetFile(handle).metadata.num_rows)
 
 
 def read_bytes(uri: str) -> bytes:

@@ -5,18 +5,20 @@ the 665K mixture in their real proportions and prompt styles, images under the r
 by several samples, as COCO images are), text-only ShareGPT-style rows, and optionally faulty records
 (missing or corrupt files, malformed conversations) so the ingest code's rejects are exercised. Also
 an evaluation split (questions JSONL, images, annotations). Images are drawn shapes whose colour,
-kind, count and box are known, so questions have true answers a model can learn.
+kind, count and box are known (scenes of
+pipelines/scenes.py, the ones the project's CLIP knows), so questions have true answers a model can learn.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw
+from pipelines.scenes import COLOURS, random_scene, render
 
 # (source, share of the 665K, image folder or None for text-only): LLaVA-1.5 paper, Table 7.
 SOURCES: tuple[tuple[str, int, str | None], ...] = (
@@ -32,8 +34,6 @@ SOURCES: tuple[tuple[str, int, str | None], ...] = (
     ("vg", 86, "vg/VG_100K"),
 )
 IMAGE_FOLDERS = ("coco/train2017", "gqa/images", "ocr_vqa/images", "textvqa/train_images", "vg/VG_100K", "vg/VG_100K_2")
-COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (240, 220, 40),
-           "black": (10, 10, 10), "white": (250, 250, 250), "orange": (250, 140, 20), "purple": (140, 40, 170)}
 SHAPES = ("circle", "square", "triangle")
 SHORT = "Answer the question using a single word or phrase."
 LETTER = "Answer with the option's letter from the given choices directly."
@@ -56,27 +56,17 @@ SIZES = ((336, 336), (480, 320), (320, 480), (400, 240), (256, 384), (97, 61))
 
 def _draw(path: Path, rng: random.Random, colour: str, shape: str, count: int,
           size: tuple[int, int] | None = None) -> tuple[float, float, float, float]:
+    """`count` shapes of one kind and colour in distinct cells of a scene (pipelines/scenes.py: what the
+    project's CLIP was trained on); returns the first one's box, normalised."""
     width, height = size or rng.choice(SIZES)
-    background = rng.choice([c for c in COLOURS if c != colour])
-    image = Image.new("RGB", (width, height), COLOURS[background])
-    draw = ImageDraw.Draw(image)
-    box = (0.0, 0.0, 0.0, 0.0)
-    for i in range(count):
-        side = max(4, int(min(width, height) * rng.uniform(0.25, 0.45)))
-        x0, y0 = rng.randint(0, width - side), rng.randint(0, height - side)
-        xy = (x0, y0, x0 + side, y0 + side)
-        if shape == "circle":
-            draw.ellipse(xy, fill=COLOURS[colour])
-        elif shape == "square":
-            draw.rectangle(xy, fill=COLOURS[colour])
-        else:
-            draw.polygon([(x0, y0 + side), (x0 + side // 2, y0), (x0 + side, y0 + side)], fill=COLOURS[colour])
-        if i == 0:
-            box = (round(x0 / width, 2), round(y0 / height, 2), round((x0 + side) / width, 2),
-                   round((y0 + side) / height, 2))
+    scene = random_scene(rng, min_objects=count, max_objects=count, size=(width, height))
+    objects = tuple(dataclasses.replace(o, shape=shape, colour=colour) for o in scene.objects)
+    scene = dataclasses.replace(scene, objects=objects)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, quality=90)
-    return box
+    render(scene).save(path, quality=90)
+    x0, y0, x1, y1 = objects[0].box
+    return (round(max(0, x0) / width, 2), round(max(0, y0) / height, 2), round(min(width, x1) / width, 2),
+            round(min(height, y1) / height, 2))
 
 
 def _image_pool(image_root: Path, folder: str, count: int, rng: random.Random, prefix: str,

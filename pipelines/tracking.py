@@ -204,8 +204,7 @@ class Tracker:
         if not self.enabled or self._ended:
             return
         if self._monitor is not None:
-            self._monitor.finish()
-            self._monitor = None
+            self._stop_system_metrics()
         if self.run_id is not None:
             if self._pending_params:
                 self._call("log params", self._flush_params)
@@ -276,15 +275,30 @@ class Tracker:
         return self._call("log model", register)
 
     def start_system_metrics(self, interval_s: float = 5.0) -> None:
-        """CPU, memory, disk, network and GPU figures every interval_s into the run (system/...)."""
+        """CPU, memory, disk, network and GPU figures every interval_s into the run (system/...); a
+        continued run's go on after its last step."""
         def start() -> None:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s,
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, resume_logging=True,
                                                  tracking_uri=self.tracking_uri)
             self._monitor.start()
         if self._monitor is None:
             self._call("start system metrics", start)
+
+    def _stop_system_metrics(self) -> None:
+        """Stop the monitor and log what it sampled since it last logged: MLflow's monitor logs only
+        at the end of each interval, so the last part of a run (all of one shorter than the interval)
+        would otherwise be lost."""
+        monitor, self._monitor = self._monitor, None
+
+        def stop() -> None:
+            monitor.finish()  # joins its thread and sends what it queued
+            last = monitor.aggregate_metrics()
+            if last:
+                monitor.publish_metrics(last)
+                monitor.mlflow_logger.flush()
+        self._call("stop system metrics", stop)
 
     def _batch(self, metrics: dict[str, float] | None = None, step: int = 0, params: dict[str, str] | None = None,
                tags: dict[str, str] | None = None) -> None:

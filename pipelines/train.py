@@ -1,5 +1,6 @@
-"""Stage 3, fine-tune (driver side): the TRIM cache as tokenized Ray Data rows, and a TorchTrainer whose
-workers run `train_worker.train_loop` (DeepSpeed, checkpoints, MLflow). No vision tower anywhere.
+"""Stage 3, fine-tune (driver side): the TRIM cache's light index (train_data.sample_index), and a
+TorchTrainer whose workers run `train_worker.train_loop` (each reads its rows in the epoch's seeded
+global order; DeepSpeed, checkpoints, MLflow). No vision tower anywhere.
 
 The same train.run_name resumes from the newest complete checkpoint (see pipelines/checkpoints.py):
 step count, data position within the epoch and MLflow run continue.
@@ -13,40 +14,20 @@ from typing import Any
 
 from pipelines import checkpoints, storage
 from pipelines.config import Recipe
-from pipelines.manifests import CacheManifest
+from pipelines.manifests import CacheManifest, resolve_output
 from pipelines.tracking_store import experiment_name
 from pipelines.train_engine import deepspeed_config
 from pipelines.train_plan import TrainJob, plan_steps, run_identity
-from trim.formats import check_vision_settings, read_vision_settings, tokenizer_path
+from trim.formats import check_vision_settings, read_vision_settings
 
 logger = logging.getLogger(__name__)
 
-MATERIALIZE_BELOW_BYTES = 512 * 2**20
-"""A cache smaller than this is tokenized once and kept in the object store for all epochs."""
-
-
-def tokenized_dataset(cache: str, llm_path: str, max_length: int, tokenizers: int = 1) -> Any:
-    """The cache as a Ray Data dataset of tokenized rows, tokenized on the fly by a pool of
-    `tokenizers` actors (sized by the number of training workers, so input keeps up as they grow)."""
-    import ray
-
-    from pipelines.train_data import Tokenize
-
-    fs, path = storage.arrow_fs(cache)
-    files = [storage.join(path, n) for n in storage.listdir(cache, ".parquet") if n.startswith("part-")]
-    columns = ["index", "id", "conversations", "tokens", "num_tokens", "token_dim"]
-    dataset = ray.data.read_parquet(files, filesystem=fs, columns=columns, num_cpus=0.25)
-    return dataset.map_batches(Tokenize, fn_constructor_kwargs={"llm_path": llm_path, "max_length": max_length},
-                               batch_size=64, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=tokenizers),
-                               num_cpus=0.25,
-                               batch_format="numpy")
-
-
-def train_job(recipe: Recipe, tracking_uri: str) -> TrainJob:
-    """The workers' spec: plan, model inputs, DeepSpeed config, tracking, where to resume from."""
+def train_job(recipe: Recipe, tracking_uri: str, cache: str | None = None) -> TrainJob:
+    """The workers' spec: plan, model inputs, DeepSpeed config, tracking, where to resume from.
+    `cache`: the cache version folder trained on (default: paths.cache's current version)."""
     cfg, paths = recipe.train, recipe.paths
-    manifest = CacheManifest.read(paths.cache)
-    plan = plan_steps(manifest.samples, cfg)
+    manifest = CacheManifest.read(cache or paths.cache)
+    plan = plan_steps(manifest.samples, manifest.visual_samples, cfg)
     run_dir = paths.run_dir(cfg.run_name)
     # The starting checkpoint's vision settings (tower, layer, widths) must be the cache's encoder's.
     check_vision_settings(read_vision_settings(paths.llm, paths.projector or None), manifest.encoder)
@@ -63,16 +44,23 @@ def train_job(recipe: Recipe, tracking_uri: str) -> TrainJob:
         identity=run_identity(cfg, manifest.to_dict(), paths.llm, paths.projector))
 
 
-def run_finetune(recipe: Recipe, tracking_uri: str) -> tuple[Any, str]:
-    """Train (or resume) the run `recipe.train.run_name`; returns (Ray Train result, model directory)."""
+def run_finetune(recipe: Recipe, tracking_uri: str, cache: str | None = None) -> tuple[Any, str]:
+    """Train (or resume) the run `recipe.train.run_name` on `cache` (a cache version folder; default:
+    paths.cache's current version); returns (Ray Train result, model directory). A name with
+    {cache_version} is resolved first (pipelines.train_runs, which jobs/finetune.py runs this through)."""
     import pyarrow.fs as pafs
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.train_worker import train_loop
+    from pipelines.train_data import sample_index
+    from pipelines.train_runs import resolve_run_name
+    from pipelines.train_worker import SAMPLE_INDEX_KEY, train_loop
 
+    cache = cache or resolve_output(recipe.paths.cache)  # once: a precompute finishing meanwhile changes nothing
+    recipe = resolve_run_name(recipe, cache)
     cfg, paths = recipe.train, recipe.paths
-    job = train_job(recipe, tracking_uri)
+    logger.info("training on the cache at %s", cache)
+    job = train_job(recipe, tracking_uri, cache)
     resume_from = checkpoints.find_resume_point(job.run_dir)  # also removes spent leftovers
     if resume_from:
         logger.info("resuming from %s", resume_from)
@@ -82,14 +70,17 @@ def run_finetune(recipe: Recipe, tracking_uri: str) -> tuple[Any, str]:
         storage_fs = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
     else:
         storage_path = os.path.abspath(paths.checkpoints)
-    # One tokenizer actor per two training workers keeps up with GPU steps (a few ms of CPU per sample).
-    dataset = tokenized_dataset(paths.cache, tokenizer_path(paths.llm), cfg.max_length,
-                                tokenizers=max(1, cfg.num_workers // 2))
-    if job.cache_manifest["cache_bytes"] < MATERIALIZE_BELOW_BYTES:
-        dataset = dataset.materialize()  # later epochs then stream from memory, not from the files
+    # Light columns only: each worker orders every epoch from them and reads (and tokenizes) its own
+    # rows, so the order is global, seeded and resumable, and visual tokens never cross the driver.
+    index = sample_index(cache)
+    if (len(index), int(index.is_image.sum())) != (job.plan.samples, job.cache_manifest["visual_samples"]):
+        # the plan counts the manifest's samples: the order must hold the same, or the steps would not match
+        raise RuntimeError(f"finetune: the cache at {cache} holds {len(index)} samples, "
+                           f"{int(index.is_image.sum())} with visual tokens, but its manifest records "
+                           f"{job.plan.samples} and {job.cache_manifest['visual_samples']}")
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=job.to_dict(),
+        train_loop_config={**job.to_dict(), SAMPLE_INDEX_KEY: index},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker={"CPU": 1, **({"GPU": 1} if cfg.use_gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
@@ -98,7 +89,6 @@ def run_finetune(recipe: Recipe, tracking_uri: str) -> tuple[Any, str]:
                                        # A lost worker: Ray Train restarts the group in this job, and each
                                        # worker resumes from the newest checkpoint (train_worker.train_loop).
                                        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
-        datasets={"train": dataset},
     )
     result = trainer.fit()
     if result.checkpoint:  # the checkpoint resumed from, if Ray Train never registered it, is spent now

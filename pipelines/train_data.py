@@ -1,31 +1,86 @@
-"""From cache rows to padded micro-batches: tokenization (a Ray Data map) and the collate (pure).
+"""From cache rows to micro-batches: which samples (train_order), read from the cache by position,
+tokenized in the worker, and the collate (pure).
 
-The cache already holds each sample's reduced visual tokens; here the conversation is tokenized in
-the vicuna_v1 template with its visual token count reserved in the length budget, and micro-batches
-are formed from a window of samples sorted by length (LLaVA's group-by-length), which cuts padding.
+The driver reads only light columns (modality, a length estimate) into a SampleIndex; each worker
+computes the epoch's order from it and reads its own micro-batches' rows WINDOW_MICRO_BATCHES at a
+time (bounded memory, the next window read while this one trains), tokenizing them in the vicuna_v1
+template with the visual token count reserved in the length budget. No Ray here: the same code runs
+in a test.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
-from ray.data.collate_fn import NumpyBatchCollateFn
 
+from pipelines import storage
+from pipelines.train_plan import WINDOW_MICRO_BATCHES
 from trim.conversation import tokenize_conversation
 from trim.model import Batch, pack_batch, pad_batch
 
 logger = logging.getLogger(__name__)
-TOKENIZED_COLUMNS = ("id", "input_ids", "labels", "tokens", "num_tokens", "token_dim", "length")
+TOKENIZED_COLUMNS = ("index", "id", "input_ids", "labels", "tokens", "num_tokens", "token_dim", "length")
+READ_COLUMNS = ["index", "id", "conversations", "tokens", "num_tokens", "token_dim"]
+CHARS_PER_TOKEN = 4
+"""Length estimate of a conversation for grouping (LLaVA groups by a word count, also an estimate)."""
+
+
+@dataclass
+class SampleIndex:
+    """Where each sample of the cache lives and what the order needs of it; sample k is the k-th row
+    of the parts in name order. A few bytes a sample: 665K samples are about 7 MB."""
+
+    folder: str
+    """The cache version folder."""
+    parts: list[str]
+    """Part file names, sorted."""
+    part: np.ndarray
+    """int32 [samples]: the sample's part (position in `parts`)."""
+    row: np.ndarray
+    """int32 [samples]: its row in that part."""
+    length: np.ndarray
+    """int32 [samples]: estimated sequence length (visual tokens + conversation characters / 4)."""
+    is_image: np.ndarray
+    """bool [samples]: the sample has visual tokens."""
+
+    def __len__(self) -> int:
+        return len(self.part)
+
+
+def sample_index(cache: str) -> SampleIndex:
+    """The SampleIndex of the complete cache at `cache` (a root or a version folder), from the light
+    columns of the parts its manifest lists (the visual tokens are not read)."""
+    from pipelines.cache_format import cache_files
+
+    folder, files = cache_files(cache)
+    parts = sorted(files)
+    part, row, length, image = [], [], [], []
+    for number, name in enumerate(parts):
+        table = storage.read_parquet(storage.join(folder, name), columns=["num_tokens", "conversations"])
+        visual = table.column("num_tokens").to_numpy().astype(np.int32)
+        chars = pc.utf8_length(table.column("conversations")).to_numpy().astype(np.int32)
+        part.append(np.full(len(visual), number, dtype=np.int32))
+        row.append(np.arange(len(visual), dtype=np.int32))
+        length.append(visual + chars // CHARS_PER_TOKEN)
+        image.append(visual > 0)
+    def joined(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:
+        return np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
+    return SampleIndex(folder, parts, joined(part, np.int32), joined(row, np.int32), joined(length, np.int32),
+                       joined(image, bool))
 
 
 class Tokenize:
-    """Ray Data map_batches callable: cache rows -> input ids, labels and the final sequence length.
+    """Cache rows (a numpy column batch) -> input ids, labels and the final sequence length.
 
     Samples left with nothing to learn after truncation to max_length are dropped, each named in
     the log (LLaVA would train on them with no supervised token at all)."""
@@ -46,6 +101,7 @@ class Tokenize:
                 logger.warning("sample %s (position %s) skipped: %s", batch["id"][i], batch["index"][i], reason)
                 continue
             visual = num_tokens if tokenized.image_position is not None else 0
+            out["index"].append(int(batch["index"][i]))
             out["id"].append(batch["id"][i])
             out["input_ids"].append(np.asarray(tokenized.input_ids, dtype=np.int32))
             out["labels"].append(np.asarray(tokenized.labels, dtype=np.int32))
@@ -56,48 +112,103 @@ class Tokenize:
         return out
 
 
-class RowsCollate(NumpyBatchCollateFn):
-    """iter_torch_batches collate: a numpy column batch -> per-sample dicts (see rows_of); the
-    micro-batches are padded later, after grouping by length."""
-
-    def __call__(self, batch: dict[str, Any]) -> list[dict]:  # type: ignore[override]  # rows, not tensors
-        return rows_of(batch)
-
-
 def rows_of(batch: dict[str, Any]) -> list[dict]:
-    """Column batch (numpy) -> list of per-sample dicts with the visual tokens decoded."""
+    """Tokenized column batch -> list of per-sample dicts with the visual tokens decoded."""
     rows = []
     for i in range(len(batch["id"])):
         count, dim = int(batch["num_tokens"][i]), int(batch["token_dim"][i])
         visual = (torch.from_numpy(np.frombuffer(batch["tokens"][i], dtype=np.float16).reshape(count, dim).copy())
                   if count else torch.zeros(0, dim, dtype=torch.float16))
-        rows.append({"id": batch["id"][i], "input_ids": batch["input_ids"][i], "labels": batch["labels"][i],
-                     "visual": visual, "length": int(batch["length"][i])})
+        rows.append({"index": batch["index"][i], "id": batch["id"][i], "input_ids": batch["input_ids"][i],
+                     "labels": batch["labels"][i], "visual": visual, "length": int(batch["length"][i])})
     return rows
 
 
-def group_by_length(rows: list[dict], micro_batch_size: int, seed: int, enabled: bool = True) -> list[list[dict]]:
-    """Split a window of rows into micro-batches; with `enabled`, sorted by length first (so each
-    micro-batch pads little) and the micro-batches then put in a seeded random order."""
-    ordered = sorted(rows, key=lambda r: r["length"]) if enabled else list(rows)
-    chunks = [ordered[i:i + micro_batch_size] for i in range(0, len(ordered), micro_batch_size)]
-    if enabled:
-        random.Random(seed).shuffle(chunks)
-    return chunks
+class CacheReader:
+    """Reads samples of the cache by number (SampleIndex order) and tokenizes them; `memo` keeps every
+    sample read in memory (tokenized once for all epochs: small caches and benchmarks)."""
+
+    def __init__(self, index: SampleIndex, llm_path: str, max_length: int, memo: bool = False):
+        self.index, self.memo = index, memo
+        self.tokenize = Tokenize(llm_path, max_length)
+        self.fs, self.path = storage.arrow_fs(index.folder)
+        self.group_starts: dict[int, np.ndarray] = {}  # part -> first row of each row group, then its rows
+        self.kept: dict[int, dict | None] = {}
+
+    def _read_part(self, part: int, rows: np.ndarray) -> pa.Table:
+        """Rows `rows` of a part, in that order, reading only the row groups that hold them (a part is
+        written in small row groups, cache_format.ROW_GROUP_ROWS, as a row costs its whole group)."""
+        with self.fs.open_input_file(storage.join(self.path, self.index.parts[part])) as source:
+            handle = pq.ParquetFile(source, pre_buffer=True)  # one coalesced read for the groups, not one per chunk
+            if part not in self.group_starts:
+                sizes = [handle.metadata.row_group(g).num_rows for g in range(handle.metadata.num_row_groups)]
+                self.group_starts[part] = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+            starts = self.group_starts[part]
+            groups = np.searchsorted(starts, rows, side="right") - 1
+            needed = np.unique(groups)
+            # where each needed group begins in the table of the needed groups alone
+            offsets = np.concatenate([[0], np.cumsum(starts[needed + 1] - starts[needed])])
+            table = handle.read_row_groups(needed.tolist(), columns=READ_COLUMNS)
+        local = offsets[np.searchsorted(needed, groups)] + rows - starts[groups]
+        return table.take(pa.array(local))
+
+    def _read_raw(self, samples: Sequence[int]) -> tuple[pa.Table, np.ndarray]:
+        """The cache rows of `samples` and their sample numbers, grouped by part."""
+        wanted = np.asarray(samples, dtype=np.int64)
+        tables, order = [], []
+        for part in np.unique(self.index.part[wanted]):
+            mine = wanted[self.index.part[wanted] == part]
+            tables.append(self._read_part(int(part), self.index.row[mine].astype(np.int64)))
+            order.append(mine)
+        return pa.concat_tables(tables), np.concatenate(order)
+
+    def read(self, samples: Sequence[int]) -> dict[int, dict]:
+        """Sample number -> tokenized row; a sample Tokenize drops (nothing to learn) is absent."""
+        wanted = [k for k in dict.fromkeys(samples) if k not in self.kept]
+        if wanted:
+            table, numbers = self._read_raw(wanted)
+            by_index = {int(i): int(k) for i, k in zip(table.column("index").to_numpy(), numbers)}
+            batch = {name: table.column(name).to_numpy(zero_copy_only=False) for name in READ_COLUMNS}
+            fresh: dict[int, dict | None] = dict.fromkeys(wanted)
+            fresh.update({by_index[int(r["index"])]: r for r in rows_of(self.tokenize(batch))})
+        else:
+            fresh = {}
+        if self.memo:
+            self.kept.update(fresh)
+        found = {**{k: self.kept[k] for k in samples if k in self.kept}, **fresh}
+        return {k: row for k, row in found.items() if row is not None}
 
 
-def micro_batches(windows: Iterable[list[dict]], micro_batch_size: int, seed: int, epoch: int,
-                  group: bool = True, skip: int = 0) -> Iterator[tuple[int, list[dict]]]:
-    """One epoch's micro-batches as (1-based position in the epoch, rows): each window of rows is
-    grouped by length (seeded by seed, epoch and window), and the first `skip` micro-batches, trained
-    on before a resume, are passed over without being yielded."""
-    position = 0
-    for window_index, rows in enumerate(windows):
-        # hash() of a tuple of ints is the same in every process (PYTHONHASHSEED affects only str).
-        chunks = group_by_length(rows, micro_batch_size, seed=hash((seed, epoch, window_index)), enabled=group)
-        for chunk in chunks:
-            position += 1
-            if position > skip:
+def micro_batches(order: list[list[int]], read: Callable[[list[int]], dict[int, dict]], skip: int = 0,
+                  window: int = WINDOW_MICRO_BATCHES) -> Iterator[tuple[int, list[dict]]]:
+    """One worker's micro-batches of an epoch as (1-based position in the epoch, rows), from its order
+    (train_order.rank_micro_batches); the first `skip`, trained on before a resume, are not read. Rows
+    are read `window` micro-batches at a time, the next window while this one is trained on. A
+    micro-batch whose every sample was dropped by Tokenize is replaced by a neighbour (workers must run
+    the same number of steps)."""
+    pending = order[skip:]
+    windows = [pending[i:i + window] for i in range(0, len(pending), window)]
+
+    def fetch(group: list[list[int]]) -> list[list[dict]]:
+        rows = read([k for chunk in group for k in chunk])
+        return [[rows[k] for k in chunk if k in rows] for chunk in group]
+
+    position, last = skip, None
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        upcoming = pool.submit(fetch, windows[0]) if windows else None
+        for number in range(len(windows)):
+            assert upcoming is not None
+            chunks = upcoming.result()
+            upcoming = pool.submit(fetch, windows[number + 1]) if number + 1 < len(windows) else None
+            for chunk in chunks:
+                position += 1
+                if not chunk:
+                    chunk = last or next((c for c in chunks if c), [])
+                    if not chunk:
+                        raise RuntimeError(f"finetune: no sample of micro-batches {position}.. is left after "
+                                           "tokenization (see the warnings above)")
+                    logger.warning("micro-batch %d lost every sample to truncation; repeating a neighbour", position)
+                last = chunk
                 yield position, chunk
 
 

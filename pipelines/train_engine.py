@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from pipelines import storage
 from pipelines.config import TrainConfig
 from pipelines.train_plan import TrainJob, warmup_cosine
 
@@ -108,8 +107,12 @@ def build(job: TrainJob) -> Built:
 def export(built: Built, destination: str, is_master: bool, tracker: Any = None, registered_name: str = "") -> None:
     """Write the final model directory to local disk or S3 (and, with a tracker, into the run and the
     model registry as `registered_name`). Every rank must call this: under ZeRO-3 the partitioned
-    weights are gathered (DeepSpeed's save_16bit_model) and rank 0 writes them."""
-    with tempfile.TemporaryDirectory() as gathered, tempfile.TemporaryDirectory() as directory:
+    weights are gathered (DeepSpeed's save_16bit_model) and rank 0 writes them. The new model is
+    written beside the old one and takes its place once complete (pipelines.model_publish): a crash
+    leaves the old model, never a mix or nothing."""
+    from pipelines.model_publish import writing_model
+
+    with tempfile.TemporaryDirectory() as gathered:
         state = None
         if built.zero_stage == 3:
             built.engine.save_16bit_model(gathered, CONSOLIDATED_FILE)  # collective; rank 0 writes
@@ -117,13 +120,11 @@ def export(built: Built, destination: str, is_master: bool, tracker: Any = None,
                 state = torch.load(Path(gathered, CONSOLIDATED_FILE), map_location="cpu", weights_only=True)
         if not is_master:
             return
-        built.model.save(directory, tokenizer=built.tokenizer, state_dict=state)
-        if tracker is not None and registered_name:
-            version = tracker.log_model(directory, registered_name)
-            if version:
-                logger.info("model registered in MLflow as %s version %s", registered_name, version)
-        fs, path = storage.fsspec_fs(destination)
-        if storage.exists(destination):
-            fs.rm(path, recursive=True)
-        fs.put(directory.rstrip("/") + "/", path, recursive=True)
+        with writing_model(destination) as directory:
+            built.model.save(directory, tokenizer=built.tokenizer, state_dict=state)
+            del state  # the gathered copy of a 7B+ model: free it before the upload
+            if tracker is not None and registered_name:
+                version = tracker.log_model(str(directory), registered_name)
+                if version:
+                    logger.info("model registered in MLflow as %s version %s", registered_name, version)
     logger.info("model written to %s", destination)

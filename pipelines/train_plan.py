@@ -6,14 +6,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from pipelines.config import TrainConfig
+from pipelines.train_order import micro_batches_per_rank
 
 WINDOW_MICRO_BATCHES = 8
-"""Micro-batches per length-grouping window (LLaVA groups within mega-batches the same way)."""
+"""Micro-batches a worker reads from the cache at a time (train_data.micro_batches)."""
 
 
 @dataclass
@@ -34,12 +36,13 @@ class StepPlan:
     """Samples per optimizer step over all workers."""
 
 
-def plan_steps(samples: int, cfg: TrainConfig) -> StepPlan:
-    """Each worker sees samples // workers rows an epoch (Ray Data's equal split), in windows of
-    WINDOW_MICRO_BATCHES micro-batches; global batch = micro-batch x accumulation x workers."""
-    per_worker = samples // cfg.num_workers
-    window = cfg.micro_batch_size * WINDOW_MICRO_BATCHES
-    micro = (per_worker // window) * WINDOW_MICRO_BATCHES + math.ceil((per_worker % window) / cfg.micro_batch_size)
+def plan_steps(samples: int, image_samples: int, cfg: TrainConfig) -> StepPlan:
+    """The plan of a cache of `samples`, `image_samples` of them with visual tokens (the manifest's
+    visual_samples): each worker runs exactly as many micro-batches an epoch as the epoch's order
+    gives it (train_order: every modality's partial micro-batch, then padding to a multiple of the
+    workers); global batch = micro-batch x accumulation x workers."""
+    micro = micro_batches_per_rank(image_samples, samples - image_samples, cfg.micro_batch_size, cfg.num_workers,
+                                   cfg.group_by_length)
     steps_per_epoch = micro / cfg.grad_accum_steps
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     return StepPlan(samples=samples, micro_batches_per_epoch=micro, steps_per_epoch=steps_per_epoch,
@@ -52,23 +55,55 @@ RESUME_INSENSITIVE = ("run_name", "max_steps", "checkpoint_every", "max_failures
 """Train settings a resumed run may change: they do not change what is learned from which data."""
 
 
+CACHE_VERSION = "{cache_version}"
+"""The placeholder train.run_name may hold: the finetune job replaces it with the version folder name of
+the cache it trains on (TrainConfig.run_name)."""
+VERSION_PATTERN = r"v-[0-9a-f]{12}"
+"""A version folder's name (pipelines.manifests.version_of)."""
+
+
+def expand_run_name(template: str, cache_version: str) -> str:
+    """train.run_name with {cache_version} replaced by `cache_version`; a name without it as it is. Any
+    other brace, or the placeholder twice, is refused: a typo would otherwise name runs."""
+    name = template.replace(CACHE_VERSION, cache_version, 1)
+    if "{" in name or "}" in name:
+        raise ValueError(f"train.run_name {template!r}: the only placeholder it may hold, once, is {CACHE_VERSION}")
+    if CACHE_VERSION in template and not re.fullmatch(VERSION_PATTERN, cache_version):
+        raise ValueError(f"train.run_name {template!r}: {cache_version!r} is not a cache version (v- and 12 hex "
+                         "digits); run precompute again to write a versioned cache")
+    return name
+
+
+def cache_version_of_run(template: str, name: str) -> str | None:
+    """The cache version a run called `name` was named after by `template` (one holding {cache_version}),
+    None when `name` is not one of the template's runs."""
+    prefix, found, suffix = template.partition(CACHE_VERSION)
+    if not found:
+        return None
+    match = re.fullmatch(re.escape(prefix) + f"({VERSION_PATTERN})" + re.escape(suffix), name)
+    return match.group(1) if match else None
+
+
 def run_identity(train: TrainConfig, cache_manifest: dict, llm: str, projector: str) -> dict:
-    """The identity a checkpoint records and a resume must match."""
+    """The identity a checkpoint records and a resume must match; the cache's version (the hash of all
+    it was made from: mixture, images, CLIP weights, settings) is part of it."""
     settings = {k: v for k, v in dataclasses.asdict(train).items() if k not in RESUME_INSENSITIVE}
-    cache = {k: cache_manifest.get(k) for k in ("encoder", "trim", "samples", "visual_samples", "cache_bytes")}
+    cache = {k: cache_manifest.get(k)
+             for k in ("version", "encoder", "trim", "samples", "visual_samples", "cache_bytes")}
     return {"cache": cache, "train": settings, "llm": llm, "projector": projector}
 
 
 def identity_differences(saved: dict | None, current: dict) -> list[str]:
     """The parts of a run's identity that differ (dotted names), [] when they match; a checkpoint
-    from before identities were recorded matches anything."""
+    from before identities were recorded matches anything, and one from before a part's key was
+    recorded (cache.version, a new training setting) matches that key."""
     if saved is None:
         return []
     out = []
     for part in sorted(set(saved) | set(current)):
         a, b = saved.get(part), current.get(part)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += [f"{part}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            out += [f"{part}.{k}" for k in sorted(a) if a.get(k) != b.get(k)]
         elif a != b:
             out.append(part)
     return out

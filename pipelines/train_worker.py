@@ -18,12 +18,15 @@ import torch
 
 from pipelines import checkpoints
 from pipelines.tracking import Tracker
-from pipelines.train_data import collate, micro_batches, positions
+from pipelines.train_data import CacheReader, SampleIndex, collate, micro_batches, positions
 from pipelines.train_engine import Built
-from pipelines.train_plan import WINDOW_MICRO_BATCHES, TrainJob, TrainState, identity_differences
+from pipelines.train_order import epoch_micro_batches, rank_micro_batches
+from pipelines.train_plan import TrainJob, TrainState, identity_differences
 from trim.model import Batch
 
 logger = logging.getLogger(__name__)
+SAMPLE_INDEX_KEY = "sample_index"
+"""The train_loop_config key of the driver's SampleIndex (beside the TrainJob's fields)."""
 
 
 @dataclass
@@ -73,20 +76,23 @@ def _mean_over_ranks(values: list[float], world: int) -> float:
     return float(mean) / world
 
 
-def fit(built: Built, job: TrainJob, state: TrainState, windows: Callable[[], Iterable[list[dict]]],
+EpochBatches = Callable[[int, int], Iterable[tuple[int, list[dict]]]]
+"""(epoch, micro-batches to skip) -> this worker's (position in the epoch, rows) from there on."""
+
+
+def fit(built: Built, job: TrainJob, state: TrainState, epoch_batches: EpochBatches,
         tracker: Tracker, is_master: bool, world: int) -> None:
-    """Train until job.plan.total_steps: micro-batches of each epoch's windows, an optimizer step at
-    each accumulation boundary, metrics and a checkpoint every train.checkpoint_every steps."""
+    """Train until job.plan.total_steps: each epoch's micro-batches, an optimizer step at each
+    accumulation boundary, metrics and a checkpoint every train.checkpoint_every steps."""
     cfg, plan, engine = job.train, job.plan, built.engine
     pad_id = built.tokenizer.pad_token_id if built.tokenizer.pad_token_id is not None else built.tokenizer.eos_token_id
     progress = Progress()
     engine.train()
     while state.step < plan.total_steps:
         seen = 0
-        for seen, chunk in micro_batches(windows(), cfg.micro_batch_size, cfg.seed, state.epoch,
-                                         cfg.group_by_length, skip=state.micro_in_epoch):
+        for seen, chunk in epoch_batches(state.epoch, state.micro_in_epoch):
             if state.step >= plan.total_steps:
-                continue  # drain the epoch: Ray's split iterators expect every worker to read to the end
+                break
             boundary = engine.is_gradient_accumulation_boundary()
             batch = collate(chunk, pad_id, cfg.packing, cfg.max_length)
             loss = engine(batch)
@@ -151,15 +157,36 @@ def _restore(built: Built, job: TrainJob, world: int) -> TrainState:
     return state
 
 
+def _epoch_batches(job: TrainJob, index: SampleIndex, rank: int, world: int) -> EpochBatches:
+    """This worker's micro-batches of an epoch, in the epoch's seeded global order (train_order), read
+    from the cache and tokenized here; with train.preload every sample is read once, up front."""
+    from trim.formats import tokenizer_path
+
+    cfg = job.train
+    reader = CacheReader(index, tokenizer_path(job.llm), cfg.max_length, memo=cfg.preload)
+    if cfg.preload:
+        reader.read(range(len(index)))
+
+    def epoch_batches(epoch: int, skip: int) -> Iterable[tuple[int, list[dict]]]:
+        everyone = epoch_micro_batches(index.length, index.is_image, cfg.micro_batch_size, world,
+                                       cfg.grad_accum_steps, cfg.seed, epoch, cfg.group_by_length)
+        mine = rank_micro_batches(everyone, rank, world)
+        if len(mine) != job.plan.micro_batches_per_epoch:  # the plan's steps and LR schedule count on it
+            raise RuntimeError(f"finetune: worker {rank} has {len(mine)} micro-batches in epoch {epoch}, the plan "
+                               f"{job.plan.micro_batches_per_epoch}")
+        return micro_batches(mine, reader.read, skip)
+    return epoch_batches
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function: set up, fit, export."""
     import ray.train
 
     from pipelines.logs import setup_logging
-    from pipelines.train_data import RowsCollate
     from pipelines.train_engine import build, export
 
-    job = TrainJob.from_dict(config)
+    job = TrainJob.from_dict({k: v for k, v in config.items() if k != SAMPLE_INDEX_KEY})
+    index = config[SAMPLE_INDEX_KEY]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     is_master = rank == 0
@@ -169,15 +196,9 @@ def train_loop(config: dict[str, Any]) -> None:
 
     built = build(job)
     state = _restore(built, job, world)
-    shard = ray.train.get_dataset_shard("train")
-    window_rows = job.train.micro_batch_size * WINDOW_MICRO_BATCHES
-
-    def windows() -> Iterable[list[dict]]:
-        return shard.iter_torch_batches(batch_size=window_rows, collate_fn=RowsCollate(), prefetch_batches=2)
-
-    preloaded = list(windows()) if job.train.preload else None
+    epoch_batches = _epoch_batches(job, index, rank, world)
     with Tracker(job.tracking_uri, job.experiment, enabled=is_master) as tracker:
         _start_tracking(tracker, job, state)
-        fit(built, job, state, (lambda: preloaded) if preloaded is not None else windows, tracker, is_master, world)
+        fit(built, job, state, epoch_batches, tracker, is_master, world)
         export(built, job.export_dir, is_master, tracker, job.registered_model)
         tracker.set_tags({"model_dir": job.export_dir})

@@ -13,6 +13,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +53,27 @@ class ImageFeatures:
 
 
 def checkpoint_hash(path: str | Path) -> str:
-    """A short hash of a checkpoint's config (identifies the encoder in cache manifests)."""
-    config = Path(path) / "config.json"
-    return hashlib.sha256(config.read_bytes()).hexdigest()[:16]
+    """A short hash of a checkpoint directory's files (identifies the encoder in cache manifests): the
+    name, size and SHA-256 of every file at its top (config, weights, processor and tokenizer files;
+    dot files left out), so new weights under the same config give another hash. A file's digest is
+    remembered in the process by (path, size, mtime): a second call costs a stat per file."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(path).iterdir() if p.is_file() and not p.name.startswith(".")):
+        info = file.stat()
+        content = _file_sha256(str(file.resolve()), info.st_size, info.st_mtime_ns)
+        digest.update(f"{file.name}\0{info.st_size}\0{content}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+@lru_cache(maxsize=256)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """SHA-256 of a file, streamed (about 1.7 GB/s here: CLIP ViT-L/14-336's 1.7 GB in about a second).
+    size and mtime_ns are the cache key: a rewritten file is hashed again."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * 2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def describe_checkpoint(path: str | Path, layer: int = -2) -> dict:
@@ -263,7 +282,7 @@ def _square_side(processor: Any) -> int | None:
 
 
 def encoder_summary(path: str | Path) -> str:
-    """One line for logs: which encoder, which config hash."""
+    """One line for logs: which encoder, which encoder checkpoint hash."""
     config = json.loads((Path(path) / "config.json").read_text())
     vision = config.get("vision_config", {})
     return f"{path} (image {vision.get('image_size')}, patch {vision.get('patch_size')}, hash {checkpoint_hash(path)})"

@@ -309,11 +309,17 @@ def load_llava_trim(path: str | Path, feature_dim: int, projector_path: str | Pa
 def export_model(model_dir: str | Path, out: str | Path, fmt: str, clip: str | None = None) -> Path:
     """Write a model directory (LlavaTrim.save) in LLaVA's layout ("llava") or transformers' ("hf").
     clip: the CLIP checkpoint (hf: bundled; llava: recorded as mm_vision_tower); default: the
-    encoder path recorded in the model directory."""
+    encoder path recorded in the model directory. The export is written beside `out` and replaces it
+    only once complete (trim.staging): a failure leaves what was at `out` as it was."""
     from trim import hf_format, llava_format  # they build on this module's types
+    from trim.staging import staged_dir
 
-    if fmt == "llava":
-        return llava_format.write(model_dir, out, vision_tower=clip)
-    if fmt == "hf":
-        return hf_format.write(model_dir, out, clip_path=clip)
-    raise ValueError(f"unknown export format {fmt!r}: llava or hf")
+    if fmt not in ("llava", "hf"):
+        raise ValueError(f"unknown export format {fmt!r}: llava or hf")
+    with staged_dir(out) as staged:
+        if fmt == "llava":
+            llava_format.write(model_dir, staged, vision_tower=clip)
+        else:
+            hf_format.write(model_dir, staged, clip_path=clip)
+    logger.info("%s export of %s written to %s", fmt, model_dir, out)
+    return Path(out)

@@ -182,5 +182,6 @@ def write(model_dir: str | Path, out: str | Path, clip_path: str | Path | None =
     images.save_pretrained(out)  # preprocessor_config.json too: readers older than transformers 5 look there
     if (llm_dir / "generation_config.json").exists():
         (out / "generation_config.json").write_bytes((llm_dir / "generation_config.json").read_bytes())
-    logger.info("wrote %s: LlavaForConditionalGeneration, %d visual tokens per image (no TRIM)", out, num_patches)
+    # `out` may be a staging folder (trim.staging): the caller names the final place.
+    logger.info("LlavaForConditionalGeneration export: %d visual tokens per image (no TRIM)", num_patches)
     return out

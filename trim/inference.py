@@ -161,8 +161,8 @@ class Answerer:
             raise ValueError(f"{model_dir} does not record a CLIP path; pass clip_path")
         recorded = encoder_info.get("config_hash")
         if recorded and recorded != checkpoint_hash(clip_path):
-            warnings.warn(f"the CLIP checkpoint at {clip_path} (config hash {checkpoint_hash(clip_path)}) is not the "
-                          f"one {model_dir} was trained with ({recorded})", stacklevel=2)
+            warnings.warn(f"the CLIP checkpoint at {clip_path} (encoder checkpoint hash {checkpoint_hash(clip_path)}) "
+                          f"is not the one {model_dir} was trained with ({recorded})", stacklevel=2)
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         model, tokenizer = LlavaTrim.load(model_dir, dtype=dtype)

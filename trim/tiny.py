@@ -8,6 +8,7 @@ Everything downstream loads them with `from_pretrained`, the path a real checkpo
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,9 @@ VOCABULARY = (
     "one two three four five six seven eight nine ten describe briefly detail scene text title author "
     "genre this that which kind type answer question using single word phrase provide bounding box region "
     "coordinates sentence short reference please write a story about explain why because sky water road "
-    "street building window door wall grass field sitting standing holding riding wearing looking next to"
+    "street building window door wall grass field sitting standing holding riding wearing looking next to "
+    "circle square triangle star cross diamond circles squares triangles stars crosses diamonds shape shapes "
+    "small medium large something"
 ).split()
 
 CLIP_SPECIALS = ["<|startoftext|>", "<|endoftext|>"]
@@ -96,11 +99,10 @@ def build_llm_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_tiny_clip(out_dir: Path, width: int = 64, depth: int = 3, projection_dim: int = 32, seed: int = 0) -> Path:
-    """A CLIP with ViT-L/14-336's geometry (336 px, patch 14: 576 patches) and a tiny width/depth."""
-    torch.manual_seed(seed)
-    tokenizer = build_clip_tokenizer()
-    config = CLIPConfig(
+def tiny_clip_config(tokenizer: PreTrainedTokenizerFast, width: int = 64, depth: int = 3,
+                     projection_dim: int = 32) -> CLIPConfig:
+    """A CLIP config with ViT-L/14-336's geometry (336 px, patch 14: 576 patches), tiny width/depth."""
+    return CLIPConfig(
         text_config=dict(
             vocab_size=len(tokenizer),
             hidden_size=width,
@@ -122,12 +124,10 @@ def build_tiny_clip(out_dir: Path, width: int = 64, depth: int = 3, projection_d
         ),
         projection_dim=projection_dim,
     )
-    model = CLIPModel(config)
-    # Random-init projections are small; scale them so embeddings have CLIP-like norms (docs/method.md:
-    # the released scoring's kept share depends on the norms).
-    with torch.no_grad():
-        model.visual_projection.weight.mul_(4.0)
-        model.text_projection.weight.mul_(4.0)
+
+
+def save_clip(model: CLIPModel, tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> Path:
+    """Weights, tokenizer and a CLIP image processor (CLIP's mean/std, 336 px), as a hub checkpoint."""
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     processor = CLIPImageProcessorPil(
@@ -138,6 +138,19 @@ def build_tiny_clip(out_dir: Path, width: int = 64, depth: int = 3, projection_d
     )
     processor.save_pretrained(out_dir)
     return out_dir
+
+
+def build_tiny_clip(out_dir: Path, width: int = 64, depth: int = 3, projection_dim: int = 32, seed: int = 0) -> Path:
+    """A randomly initialised tiny CLIP (the trained one, models/tiny-clip, is what the demo uses)."""
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer()
+    model = CLIPModel(tiny_clip_config(tokenizer, width, depth, projection_dim))
+    # Random-init projections are small; scale them so embeddings have CLIP-like norms (docs/method.md:
+    # the released scoring's kept share depends on the norms).
+    with torch.no_grad():
+        model.visual_projection.weight.mul_(4.0)
+        model.text_projection.weight.mul_(4.0)
+    return save_clip(model, tokenizer, out_dir)
 
 
 def build_tiny_llm(out_dir: Path, hidden: int = 64, depth: int = 2, seed: int = 0) -> Path:
@@ -162,12 +175,19 @@ def build_tiny_llm(out_dir: Path, hidden: int = 64, depth: int = 2, seed: int = 
     return out_dir
 
 
-def build_tiny_models(root: str | Path) -> TinyModelPaths:
-    """Build (once) the tiny CLIP and LLM under root/clip and root/llm. Idempotent: a directory
-    whose build finished (marked by BUILD_DONE) is reused as it is."""
+def build_tiny_models(root: str | Path, trained_clip: bool = True) -> TinyModelPaths:
+    """Build (once) the tiny CLIP and LLM under root/clip and root/llm. The CLIP is a copy of the
+    project's trained one (models/tiny-clip) when `trained_clip` and it is there, else a random one.
+    Idempotent: a directory whose build finished (marked by BUILD_DONE) is reused as it is."""
     root = Path(root)
     paths = TinyModelPaths(clip=root / "clip", llm=root / "llm")
-    for path, build in ((paths.clip, build_tiny_clip), (paths.llm, build_tiny_llm)):
+
+    def copy_trained(out: Path) -> Path:
+        shutil.copytree(shipped_clip(), out, dirs_exist_ok=True)
+        return out
+
+    use_trained = trained_clip and (SHIPPED_CLIP / "config.json").exists()
+    for path, build in ((paths.clip, copy_trained if use_trained else build_tiny_clip), (paths.llm, build_tiny_llm)):
         marker = path / "BUILD_DONE"
         if marker.exists():
             continue
@@ -175,3 +195,14 @@ def build_tiny_models(root: str | Path) -> TinyModelPaths:
         build(path)
         marker.write_text(json.dumps({"builder": build.__name__}))
     return paths
+
+
+SHIPPED_CLIP = Path(__file__).resolve().parent.parent / "models" / "tiny-clip"
+"""The tiny CLIP trained by the project (jobs/train_clip.py; its model card is README.md there)."""
+
+
+def shipped_clip() -> Path:
+    """The path of the project's trained tiny CLIP, checked to be there."""
+    if not (SHIPPED_CLIP / "config.json").exists():
+        raise FileNotFoundError(f"{SHIPPED_CLIP}: the trained tiny CLIP is missing (python jobs/train_clip.py)")
+    return SHIPPED_CLIP

@@ -11,7 +11,7 @@ from .k8s_support import REPO, configmaps, load
 
 OVERRIDE_KEYS = {"paths.root", "paths.mixture", "paths.image_root", "paths.clip", "paths.llm",
                  "train.run_name", "train.num_workers", "precompute.concurrency",
-                 "precompute.num_gpus_per_actor"}
+                 "precompute.num_gpus_per_actor", "precompute.keep_versions", "shard.keep_versions"}
 """The `--set section.key=value` keys the jobs' contract lets deployments use."""
 
 VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
@@ -118,10 +118,6 @@ def head_container(cluster_spec: dict) -> dict:
 
 # --- what the shipped jobs run, and where ---------------------------------------------------------
 
-RUN_CLUSTER_NAME = "trim-retrain-abcde-fghij"
-"""TRIM_CLUSTER_NAME as a run of the retraining sees it (the name of the cluster KubeRay creates)."""
-
-
 def cluster_of(obj: dict) -> dict:
     """The RayCluster spec a RayJob or RayCronJob runs on: its own, or the one its selector names."""
     spec = job_spec(obj) or {}
@@ -140,8 +136,8 @@ def head_env(obj: dict) -> set[str]:
 
 def job_commands(obj: dict) -> list[tuple[str, str | None, dict[str, str]]]:
     """(job, recipe, overrides) of every command of an entrypoint, ${VARS} expanded from the base
-    settings (and TRIM_CLUSTER_NAME as a run of the retraining would see it)."""
-    values = dict(load("base/settings.yaml")["data"], TRIM_CLUSTER_NAME=RUN_CLUSTER_NAME)
+    settings."""
+    values = load("base/settings.yaml")["data"]
     found = []
     for argv in split_commands((job_spec(obj) or {})["entrypoint"]):
         job, recipe, overrides = parse_job_command(argv)

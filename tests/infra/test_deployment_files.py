@@ -57,7 +57,7 @@ FAKE_HF_TOKEN = "hf_" + "FakeFakeFakeFakeFakeFakeFakeFake12"
 HEAD = "spec.headGroupSpec.template.spec.containers.0"
 
 LITERAL_SECRETS = [  # (file, field, a credential written into it)
-    ("base/raycluster.yaml", f"{HEAD}.env.1", {"name": "AWS_SECRET_ACCESS_KEY", "value": FAKE_SECRET}),
+    ("base/raycluster.yaml", f"{HEAD}.env", [{"name": "AWS_SECRET_ACCESS_KEY", "value": FAKE_SECRET}]),
     ("base/settings.yaml", "data.AWS_ACCESS_KEY_ID", FAKE_KEY_ID),
     ("base/settings.yaml", "data.MLFLOW_TRACKING_URI", "https://alice:s3cr3t@mlflow.example.com"),
     ("base/settings.yaml", "kind", "Secret"),

@@ -50,15 +50,25 @@ def test_a_broken_entrypoint_fails(case):
     assert any(expected in e for e in errors), errors
 
 
-def test_the_retraining_runs_the_four_stages_in_order_under_a_new_run_name():
+def test_the_retraining_runs_the_four_stages_in_order_under_a_run_named_after_the_cache():
+    from pipelines.config import load_recipe
+    from pipelines.train_plan import CACHE_VERSION, cache_version_of_run, expand_run_name
+
     template = ks.load("schedule/cronjob/retrain-template.yaml")
     commands = ep.job_commands(template)
     assert [job for job, _, _ in commands] == [f"jobs/{s}.py" for s in ks.STAGES]
     assert {recipe for _, recipe, _ in commands} == {"llava-1.5-7b"}
-    # finetune and evaluate share the run name, which is the cluster's name: new for every run
-    assert commands[2][2]["train.run_name"] == commands[3][2]["train.run_name"] == ep.RUN_CLUSTER_NAME
-    (env,) = [e for e in ep.head_container(ep.cluster_of(template))["env"] if e["name"] == "TRIM_CLUSTER_NAME"]
-    assert env["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['ray.io/cluster']"
+    # finetune and evaluate share the run name: the settings' name and the cache version the jobs put
+    # in, so new data is a new run and a rerun on the same cache resumes (tests/integration/
+    # test_scheduled_retrain.py runs this sequence)
+    name = commands[2][2]["train.run_name"]
+    assert commands[3][2]["train.run_name"] == name
+    assert name == f"{ks.load('base/settings.yaml')['data']['TRIM_RUN_NAME']}-{CACHE_VERSION}"
+    resolved = expand_run_name(load_recipe("llava-1.5-7b", [f"train.run_name={name}"]).train.run_name,
+                               "v-0123456789ab")
+    assert cache_version_of_run(name, resolved) == "v-0123456789ab"
+    # the manual fine-tune keeps a plain name: resuming it on another cache is refused, not renamed
+    assert CACHE_VERSION not in ep.job_commands(ks.load("stages/finetune.yaml"))[0][2]["train.run_name"]
 
 
 def test_the_entrypoints_fit_the_cluster_and_train_with_zero3():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,7 +69,8 @@ def read_jsonl(path):
 
 
 def test_answers_file_has_one_line_per_question_in_llavas_format(first_run, eval_root):
-    answers = read_jsonl(eval_root / "eval" / "answers.jsonl")
+    answers = read_jsonl(Path(first_run.answers))
+    assert Path(first_run.answers).parent.parent == eval_root / "eval"  # eval/<run>-<trim>-<hash>/
     assert [a["question_id"] for a in answers] == list(range(GOOD))
     prompts = {q["question_id"]: q["text"] for q in read_jsonl(eval_root / "data" / "eval" / "questions.jsonl")}
     for a in answers:
@@ -83,7 +85,7 @@ def test_answers_file_has_one_line_per_question_in_llavas_format(first_run, eval
 
 
 def test_unusable_images_are_set_aside_and_scored_as_missing(first_run, eval_root):
-    rejects = read_jsonl(eval_root / "eval" / "rejects.jsonl")
+    rejects = read_jsonl(Path(first_run.rejects_file))
     assert {r["question_id"]: r["reason"] for r in rejects} == {MISSING_ID: "missing image",
                                                                 CORRUPT_ID: "unreadable image"}
     assert all(r["detail"] for r in rejects)
@@ -92,7 +94,7 @@ def test_unusable_images_are_set_aside_and_scored_as_missing(first_run, eval_roo
     assert metrics["rejects"] == 2 and metrics["answers"] == GOOD and metrics["questions"] == GOOD + 2
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["mean_visual_tokens"] > 0
     assert first_run.reject_reasons == {"missing image": 1, "unreadable image": 1}
-    pictures = sorted(p.name for p in (eval_root / "eval" / "pictures").iterdir())
+    pictures = sorted(p.name for p in (Path(first_run.answers).parent / "pictures").iterdir())
     assert pictures == ["question-0.png", "question-1.png"]
 
 
@@ -103,7 +105,7 @@ def test_local_tracking_keeps_the_artifacts_beside_the_store(first_run, eval_roo
     run = client.get_run(first_run.mlflow_run_id)
     assert run.info.run_name == "tiny-eval" and run.data.metrics["missing"] == 2
     stored = list((eval_root / "mlartifacts").rglob("answers.jsonl"))
-    assert len(stored) == 1 and stored[0].read_bytes() == (eval_root / "eval" / "answers.jsonl").read_bytes()
+    assert len(stored) == 1 and stored[0].read_bytes() == Path(first_run.answers).read_bytes()
     assert len(list((eval_root / "mlartifacts").rglob("question-*.png"))) == 2
 
 
@@ -111,11 +113,11 @@ def test_rerun_against_mlflow_server_logs_metrics_answers_and_pictures(first_run
                                                                       tmp_path):
     import mlflow
 
-    answers_before = (eval_root / "eval" / "answers.jsonl").read_bytes()
+    answers_before = Path(first_run.answers).read_bytes()
     with servers.mlflow_server(tmp_path) as uri:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         again = load_job("evaluate").main(argv)  # same inputs: answers reused, scored and logged again
-        assert (eval_root / "eval" / "answers.jsonl").read_bytes() == answers_before
+        assert again.answers == first_run.answers and Path(again.answers).read_bytes() == answers_before
         assert again.metrics == first_run.metrics
         client = mlflow.MlflowClient(uri)
         experiment = client.get_experiment_by_name("trim-llava-tiny")
@@ -130,3 +132,27 @@ def test_rerun_against_mlflow_server_logs_metrics_answers_and_pictures(first_run
         assert len(client.list_artifacts(run.info.run_id, "pictures")) == 2
         local = client.download_artifacts(run.info.run_id, "answers.jsonl", str(tmp_path / "download"))
         assert open(local, "rb").read() == answers_before
+
+
+def test_a_failed_full_evaluation_is_never_scored_as_the_trim_models(first_run, eval_root, argv, monkeypatch):
+    """`--trim full` failing after writing its answers, then `--trim model`: the TRIM model's own
+    answers are scored, and the full run, done again, answers into its own folder."""
+    import pipelines.evaluate
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("scoring crashed")
+
+    trim_answers, stamp = Path(first_run.answers).read_bytes(), Path(first_run.answers).stat().st_mtime_ns
+    with monkeypatch.context() as patch:
+        patch.setattr(pipelines.evaluate, "_metrics", fail)
+        with pytest.raises(RuntimeError, match="scoring crashed"):
+            load_job("evaluate").main([*argv, "--trim", "full"])
+    written = [p for p in (eval_root / "eval").glob("tiny-default-all-*/answers.jsonl")]
+    assert len(written) == 1 and all(a["metadata"]["visual_tokens"] == 576 for a in read_jsonl(written[0]))
+    again = load_job("evaluate").main([*argv, "--trim", "model"])
+    assert again.answers == first_run.answers and Path(again.answers).read_bytes() == trim_answers
+    assert Path(again.answers).stat().st_mtime_ns == stamp  # reused, not answered again
+    assert again.metrics["mean_visual_tokens"] == first_run.metrics["mean_visual_tokens"] < 576
+    full = load_job("evaluate").main([*argv, "--trim", "full"])  # not reused: it never finished
+    assert full.answers == str(written[0]) and full.trim_name == "default/all"
+    assert full.metrics["mean_visual_tokens"] == 576 and Path(first_run.answers).read_bytes() == trim_answers

@@ -79,8 +79,8 @@ def test_a_killed_run_resumes_its_step_count_data_position_and_mlflow_run(cached
     final = max((json.loads(p.read_text()) for p in run_dir.glob("checkpoint_*/train_state.json")),
                 key=lambda s: s["step"])
     assert final["step"] == 40
-    # 64 samples / 2 workers / micro-batch 2 = 16 micro-batches an epoch: step 40 is micro-batch 8 of
-    # the third epoch (epochs count from 0).
+    # 64 samples, 60 with an image: 30 + 2 micro-batches of 2 (each modality cut on its own), 16 for each
+    # of 2 workers an epoch (the plan's count): step 40 is micro-batch 8 of the third epoch (from 0).
     assert final["epoch"] == 2 and final["micro_in_epoch"] == 8
     # Only Ray Train's last two are left: the killed run's checkpoints are removed once spent.
     assert sorted(p.name for p in run_dir.glob("checkpoint_step_*")) == ["checkpoint_step_00000036",

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipelines import eval_outputs, storage
 from pipelines.evaluate import (
     ANSWER_KEYS,
     _metrics,
@@ -116,3 +117,78 @@ def test_throughput_counts_overlapping_actors_once():
     metrics = _metrics(answers, [], questions=7, seconds=30.0, answering_s=4.0)
     assert metrics["questions_per_s"] == 1.5 and metrics["inference_s"] == 4.0 and metrics["seconds"] == 30.0
     assert _metrics([], [], questions=0, seconds=1.0, answering_s=0.0)["questions_per_s"] == 0.0
+
+
+@pytest.fixture()
+def eval_inputs(tmp_path):
+    """A run root with a model folder, a CLIP folder, a question file and an image folder."""
+    from pipelines.config import load_recipe
+
+    recipe = load_recipe("tiny", [f"paths.root={tmp_path}"])
+    for folder in ("checkpoints/tiny/model/llm", "models/clip", "data/eval/images"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "checkpoints/tiny/model/llm/model.safetensors").write_bytes(b"weights")
+    (tmp_path / "checkpoints/tiny/model/trim_llava.json").write_text("{}")
+    (tmp_path / "models/clip/model.safetensors").write_bytes(b"clip")
+    (tmp_path / "data/eval/images/0.png").write_bytes(b"png")
+    questions = b'{"question_id": 0, "image": "0.png", "text": "Q"}\n'
+    (tmp_path / "data/eval/questions.jsonl").write_bytes(questions)
+    return recipe, recipe.paths.model_dir("tiny"), questions
+
+
+def identity_of(recipe, model_dir, questions, trim=None, accelerator="CPU"):
+    return eval_outputs.identity(recipe, model_dir, trim or TrimConfig(), questions, accelerator)
+
+
+def test_each_model_and_trim_setting_answers_into_its_own_folder(eval_inputs):
+    recipe, model_dir, questions = eval_inputs
+    model = identity_of(recipe, model_dir, questions)
+    full = identity_of(recipe, model_dir, questions, TrimConfig(selection="all"))
+    folder = eval_outputs.output_dir(recipe.paths.eval_dir, "tiny", "default", model)
+    assert folder.startswith(f"{recipe.paths.eval_dir}/tiny-default-")
+    assert eval_outputs.output_dir(recipe.paths.eval_dir, "tiny", "default/all", full).startswith(
+        f"{recipe.paths.eval_dir}/tiny-default-all-")
+    # Whatever changes the answers changes the identity, so the folder.
+    changed = [full, identity_of(recipe, model_dir, questions, accelerator="GPU"),
+               identity_of(recipe, model_dir, questions + b'{"question_id": 1, "image": "0.png", "text": "R"}\n')]
+    recipe.eval.max_new_tokens += 1
+    changed.append(identity_of(recipe, model_dir, questions))
+    recipe.eval.max_new_tokens -= 1
+    weights = recipe.paths.root + "/checkpoints/tiny/model/llm/model.safetensors"
+    with open(weights, "ab") as f:  # retrained: same names, other bytes
+        f.write(b"more")
+    changed.append(identity_of(recipe, model_dir, questions))
+    with open(recipe.paths.eval_images + "/1.png", "wb") as f:
+        f.write(b"png")
+    changed.append(identity_of(recipe, model_dir, questions))
+    hashes = {eval_outputs.identity_hash(x) for x in [model, *changed]}
+    assert len(hashes) == 1 + len(changed)
+    assert eval_outputs.identity_hash(identity_of(recipe, model_dir, questions)) == eval_outputs.identity_hash(
+        changed[-1])  # and the same inputs give the same identity
+
+
+def test_answers_are_reused_only_from_a_finished_evaluation_of_the_same_identity(eval_inputs):
+    """`--trim full` failing after its answers were written, then `--trim model`: today's bug scored
+    the full answers as the TRIM model's."""
+    from pipelines.manifests import EvalManifest
+
+    recipe, model_dir, questions = eval_inputs
+    model = identity_of(recipe, model_dir, questions)
+    full = identity_of(recipe, model_dir, questions, TrimConfig(selection="all"))
+    model_dir_out = eval_outputs.output_dir(recipe.paths.eval_dir, "tiny", "default", model)
+    full_dir_out = eval_outputs.output_dir(recipe.paths.eval_dir, "tiny", "default/all", full)
+
+    def write(folder, value, finished):
+        answers, rejects = f"{folder}/answers.jsonl", f"{folder}/rejects.jsonl"
+        storage.write_bytes(answers, b'{"question_id": 0}\n')
+        storage.write_bytes(rejects, b"")
+        if finished:
+            EvalManifest(identity=value, trim_name="x", answers=answers, rejects_file=rejects).write(folder)
+
+    write(model_dir_out, model, finished=True)
+    write(full_dir_out, full, finished=False)  # failed before its manifest
+    assert eval_outputs.stored(full_dir_out, full) is None  # not even for itself
+    assert eval_outputs.stored(model_dir_out, model).identity == model
+    assert eval_outputs.stored(model_dir_out, full) is None  # a manifest of another identity
+    eval_outputs.forget(model_dir_out)  # a rerun writing again: nothing there is trusted meanwhile
+    assert eval_outputs.stored(model_dir_out, model) is None

@@ -77,3 +77,75 @@ def test_the_image_store_fetches_one_image_by_its_key_from_the_bucket_layout(tmp
 
 def bucket_of_keys(buckets, number):
     return next(b["keys"] for b in buckets if b["bucket"] == number)
+
+
+def test_a_transient_s3_failure_is_retried_with_growing_waits_then_read():
+    from pipelines.images import read_with_retries
+
+    calls, waits = [], []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError(121, "InternalError: We encountered an internal error. Please try again.")
+        return b"bytes"
+
+    assert read_with_retries(flaky, "s3://b/x.jpg", tries=4, backoff_s=0.5, sleep=waits.append) == b"bytes"
+    assert len(calls) == 3 and len(waits) == 2
+    assert 0.5 <= waits[0] < 1.0 <= waits[1] < 2.0  # doubling, with jitter
+
+
+def test_a_persistent_s3_failure_gives_up_after_the_tries_and_a_missing_object_at_once():
+    from pipelines.images import FileProblem, read_with_retries
+
+    def failing(err):
+        calls = []
+
+        def read():
+            calls.append(1)
+            raise err
+        return read, calls
+
+    read, calls = failing(ConnectionError("Connection was closed before we received a valid response"))
+    with pytest.raises(FileProblem, match="tried 4 times") as caught:
+        read_with_retries(read, "s3://b/x.jpg", tries=4, sleep=lambda s: None)
+    assert caught.value.reason == "unreadable file" and len(calls) == 4
+    for err, reason in ((FileNotFoundError("b/x.jpg"), "missing file"), (PermissionError("AccessDenied"),
+                                                                          "unreadable file")):
+        read, calls = failing(err)
+        with pytest.raises(FileProblem) as caught:
+            read_with_retries(read, "s3://b/x.jpg", tries=4, sleep=lambda s: None)
+        assert caught.value.reason == reason and len(calls) == 1
+
+
+def test_an_s3_image_that_keeps_failing_is_set_aside_not_raised(monkeypatch):
+    from pipelines import images, storage
+
+    tries = []
+
+    def unavailable(uri):
+        tries.append(uri)
+        raise OSError(121, "ServiceUnavailable")
+
+    monkeypatch.setattr(storage, "read_bytes", unavailable)
+    monkeypatch.setattr(images, "S3_BACKOFF_S", 0.0)
+    row = load_image("s3://bucket/images", "coco/x.jpg")
+    assert row["error"] == "unreadable file" and "s3://bucket/images/coco/x.jpg" in row["detail"]
+    assert "tried 4 times" in row["detail"] and tries == ["s3://bucket/images/coco/x.jpg"] * 4
+
+
+def test_only_regular_files_are_read(tmp_path):
+    import os
+
+    from pipelines.images import FileProblem, read_file
+
+    (tmp_path / "dir.jpg").mkdir()
+    os.mkfifo(tmp_path / "pipe.jpg")
+    _png(tmp_path / "ok.png")
+    assert read_file(str(tmp_path / "ok.png")) == (tmp_path / "ok.png").read_bytes()
+    for name, kind in (("dir.jpg", "a directory"), ("pipe.jpg", "a named pipe")):
+        with pytest.raises(FileProblem, match=f"is {kind}, not a regular file") as caught:
+            read_file(str(tmp_path / name))
+        assert caught.value.reason == "not a regular file"
+    with pytest.raises(FileProblem, match="does not exist"):
+        read_file(str(tmp_path / "ok.png" / "below.png"))

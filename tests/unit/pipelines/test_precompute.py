@@ -16,7 +16,7 @@ from PIL import Image
 
 from pipelines import storage
 from pipelines.cache_format import committed_parts, decode_tokens, iter_cache, part_table
-from pipelines.images import IMAGE_LAYOUT
+from pipelines.images import IMAGE_LAYOUT, images_file
 from pipelines.manifests import ShardsManifest
 from pipelines.precompute import EncoderActor, summarize
 from pipelines.precompute_encode import UnitArrays, batch_grouped, encode_unit, sub_batches
@@ -64,8 +64,11 @@ def shards(tmp_path_factory):
             for i, (sample_id, image) in enumerate(RECORDS)]
     for f, chunk in enumerate((rows[:7], rows[7:])):
         storage.write_parquet(str(out / f"samples-{f:05d}.parquet"), pa.Table.from_pylist(chunk, schema=SAMPLE_SCHEMA))
+    files = {"samples-00000.parquet": 7, "samples-00001.parquet": len(rows) - 7} | {
+        images_file(b["bucket"]): len(b["keys"]) for b in buckets}
     ShardsManifest(input={}, samples=len(rows), rejects=0, images=len(index.owner), image_bytes=0,
-                   image_files=len(buckets), image_layout=IMAGE_LAYOUT, sample_files=2).write(str(out))
+                   image_files=len(buckets), image_layout=IMAGE_LAYOUT, sample_files=2, version="v-000000000001",
+                   files=files).write(str(out))
     return str(out)
 
 
@@ -107,7 +110,7 @@ def test_every_sample_lands_in_exactly_one_part_though_ids_repeat(shards, tmp_pa
     cache = str(tmp_path / "cache")
     parts = _run(shards, cache, tiny_models.clip, cfg, rows_per_file)
     assert len(parts) == len(set(parts)) == len(committed_parts(cache))
-    rows = list(iter_cache(cache))
+    rows = [r for name in committed_parts(cache) for r in iter_cache_part(cache, name)]
     assert sorted(r["index"] for r in rows) == list(range(len(RECORDS)))
     assert {r["index"]: r["id"] for r in rows} == {i: str(sample_id) for i, (sample_id, _) in enumerate(RECORDS)}
     by_id = {}
@@ -205,7 +208,10 @@ def _assert_rows_match(reduced, encoder, unit, cfg, groups):
             tokens = torch.from_numpy(reduced.tokens[token_rows[s]:token_rows[s + 1]])
             assert torch.equal(tokens, direct.tokens[j].half())
             assert np.array_equal(reduced.keep[image_row[s]], direct.keep_mask[j].numpy())
-            assert np.array_equal(reduced.scores[image_row[s]], direct.scores[j].half().numpy())
+            # Scores (diagnostics) may differ in the last fp16 bit: the stage's batched matmuls round
+            # differently from a per-sample call; the kept set and tokens above are exact.
+            np.testing.assert_allclose(reduced.scores[image_row[s]].astype(np.float32),
+                                       direct.scores[j].numpy(), rtol=2e-3, atol=1e-7)
             assert reduced.num_kept[s] == int(direct.num_kept[j])
 
 
@@ -265,3 +271,72 @@ def test_prepared_pixels_are_the_clip_processors(shards, tiny_models):
     squared = [expand_to_square(image, encoder.background) for image in images]
     expected = encoder.processor(images=squared, return_tensors="pt")["pixel_values"]
     assert torch.equal(encoder.towers.normalize(torch.from_numpy(pixels.copy())), expected)
+
+
+# Reading only what a manifest lists; the cache's identity ------------------------------------------
+
+
+def test_precompute_reads_only_the_samples_files_the_shards_manifest_lists(shards, tmp_path):
+    import shutil
+
+    from pipelines.precompute import load_samples
+
+    copy = str(tmp_path / "shards")
+    shutil.copytree(shards, copy)
+    stale = storage.read_parquet(storage.join(copy, "samples-00000.parquet"))
+    storage.write_parquet(storage.join(copy, "samples-00002.parquet"), stale)  # an older attempt's file
+    assert sorted(s["index"] for s in load_samples(copy, TrimConfig())) == list(range(len(RECORDS)))
+    storage.write_parquet(storage.join(copy, "samples-00001.parquet"), stale)  # a listed file, other rows
+    with pytest.raises(ValueError, match="samples-00001.parquet.*9 rows.*holds 7 rows"):
+        load_samples(copy, TrimConfig())
+
+
+def test_the_cache_reader_reads_only_the_listed_parts_and_names_a_changed_one(shards, tmp_path, tiny_models):
+    cache = str(tmp_path / "cache" / "v-000000000002")
+    _run(shards, cache, tiny_models.clip, TrimConfig(), rows_per_file=3)
+    info = {"num_patches": 576, "feature_dim": ClipEncoder(tiny_models.clip).feature_dim}
+    manifest = summarize(cache, info, TrimConfig(), 0.0)
+    assert manifest.files == {name: len(iter_cache_part(cache, name)) for name in committed_parts(cache)}
+    with pytest.raises(FileNotFoundError):  # no manifest yet: not a complete cache
+        list(iter_cache(cache))
+    manifest.write(cache)
+    first = committed_parts(cache)[0]
+    storage.write_parquet(storage.join(cache, "part-t09999.parquet"), storage.read_parquet(storage.join(cache, first)))
+    assert sorted(r["index"] for r in iter_cache(cache, ["index"])) == list(range(len(RECORDS)))
+    storage.remove(storage.join(cache, first))
+    with pytest.raises(ValueError, match=f"{first}.*missing"):
+        list(iter_cache(cache))
+
+
+def test_the_cache_identity_covers_weights_dtype_layout_trim_and_the_shards_version(shards, tmp_path, tiny_models):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from pipelines.config import PrecomputeConfig
+    from pipelines.manifests import version_of
+    from pipelines.precompute import cache_identity
+    from trim.encoders import describe_checkpoint
+
+    manifest = ShardsManifest.read(shards)
+    cfg = PrecomputeConfig()
+
+    def version(clip=tiny_models.clip, trim=None, shards_manifest=manifest, **knobs):
+        return version_of(cache_identity(describe_checkpoint(clip), trim or TrimConfig(), shards_manifest,
+                                         PrecomputeConfig(**{**cfg.__dict__, **knobs})))
+
+    base = version()
+    assert version(batch_size=3, concurrency=4, encoder_threads=2, keep_versions=9) == base
+    others = [version(dtype="bfloat16"), version(layer=-3), version(rows_per_file=7), version(trim=TrimConfig.paper()),
+              version(shards_manifest=ShardsManifest.from_dict({**manifest.to_dict(), "version": "v-000000000009"}))]
+    assert base not in others and len(set(others)) == len(others)
+    # New weights under the very same config.json: another encoder, another cache.
+    clip = tmp_path / "clip"
+    shutil.copytree(tiny_models.clip, clip)
+    (weights,) = clip.glob("*.safetensors")
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert (clip / "config.json").read_bytes() == (tiny_models.clip / "config.json").read_bytes()
+    assert version(clip=clip) != base

@@ -5,6 +5,7 @@ import json
 import pytest
 from PIL import Image
 
+from pipelines import storage
 from pipelines.shard import check_record, infer_source, iter_records, load_image
 from pipelines.synthetic import write_mixture
 
@@ -161,3 +162,72 @@ def test_identical_bytes_are_stored_once_under_the_first_path_whatever_the_order
         assert index.error_of == {"d/4.jpg": ("unreadable image", "detail")}
     assert indexes[0].buckets(1) == indexes[1].buckets(1)
     assert sum(len(b["keys"]) for b in indexes[0].buckets(1)) == 2  # one row per distinct content
+
+
+# Identity: what makes a new version of the shards ------------------------------------------------
+
+
+def _hash(image_root, paths, known=None):
+    from pipelines.shard_images import ImageIndex, hash_image_batch
+
+    out = hash_image_batch({"path": paths}, str(image_root), known)
+    index = ImageIndex()
+    for path, key, width, height, size, stamp, error, detail in zip(*(out[k] for k in (
+            "path", "image_key", "width", "height", "size", "stamp", "error", "detail"))):
+        index.add(path, key, width, height, size, error, detail, stamp)
+    return index
+
+
+def test_an_image_unchanged_since_the_last_index_is_not_read_again_and_a_changed_one_is(tmp_path):
+    import os
+
+    from pipelines.shard_images import INDEX_FILE, read_known
+
+    Image.new("RGB", (8, 6), (1, 2, 3)).save(tmp_path / "a.png")
+    Image.new("RGB", (5, 5), (9, 9, 9)).save(tmp_path / "b.png")
+    first = _hash(tmp_path, ["a.png", "b.png", "gone.png"])
+    assert first.error_of["gone.png"][0] == "missing file"
+    storage.write_parquet(str(tmp_path / INDEX_FILE), first.table())
+    known = read_known(str(tmp_path))
+    assert set(known) == {"a.png", "b.png"}  # the path that did not read is always tried again
+    # A key known for an unchanged (size, stamp) is taken as it is: proof that the bytes were not read.
+    planted = {path: (*entry[:2], "f" * 64, *entry[3:]) for path, entry in known.items()}
+    assert _hash(tmp_path, ["a.png", "b.png"], planted).key_of == {"a.png": "f" * 64, "b.png": "f" * 64}
+    Image.new("RGB", (8, 6), (200, 2, 3)).save(tmp_path / "a.png")  # new bytes, new stamp
+    os.utime(tmp_path / "b.png", ns=(10**18, 10**18))  # only touched
+    again = _hash(tmp_path, ["a.png", "b.png"], planted)
+    assert again.key_of["a.png"] not in ("f" * 64, first.key_of["a.png"])
+    assert again.key_of["b.png"] == first.key_of["b.png"]  # read again, same bytes
+
+
+def test_the_images_digest_follows_content_added_and_missing_images_not_stamps(tmp_path):
+    import os
+
+    Image.new("RGB", (8, 6), (1, 2, 3)).save(tmp_path / "a.png")
+    before = _hash(tmp_path, ["a.png", "later.png"]).digest()
+    os.utime(tmp_path / "a.png", ns=(10**18, 10**18))
+    assert _hash(tmp_path, ["a.png", "later.png"]).digest() == before  # touched: the same images
+    Image.new("RGB", (4, 4)).save(tmp_path / "later.png")
+    added = _hash(tmp_path, ["a.png", "later.png"]).digest()
+    assert added != before  # an image that was missing is there now
+    Image.new("RGB", (8, 6), (1, 2, 4)).save(tmp_path / "a.png")
+    assert _hash(tmp_path, ["a.png", "later.png"]).digest() not in (before, added)
+
+
+def test_the_identity_holds_the_mixtures_size_and_content_and_the_knobs_that_change_the_output(tmp_path):
+    from pipelines.config import ShardConfig
+    from pipelines.manifests import version_of
+    from pipelines.shard import base_identity
+
+    mixture = tmp_path / "m.json"
+    mixture.write_text(json.dumps([_record()]))
+    digest = storage.sha256(str(mixture))
+    cfg = ShardConfig(rows_per_shard=50)
+    base = version_of(base_identity(str(mixture), digest, "images", cfg))
+    same_output = ShardConfig(rows_per_shard=50, concurrency=7, read_batch_size=3, keep_versions=5)
+    assert version_of(base_identity(str(mixture), digest, "images", same_output)) == base
+    for other in (ShardConfig(rows_per_shard=51), ShardConfig(rows_per_shard=50, images_per_shard=3)):
+        assert version_of(base_identity(str(mixture), digest, "images", other)) != base
+    assert version_of(base_identity(str(mixture), digest, "other-images", cfg)) != base
+    mixture.write_text(json.dumps([_record(id="r2")]))  # the same size, other bytes
+    assert version_of(base_identity(str(mixture), storage.sha256(str(mixture)), "images", cfg)) != base

@@ -152,3 +152,31 @@ def test_size_in_bytes(tmp_path):
     assert storage.size(target) == 8
     storage.write_bytes(target, b"")
     assert storage.size(target) == 0
+
+
+def test_stat_gives_size_and_a_stamp_that_changes_with_a_rewrite(tmp_path):
+    target = str(tmp_path / "mix.json")
+    storage.write_bytes(target, b"[1, 2]")
+    size, stamp = storage.stat(target)
+    assert size == 6 and stamp
+    os.utime(target, ns=(1, 1))
+    assert storage.stat(target) != (size, stamp)
+    with pytest.raises(FileNotFoundError):
+        storage.stat(str(tmp_path / "missing.json"))
+
+
+def test_sha256_streams_a_file_in_blocks(tmp_path):
+    import hashlib
+
+    target = str(tmp_path / "x.bin")
+    data = os.urandom(3000)
+    storage.write_bytes(target, data)
+    assert storage.sha256(target, block=1024) == hashlib.sha256(data).hexdigest()
+
+
+def test_parquet_rows_reads_the_footer(tmp_path):
+    target = str(tmp_path / "x.parquet")
+    storage.write_parquet(target, pa.table({"i": list(range(7))}))
+    assert storage.parquet_rows(target) == 7
+    with pytest.raises(FileNotFoundError):
+        storage.parquet_rows(str(tmp_path / "missing.parquet"))

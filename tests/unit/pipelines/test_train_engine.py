@@ -33,3 +33,31 @@ def test_a_training_step_on_cuda_takes_a_batch_built_on_the_cpu(tiny_models):
         loss = model(batch)
         loss.backward()
         assert torch.isfinite(loss) and loss.device.type == "cuda"
+
+
+class SavingModel:
+    """Writes a model folder as LlavaTrim.save does (settings file last); `fail` stops it half way."""
+
+    def __init__(self, tag: str, fail: bool = False):
+        self.tag, self.fail = tag, fail
+
+    def save(self, directory, tokenizer=None, state_dict=None):
+        (directory / "llm").mkdir(parents=True)
+        (directory / "llm" / "model.safetensors").write_text(self.tag)
+        if self.fail:
+            raise OSError("upload interrupted")
+        (directory / "trim_llava.json").write_text(self.tag)
+
+
+def test_export_writes_beside_the_old_model_and_switches_when_complete(tmp_path):
+    from pipelines.train_engine import Built, export
+
+    destination = tmp_path / "run" / "model"
+    export(Built(SavingModel("old"), None, None, zero_stage=2), str(destination), is_master=True)
+    with pytest.raises(OSError, match="upload interrupted"):
+        export(Built(SavingModel("new", fail=True), None, None, zero_stage=2), str(destination), is_master=True)
+    files = {p.relative_to(destination).as_posix(): p.read_text() for p in destination.rglob("*") if p.is_file()}
+    assert files == {"llm/model.safetensors": "old", "trim_llava.json": "old"}
+    export(Built(SavingModel("new"), None, None, zero_stage=2), str(destination), is_master=True)
+    assert (destination / "trim_llava.json").read_text() == "new"
+    assert sorted(p.name for p in destination.parent.iterdir()) == ["model"]

@@ -1,21 +1,36 @@
 """Step plan, LR schedule and the typed training state."""
 
-import math
+import dataclasses
+
+import numpy as np
 
 from pipelines.config import TrainConfig
-from pipelines.train_plan import WINDOW_MICRO_BATCHES, TrainState, plan_steps, warmup_cosine
+from pipelines.train_order import epoch_micro_batches, rank_micro_batches
+from pipelines.train_plan import TrainState, plan_steps, warmup_cosine
 
 
 def test_global_batch_and_steps():
     cfg = TrainConfig(num_workers=8, micro_batch_size=16, grad_accum_steps=1, epochs=1)
-    plan = plan_steps(665_298, cfg)
+    plan = plan_steps(665_298, 624_610, cfg)  # LLaVA-665K: 40,688 text-only samples
     assert plan.global_batch == 128
-    # 665,298 // 8 = 83,162 rows a worker; windows of 128 rows = 8 micro-batches; 83,162 = 649*128 + 90
-    assert plan.micro_batches_per_epoch == 649 * WINDOW_MICRO_BATCHES + math.ceil(90 / 16)
+    # each modality cut on its own: 39,039 + 2,543 micro-batches, padded to 5,198 for each of 8 workers
+    assert plan.micro_batches_per_epoch == 5198
     assert plan.total_steps == 5198 and plan.warmup_steps == int(5198 * 0.03)
-    assert plan_steps(100, TrainConfig(max_steps=7)).total_steps == 7
-    accum = plan_steps(64, TrainConfig(num_workers=2, micro_batch_size=4, grad_accum_steps=2, epochs=2))
+    assert plan_steps(100, 50, TrainConfig(max_steps=7)).total_steps == 7
+    accum = plan_steps(64, 64, TrainConfig(num_workers=2, micro_batch_size=4, grad_accum_steps=2, epochs=2))
     assert accum.global_batch == 16 and accum.total_steps == 8
+
+
+def test_the_plan_counts_the_micro_batches_the_epochs_order_deals_each_worker():
+    cfg = TrainConfig(num_workers=2, micro_batch_size=2, grad_accum_steps=1, epochs=3)
+    # 7 image samples and 1 text-only: 4 + 1 micro-batches, padded to 6, 3 a worker (8 / 2 / 2 would say 2)
+    image = np.arange(8) < 7
+    batches = epoch_micro_batches(np.full(8, 50, dtype=np.int32), image, 2, 2, 1, seed=0, epoch=0)
+    plan = plan_steps(8, 7, cfg)
+    assert plan.micro_batches_per_epoch == len(rank_micro_batches(batches, 0, 2)) == 3
+    assert plan.total_steps == 9
+    plain = plan_steps(8, 7, dataclasses.replace(cfg, group_by_length=False))
+    assert plain.micro_batches_per_epoch == 2  # one shuffle of all samples: 4 micro-batches
 
 
 def test_warmup_then_cosine_to_zero():

@@ -1,0 +1,191 @@
+"""Training the project's tiny CLIP on synthetic scenes (jobs/train_clip.py is the entry point).
+
+No pretrained CLIP can be downloaded here, and a randomly initialised one scores patches against text
+at random, so the project trains its own at the real geometry (336 px, patch 14, 576 patches).
+
+Two contrastive terms over a batch of scenes and texts, each with multi-positive targets (a text
+names objects; it matches every scene of the batch that has them, see scene_texts):
+- global, as CLIP: the pooled image embedding against the text embedding;
+- per patch, what TRIM scores: the selected layer's patches (hidden_states[-2], CLS dropped) through
+  post_layernorm and visual_projection, against the same text embedding; an image-text score is a
+  smooth maximum over the patches (log-sum-exp), so a text must meet the patches of what it names.
+  (FILIP's token-wise maximum, with the pooled text embedding as the single text token, since that is
+  the vector TRIM compares patches with.)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import CLIPModel, PreTrainedTokenizerBase
+
+from pipelines.scene_texts import SceneText, caption, random_text
+from pipelines.scenes import CLIP_SIZE, Scene, random_scene, render
+from trim.encoders import expand_to_square, pad_colour
+
+logger = logging.getLogger("pipelines.clip_training")
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ClipTrainConfig:
+    """How the tiny CLIP is trained."""
+
+    steps: int = 3000
+    """Optimizer steps."""
+    batch_size: int = 48
+    """Scenes (and texts, one per scene) per step: the contrastive negatives."""
+    lr: float = 2e-3
+    """Peak AdamW learning rate (linear warmup, cosine decay)."""
+    warmup: int = 100
+    """Warmup steps."""
+    weight_decay: float = 0.05
+    """AdamW weight decay."""
+    patch_weight: float = 1.0
+    """Weight of the per-patch term against the global one."""
+    patch_temperature: float = 0.05
+    """Temperature of the smooth maximum over patches (smaller: closer to the hard maximum)."""
+    layer: int = -2
+    """Hidden layer whose patches the per-patch term uses (TRIM's and LLaVA's: the penultimate)."""
+    seed: int = 0
+    """Seeds the scenes, the texts and the initialisation."""
+    threads: int = 0
+    """torch threads (0: torch's default)."""
+
+
+def preprocess(images: list[Image.Image]) -> torch.Tensor:
+    """LLaVA-1.5's preprocessing without the processor's per-call overhead: pad to a square with
+    int(255 * mean), resize to 336 (bicubic), scale, normalise. [B, 3, 336, 336] fp32."""
+    background = pad_colour(CLIP_MEAN)
+    arrays = [np.asarray(expand_to_square(im, background).resize((CLIP_SIZE, CLIP_SIZE), Image.Resampling.BICUBIC))
+              for im in images]
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (pixels - mean) / std
+
+
+def batches(seed: int, batch_size: int) -> Iterator[tuple[list[Scene], list[SceneText]]]:
+    """An endless stream of (scenes, one text per scene), deterministic for a seed."""
+    rng = random.Random(seed)
+    while True:
+        scenes = [random_scene(rng) for _ in range(batch_size)]
+        yield scenes, [random_text(s, rng) for s in scenes]
+
+
+def match_matrix(scenes: list[Scene], texts: list[SceneText]) -> torch.Tensor:
+    """[images, texts] bool: which texts match which scenes (the diagonal always does)."""
+    return torch.tensor([[t.matches(s) for t in texts] for s in scenes])
+
+
+def multi_positive_loss(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE where each row's target spreads evenly over its positives."""
+    targets = positives.float()
+    image_to_text = -(targets / targets.sum(1, keepdim=True) * F.log_softmax(logits, dim=1)).sum(1).mean()
+    text_to_image = -(targets / targets.sum(0, keepdim=True) * F.log_softmax(logits, dim=0)).sum(0).mean()
+    return (image_to_text + text_to_image) / 2
+
+
+def embed_texts(model: CLIPModel, tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> torch.Tensor:
+    """Pooled text embeddings through text_projection [T, E] (what TRIM scores against)."""
+    tokens = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+    out = model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+    return model.text_projection(out.pooler_output)
+
+
+def patch_embeds(model: CLIPModel, pixels: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled image embeddings [B, E], the selected layer's patch embeddings [B, N, E]), both through
+    post_layernorm and visual_projection as TRIM's scoring sees them."""
+    out = model.vision_model(pixel_values=pixels, output_hidden_states=True)
+    vision = model.vision_model
+    pooled = model.visual_projection(out.pooler_output)
+    patches = model.visual_projection(vision.post_layernorm(out.hidden_states[layer][:, 1:]))
+    return pooled, patches
+
+
+def losses(model: CLIPModel, tokenizer: PreTrainedTokenizerBase, scenes: list[Scene], texts: list[SceneText],
+           cfg: ClipTrainConfig, patch_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(global loss, per-patch loss) of one batch."""
+    pixels = preprocess([render(s) for s in scenes])
+    text = F.normalize(embed_texts(model, tokenizer, [t.text for t in texts]), dim=-1)
+    pooled, patches = patch_embeds(model, pixels, cfg.layer)
+    positives = match_matrix(scenes, texts)
+    scale = model.logit_scale.exp().clamp(max=100)
+    global_loss = multi_positive_loss(scale * F.normalize(pooled, dim=-1) @ text.t(), positives)
+    cos = torch.einsum("bne,te->btn", F.normalize(patches, dim=-1), text)
+    smooth_max = cfg.patch_temperature * torch.logsumexp(cos / cfg.patch_temperature, dim=-1)
+    patch_loss = multi_positive_loss(patch_scale.exp().clamp(max=100) * smooth_max, positives)
+    return global_loss, patch_loss
+
+
+@torch.no_grad()
+def retrieval_accuracy(model: CLIPModel, tokenizer: PreTrainedTokenizerBase, num: int = 100, seed: int = 12345,
+                       layer: int = -2) -> dict[str, float]:
+    """Image -> caption top-1 over `num` held-out scenes (chance 1/num), by the pooled embedding and by
+    the per-patch smooth maximum."""
+    rng = random.Random(seed)
+    scenes = [random_scene(rng) for _ in range(num)]
+    texts = [caption(s) for s in scenes]
+    model.eval()
+    text = F.normalize(embed_texts(model, tokenizer, [t.text for t in texts]), dim=-1)
+    pooled, patches = [], []
+    for start in range(0, num, 25):
+        p, q = patch_embeds(model, preprocess([render(s) for s in scenes[start:start + 25]]), layer)
+        pooled.append(p)
+        patches.append(q)
+    image = F.normalize(torch.cat(pooled), dim=-1)
+    cos = torch.einsum("bne,te->btn", F.normalize(torch.cat(patches), dim=-1), text).amax(-1)
+    # A caption may fit several scenes (the same objects); any that fits counts as right.
+    fits = match_matrix(scenes, texts)
+    by_pooled = fits[torch.arange(num), (image @ text.t()).argmax(1)].float().mean().item()
+    by_patch = fits[torch.arange(num), cos.argmax(1)].float().mean().item()
+    return {"retrieval_top1": by_pooled, "retrieval_top1_patch": by_patch, "retrieval_chance": 1 / num}
+
+
+def train(model: CLIPModel, tokenizer: PreTrainedTokenizerBase, cfg: ClipTrainConfig, log_every: int = 50) -> dict:
+    """Train in place; return the final figures (losses, retrieval, seconds)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    patch_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    params = [p for p in model.parameters() if p.requires_grad] + [patch_scale]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def schedule(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
+
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    stream = batches(cfg.seed, cfg.batch_size)
+    start = time.perf_counter()
+    global_loss = patch_loss = torch.tensor(0.0)
+    model.train()
+    for step in range(cfg.steps):
+        scenes, texts = next(stream)
+        global_loss, patch_loss = losses(model, tokenizer, scenes, texts, cfg, patch_scale)
+        loss = global_loss + cfg.patch_weight * patch_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        lr_schedule.step()
+        if step % log_every == 0 or step == cfg.steps - 1:
+            elapsed = time.perf_counter() - start
+            logger.info("step %d/%d  global %.3f  patch %.3f  %.2f s/step", step + 1, cfg.steps,
+                        global_loss.item(), patch_loss.item(), elapsed / (step + 1))
+    seconds = time.perf_counter() - start
+    figures = retrieval_accuracy(model, tokenizer, layer=cfg.layer)
+    model.eval()
+    return {"loss_global": global_loss.item(), "loss_patch": patch_loss.item(), "train_seconds": seconds, **figures}

@@ -1,0 +1,25 @@
+"""The miniature ablation's quick form, end to end (the full one is `python jobs/ablation.py --recipe tiny`)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_quick_ablation_writes_its_table_and_result(tmp_path):
+    done = subprocess.run([sys.executable, "jobs/ablation.py", "--recipe", "tiny", "--quick",
+                           "--set", f"paths.root={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    for key in ("accuracy_full", "accuracy_trim", "accuracy_trim_no_aggregate", "accuracy_uniform",
+                "accuracy_random", "accuracy_trim_other_sign", "chance", "mean_visual_tokens_trim"):
+        assert 0 <= result[key] <= (576 if key.startswith("mean") else 1), key
+    assert result["mean_visual_tokens_full"] == 576
+    table = (tmp_path / "ablation-quick" / "table.md").read_text().splitlines()
+    rows = [line.split("|")[1].strip() for line in table[2:]]
+    assert rows[:6] == ["full", "trim", "trim_no_aggregate", "uniform", "random", "trim_other_sign"]
+    saved = json.loads((tmp_path / "ablation-quick" / "results.json").read_text())
+    assert [r["row"] for r in saved["rows"]] == rows[:6]
+    assert (tmp_path / "mlflow.db").exists()

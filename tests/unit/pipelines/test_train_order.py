@@ -1,0 +1,92 @@
+"""Each epoch's order: a seeded global shuffle with LLaVA's modality and length grouping."""
+
+from collections import Counter
+
+import numpy as np
+
+from pipelines.synthetic import SOURCES
+from pipelines.train_order import epoch_micro_batches, micro_batches_per_rank, rank_micro_batches
+
+
+def mixture(scale: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(source, is_image, length) rows in file order: each source's rows together, as the cache's
+    parts hold them; scale x LLaVA's shares (in thousands) rows per source."""
+    rng = np.random.default_rng(seed)
+    source, image, length = [], [], []
+    for name, share, folder in SOURCES:
+        count = share * scale
+        source += [name] * count
+        image += [folder is not None] * count
+        base = 100 if folder is None else 140  # visual tokens lengthen image samples
+        length += list(base + rng.integers(10, 400, count))
+    return np.array(source), np.array(image), np.array(length, dtype=np.int32)
+
+
+def test_the_first_64_samples_mix_the_sources_in_about_their_proportions():
+    source, image, length = mixture()
+    batches = epoch_micro_batches(length, image, micro_batch_size=4, world=2, grad_accum_steps=2, seed=0, epoch=0)
+    first = [k for chunk in batches for k in chunk][:64]
+    seen = Counter(source[first])
+    assert len(seen) >= 6  # file order would show one source (llava_instruct) only
+    # the commonest source (llava_instruct, 24% of the mixture) is neither absent nor everything
+    assert 4 <= seen["llava_instruct"] <= 32
+    # over the first 1024 every image source is within a loose band around its share of the image
+    # samples (text-only ones come in whole mega-batches of their own, as in LLaVA)
+    head = [k for chunk in batches for k in chunk][:1024]
+    images = Counter(source[[k for k in head if image[k]]])
+    total = sum(share for _, share, folder in SOURCES if folder)
+    for name, share, folder in SOURCES:
+        if folder:
+            expected = sum(images.values()) * share / total
+            assert 0.5 * expected <= images[name] <= 1.6 * expected + 4, (name, images[name], expected)
+
+
+def test_micro_batches_hold_one_modality_and_similar_lengths():
+    source, image, length = mixture()
+    batches = epoch_micro_batches(length, image, micro_batch_size=4, world=2, grad_accum_steps=1, seed=3, epoch=0)
+    assert all(len(set(image[chunk])) == 1 for chunk in batches)
+    assert sorted(k for chunk in batches for k in chunk)[:len(length)] == list(range(len(length)))
+
+    def padding(chunks):
+        return sum(len(c) * max(length[c]) - sum(length[c]) for c in chunks) / sum(len(c) * max(length[c])
+                                                                                     for c in chunks)
+    plain = epoch_micro_batches(length, image, 4, 2, 1, seed=3, epoch=0, group=False)
+    assert padding(batches) < 0.6 * padding(plain)
+    # image and text-only steps are interleaved over the epoch, not all text-only at the end
+    text_steps = [i for i, chunk in enumerate(batches) if not image[chunk[0]]]
+    assert text_steps[0] < len(batches) // 4
+
+
+def test_each_epoch_its_own_order_and_the_same_seed_the_same_order():
+    _, image, length = mixture(scale=2)
+    order = epoch_micro_batches(length, image, 4, 2, 2, seed=7, epoch=0)
+    assert order == epoch_micro_batches(length, image, 4, 2, 2, seed=7, epoch=0)
+    assert order != epoch_micro_batches(length, image, 4, 2, 2, seed=7, epoch=1)
+    assert order != epoch_micro_batches(length, image, 4, 2, 2, seed=8, epoch=0)
+
+
+def test_every_worker_runs_as_many_micro_batches_and_together_they_cover_the_epoch():
+    _, image, length = mixture(scale=1, seed=2)  # 664 samples: the partial mega-batches do not divide
+    world = 3
+    batches = epoch_micro_batches(length, image, 4, world, 2, seed=0, epoch=4)
+    shares = [rank_micro_batches(batches, r, world) for r in range(world)]
+    assert len({len(s) for s in shares}) == 1
+    assert len(shares[0]) == micro_batches_per_rank(int(image.sum()), int((~image).sum()), 4, world)
+    assert {k for s in shares for chunk in s for k in chunk} == set(range(len(length)))
+    # a step's micro-batches (one per worker per accumulation step) are of similar total length
+    step = batches[:world * 2]
+    totals = [sum(length[c]) for c in step]
+    assert max(totals) - min(totals) <= max(length)
+
+
+def test_the_planned_count_is_the_orders_for_any_geometry():
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        images, texts = int(rng.integers(0, 90)), int(rng.integers(0, 30))
+        micro, world, accum = int(rng.integers(1, 6)), int(rng.integers(1, 5)), int(rng.integers(1, 4))
+        image = np.arange(images + texts) < images
+        length = rng.integers(10, 500, images + texts).astype(np.int32)
+        for group in (True, False):
+            batches = epoch_micro_batches(length, image, micro, world, accum, seed=0, epoch=0, group=group)
+            assert len(batches) == world * micro_batches_per_rank(images, texts, micro, world, group), (
+                images, texts, micro, world, accum, group)
