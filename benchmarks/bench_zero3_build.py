@@ -48,6 +48,10 @@ def _rank(rank: int, world: int, port: int, llm: str, zero_init: bool, out: str)
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo")
     ds_config = deepspeed_config(str(REPO / "infra" / "deepspeed" / "zero3.json"), TrainConfig(num_workers=world))
+    # Imports excluded: transformers loads a model's module on first use (~150 MB for Llama's).
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(llm))]
     before = _rss_mb()
     resource_peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if zero_init:

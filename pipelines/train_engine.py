@@ -54,9 +54,10 @@ class Built:
 
 @contextlib.contextmanager
 def zero3_init(ds_config: dict) -> Iterator[None]:
-    """Under ZeRO-3, let from_pretrained create the LLM's parameters already partitioned across the
-    ranks (DeepSpeed's zero.Init, switched on by transformers' HfDeepSpeedConfig while a reference to
-    it is alive) instead of building the whole model on every rank first."""
+    """Under ZeRO-3, create the LLM's parameters already partitioned across the ranks (DeepSpeed's
+    zero.Init, switched on by transformers' HfDeepSpeedConfig while a reference to it is alive) instead
+    of building the whole model on every rank first, and load its checkpoint one file at a time
+    (pipelines/zero3_load.py) instead of whole into rank 0's memory."""
     if int(ds_config.get("zero_optimization", {}).get("stage", 0)) != 3:
         yield
         return
@@ -66,9 +67,13 @@ def zero3_init(ds_config: dict) -> Iterator[None]:
     # zero.Init sizes its partitions by DeepSpeed's view of the world: join the process group Ray
     # Train made (deepspeed.initialize would do it later, after the full model was built).
     deepspeed.init_distributed()
+    from pipelines.zero3_load import load_partitioned
+    from trim.llm_loading import using_llm_loader
+
     keep_alive = HfDeepSpeedConfig(ds_config)
     try:
-        yield
+        with using_llm_loader(load_partitioned):
+            yield
     finally:
         del keep_alive
 

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
-from transformers.utils import logging as transformers_logging
+from transformers import PreTrainedModel
 
+from trim.llm_loading import load_causal_lm
 from trim.model import PROJECTOR_FILE, SETTINGS_FILE, LlavaTrim, build_projector
 
 logger = logging.getLogger(__name__)
@@ -148,24 +148,17 @@ def projector_from_llava_keys(state: dict[str, torch.Tensor]) -> dict[str, torch
     return {k.split("mm_projector.")[-1]: v for k, v in state.items() if "mm_projector." in k}
 
 
-def load_llm(path: str | Path, config: Any, dtype: torch.dtype, leftovers: tuple[str, ...],
+def load_llm(path: str | Path, config: Any, dtype: torch.dtype, leftovers: tuple[str, ...] = (),
              key_mapping: dict[str, str] | None = None, **kwargs: Any) -> PreTrainedModel:
-    """The causal LM inside a multimodal checkpoint, built from `config`. The weights under `leftovers`
-    (projector, vision tower) are expected unused: transformers' load report, which would list them,
-    is silenced and the load checked here instead."""
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
-    try:
-        loaded: Any = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype,
-                                                           key_mapping=key_mapping, output_loading_info=True, **kwargs)
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-    llm, info = loaded
-    if info["missing_keys"]:
-        raise ValueError(f"{path}: the LLM's weights lack {sorted(info['missing_keys'])[:5]}")
-    other = [k for k in info["unexpected_keys"] if not k.startswith(leftovers)]
+    """The causal LM of a checkpoint (built from `config` where given: the LLM inside a multimodal one),
+    through the loader in force (trim/llm_loading.py). The weights under `leftovers` (projector, vision
+    tower) are expected unused; a missing weight is an error naming the checkpoint."""
+    llm, missing, unexpected = load_causal_lm(path, config, dtype, key_mapping, **kwargs)
+    if missing:
+        raise ValueError(f"{path}: the LLM's weights lack {missing[:5]}")
+    other = [k for k in unexpected if not k.startswith(leftovers)]
     if other:
-        logger.warning("%s: weights not used: %s", path, sorted(other)[:5])
+        logger.warning("%s: weights not used: %s", path, other[:5])
     return llm
 
 
@@ -230,7 +223,7 @@ def load_starting_point(path: str | Path, projector_path: str | Path | None = No
     from trim import hf_format, llava_format  # they build on this module's types
 
     layout = _layout_for(path, projector_path)
-    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    extra: dict[str, Any] = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if layout == "llava":
         llm, projector, vision = llava_format.load(path, dtype, **extra)
         return StartingPoint(layout, llm, projector, vision, str(path))
@@ -239,9 +232,9 @@ def load_starting_point(path: str | Path, projector_path: str | Path | None = No
         return StartingPoint(layout, llm, projector, vision, str(path))
     if layout == "trim":
         settings, llm_dir, projector = read_model_dir(path)
-        llm = AutoModelForCausalLM.from_pretrained(str(llm_dir), dtype=dtype, **extra)
+        llm = load_llm(llm_dir, None, dtype, **extra)
         return StartingPoint(layout, llm, projector, _trim_vision(settings), str(llm_dir))
-    llm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **extra)
+    llm = load_llm(path, None, dtype, **extra)
     projector = _stage1_projector(projector_path)
     width = int(projector["0.weight"].shape[1]) if projector else None
     return StartingPoint(layout, llm, projector, VisionSettings(feature_dim=width), str(path))

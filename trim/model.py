@@ -92,8 +92,10 @@ class LlavaTrim(nn.Module):
         """A new model: the LLM from its checkpoint, the projector from LLaVA's stage-1 weights or fresh.
         attn_implementation: None (transformers' default), "sdpa", "eager", "flash_attention_2" or
         "flex_attention"; gradient_checkpointing: recompute each decoder layer in the backward pass."""
-        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        llm = AutoModelForCausalLM.from_pretrained(str(llm_path), dtype=dtype, **extra)
+        from trim.formats import load_llm  # formats builds on this module
+
+        extra: dict[str, Any] = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        llm = load_llm(llm_path, None, dtype, **extra)
         projector = build_projector(feature_dim, llm.config.hidden_size).to(dtype)
         if projector_path:
             state = torch.load(projector_path, map_location="cpu", weights_only=True)
@@ -227,7 +229,7 @@ class LlavaTrim(nn.Module):
         """(model, tokenizer) from a directory written by save()."""
         directory = Path(directory)
         settings = json.loads((directory / SETTINGS_FILE).read_text())
-        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        extra: dict[str, Any] = {"attn_implementation": attn_implementation} if attn_implementation else {}
         llm = AutoModelForCausalLM.from_pretrained(str(directory / "llm"), dtype=dtype, **extra)
         projector = build_projector(settings["feature_dim"], llm.config.hidden_size).to(dtype)
         projector.load_state_dict(torch.load(directory / PROJECTOR_FILE, map_location="cpu", weights_only=True))
