@@ -1,8 +1,9 @@
 """trim_tokens: score patches against the text, choose how many and which to keep, reduce.
 
 Pure PyTorch, batched on the inputs' device whatever the batch size: one pass over the features
-(the finiteness check, whose per-image sums the aggregate reuses), one scoring, one sort for the
-quartiles, one keep mask, one gather of the kept rows, one split into per-image token lists. The
+(per-image sums, which prove them finite and which the aggregate reuses), one scoring (whose
+finiteness proves the embeddings'), one sort for the quartiles, one keep mask, one gather of the
+kept rows, one split into per-image token lists. The
 quartiles reproduce numpy's default percentile bit for bit (the released code, and this module
 before it was batched, called np.percentile on the host), so the same patches are kept. Scores are
 computed in fp32 or, with `score_dtype="encoder"`, in the inputs' dtype as the released code does;
@@ -53,6 +54,11 @@ def patch_scores(patch_embeds: torch.Tensor, text_embeds: torch.Tensor, cfg: Tri
     """Softmax over the N patches of each image of the patch-text similarity, sign-flipped when the
     least similar patches are the ones kept (as the released code does). [B, N], fp32 or, with
     score_dtype "encoder", the embeddings' dtype."""
+    return torch.softmax(_similarity(patch_embeds, text_embeds, cfg), dim=-1)
+
+
+def _similarity(patch_embeds: torch.Tensor, text_embeds: torch.Tensor, cfg: TrimConfig) -> torch.Tensor:
+    """patch_scores before the softmax."""
     if cfg.score_dtype == "float32":
         patches, text = patch_embeds.float(), text_embeds.float()
     else:
@@ -62,9 +68,7 @@ def patch_scores(patch_embeds: torch.Tensor, text_embeds: torch.Tensor, cfg: Tri
         patches = F.normalize(patches, dim=-1)
         text = F.normalize(text, dim=-1)
     similarity = torch.matmul(patches, text.unsqueeze(2)).squeeze(2)  # the released code's product
-    if cfg.keep == "least_similar":
-        similarity = -similarity
-    return torch.softmax(similarity, dim=-1)
+    return -similarity if cfg.keep == "least_similar" else similarity
 
 
 def _percentile(ordered: torch.Tensor, q: int) -> torch.Tensor:
@@ -183,9 +187,7 @@ def _pooled(features: torch.Tensor, counts: torch.Tensor) -> list[torch.Tensor]:
     return tokens
 
 
-def _check_inputs(features: torch.Tensor, patch_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-    """Raise on shapes that disagree or values that are not finite; return each image's features
-    summed over its patches, [B, D] fp32 (the aggregate reuses them)."""
+def _check_shapes(features: torch.Tensor, patch_embeds: torch.Tensor, text_embeds: torch.Tensor) -> None:
     if features.dim() != 3 or patch_embeds.dim() != 3 or text_embeds.dim() != 2:
         raise ValueError(
             "trim_tokens expects features [B, N, D], patch_embeds [B, N, E], text_embeds [B, E]; got "
@@ -203,18 +205,22 @@ def _check_inputs(features: torch.Tensor, patch_embeds: torch.Tensor, text_embed
         )
     if batch == 0 or num_patches == 0:
         raise ValueError(f"trim_tokens: empty input, features {tuple(features.shape)}")
-    # A finite sum proves every summand finite (a NaN or inf would propagate): one cheap pass each.
-    # Only when a sum is not finite (an overflow can also do that) is every value looked at.
-    feature_sums = features.sum(dim=1, dtype=torch.float32)
-    sums = (feature_sums, patch_embeds.reshape(batch, -1).sum(dim=1, dtype=torch.float32), text_embeds.float())
-    if all(bool(torch.isfinite(s).all()) for s in sums):
-        return feature_sums
+
+
+def _check_finite(feature_sums: torch.Tensor, similarity: torch.Tensor, features: torch.Tensor,
+                  patch_embeds: torch.Tensor, text_embeds: torch.Tensor) -> None:
+    """Raise, naming the tensor and the batch items, on a NaN or inf in any input. A NaN or inf
+    propagates into any sum or dot product it enters (inf x 0 is NaN), so finite per-image feature
+    sums and finite similarities prove the inputs finite without another pass over them; only when
+    one is not (an overflow can also do that) is every value looked at."""
+    if bool(torch.isfinite(feature_sums).all()) and bool(torch.isfinite(similarity).all()):
+        return
+    batch = features.shape[0]
     for name, tensor in (("features", features), ("patch_embeds", patch_embeds), ("text_embeds", text_embeds)):
         finite = torch.isfinite(tensor).reshape(batch, -1).all(dim=1)
         if not bool(finite.all()):
             bad = torch.nonzero(~finite).flatten().tolist()
             raise ValueError(f"trim_tokens: {name} holds NaN or inf in batch item(s) {bad}")
-    return feature_sums
 
 
 def trim_tokens(
@@ -233,9 +239,12 @@ def trim_tokens(
     All of it runs batched on the inputs' device; keep_mask, scores and tokens stay there.
     """
     cfg = cfg or TrimConfig()
-    feature_sums = _check_inputs(features, patch_embeds, text_embeds)
+    _check_shapes(features, patch_embeds, text_embeds)
     batch, num_patches, _ = features.shape
-    scores = patch_scores(patch_embeds, text_embeds, cfg)
+    feature_sums = features.sum(dim=1, dtype=torch.float32)  # [B, D]: the aggregate reuses them
+    similarity = _similarity(patch_embeds, text_embeds, cfg)
+    _check_finite(feature_sums, similarity, features, patch_embeds, text_embeds)
+    scores = torch.softmax(similarity, dim=-1)
     if cfg.selection == "pool":
         # Pooling to n tokens (at least one) replaces selection: no mask, no aggregate.
         counts = count_kept(scores, cfg).clamp(min=1)
