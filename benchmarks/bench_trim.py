@@ -8,19 +8,25 @@ the outputs agree, prints both times (median of the repeats) and ends with one R
 `time_trim(device, dtype, B, N)` returns the same figures as a dict (benchmarks/gpu_check.py).
 Both run on the chosen device; should the reference fail there, it is timed once on the host copy
 of the inputs instead ("reference_device" says where it ran), and the two outputs, scored on
-different devices, may then differ in the last bits ("equal" says where).
+different devices, may then differ in the last bits ("equal" says where). Runs with PyTorch's
+THP_MEM_ALLOC_ENABLE=1, as the precompute workers do (THP_MEM_ALLOC_ENABLE=0 to compare).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
+# As the precompute workers run (pipelines.runtime.WORKER_DEFAULTS): PyTorch reads it at its first
+# allocation, so it is set before torch is imported.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))

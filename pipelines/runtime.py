@@ -30,6 +30,12 @@ SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"
 """Variables whose values are secret: never forwarded, and blanked wherever the project writes text
 that others read (MLflow params and tags, log lines that name a URI)."""
 
+WORKER_DEFAULTS = {"THP_MEM_ALLOC_ENABLE": "1"}
+"""Set in every worker unless the driver sets them otherwise. THP_MEM_ALLOC_ENABLE: PyTorch backs CPU
+tensors of 2 MB and more with transparent huge pages (where the kernel allows them, its "madvise" mode
+included), so a fresh multi-hundred-MB feature batch or gather faults in 2 MB pages, not 4 KB ones:
+trim_tokens at B=256, N=576 took 134 ms instead of 172 ms on this project's CPU machine (bench_trim)."""
+
 CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", *SECRET_ENV)
 """What a worker must find in its own environment when the driver has it (names only are logged)."""
 
@@ -76,6 +82,11 @@ def forwarded_env(environ: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+def worker_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The workers' env_vars: WORKER_DEFAULTS (the driver's value where it sets one), then forwarded_env."""
+    return {**{name: environ.get(name, value) for name, value in WORKER_DEFAULTS.items()}, **forwarded_env(environ)}
+
+
 def quiet_local_ray() -> None:
     """Run in every Ray worker. Ray Train's placement-group cleaner asks the State API (served by the
     dashboard) about the controller every second and warns each time it cannot; without a dashboard
@@ -94,7 +105,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    runtime_env = {"env_vars": forwarded_env(os.environ),
+    runtime_env = {"env_vars": worker_env(os.environ),
                    "worker_process_setup_hook": "pipelines.runtime.quiet_local_ray"}
     kwargs: dict[str, Any] = {"runtime_env": runtime_env, "log_to_driver": True}
     if os.environ.get("RAY_ADDRESS"):

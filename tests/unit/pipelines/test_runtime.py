@@ -2,7 +2,7 @@
 
 import logging
 
-from pipelines.runtime import SECRET_ENV, forwarded_env, redact, redact_uri
+from pipelines.runtime import SECRET_ENV, forwarded_env, redact, redact_uri, worker_env
 
 SENTINEL = "sentinel-51b2e0-secret"
 
@@ -37,3 +37,8 @@ def test_redact_blanks_credentials_in_uris_and_the_values_of_secret_variables():
     assert redact("lab-ab", environ) == "lab-ab"  # values too short to be a secret are left alone
     nested = {"a": [f"x{SENTINEL}", 3], "b": {"c": "sqlite:////runs/mlflow.db"}, "d": None}
     assert redact(nested, environ) == {"a": ["x***", 3], "b": {"c": "sqlite:////runs/mlflow.db"}, "d": None}
+
+
+def test_workers_get_huge_pages_for_large_cpu_tensors_unless_the_driver_says_otherwise():
+    assert worker_env({"AWS_REGION": "us-east-1"}) == {"THP_MEM_ALLOC_ENABLE": "1", "AWS_REGION": "us-east-1"}
+    assert worker_env({"THP_MEM_ALLOC_ENABLE": "0"})["THP_MEM_ALLOC_ENABLE"] == "0"
