@@ -19,6 +19,7 @@ import torch
 from common import REPO, run_measured, table
 
 from pipelines.cache_format import decode_tokens, iter_cache
+from pipelines.manifests import resolve_output
 from pipelines.synthetic import write_mixture
 from trim.conversation import tokenize_conversation
 from trim.model import LlavaTrim, pack_batch
@@ -94,11 +95,11 @@ def main() -> None:
     model_sets = [f"paths.clip={models.clip}", f"paths.llm={models.llm}"]
     for kind in ("trim", "full"):
         root = work / kind
-        if not (root / "cache" / "manifest.json").exists():
+        if not (root / "data").exists():
             write_mixture(root / "data", args.samples, args.samples // 2, seed=2)
-            job("shard", root, *model_sets)
-            extra = ["trim.selection=all"] if kind == "full" else []
-            job("precompute", root, *model_sets, *extra)
+        # Both stages skip what their current version already holds.
+        job("shard", root, *model_sets)
+        job("precompute", root, *model_sets, *(["trim.selection=all"] if kind == "full" else []))
 
     common = [*model_sets, f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro}",
               "train.checkpoint_every=10", "train.deepspeed_config=infra/deepspeed/zero2.json",
@@ -110,7 +111,7 @@ def main() -> None:
             job("finetune", work / kind, *common, f"train.run_name={run_name}", f"train.preload={preload}")
             results[(kind, preload)] = median_step_time(work / kind, run_name, skip=3, every=10)
             runs[(kind, preload)] = run_name
-    manifest = json.loads((work / "trim" / "cache" / "manifest.json").read_text())
+    manifest = json.loads((Path(resolve_output(str(work / "trim" / "cache"))) / "manifest.json").read_text())
     bare, full_len, trim_len = bare_ratio(work, models.llm, args.micro)
     pipeline = results[("full", False)] / results[("trim", False)]
     print(table([[f"{k} {'preloaded' if p else 'read from the cache'}", v * 1000] for (k, p), v in results.items()],
