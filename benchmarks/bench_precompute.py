@@ -22,7 +22,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+# The raw forward runs in this process: with huge pages for large CPU tensors like the pipeline's
+# workers (pipelines.runtime.WORKER_DEFAULTS). PyTorch reads it at its first allocation.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch  # noqa: E402
 from bench_trim import time_trim
 from common import REPO, table
 from PIL import Image
