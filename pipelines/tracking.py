@@ -242,6 +242,12 @@ class Tracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._call("log metrics", lambda: self._batch(metrics=metrics, step=step), metric=True)
 
+    def log_metric_steps(self, steps: list[tuple[int, dict[str, float]]]) -> None:
+        """Several steps' metrics (step, values) in one request (MLflow takes up to 1000 values a request)."""
+        for start in range(0, len(steps), 100):
+            chunk = steps[start:start + 100]
+            self._call("log metrics", lambda: self._batch_steps(chunk), metric=True)  # noqa: B023
+
     def set_tags(self, tags: dict[str, str]) -> None:
         self._call("set tags", lambda: self._batch(tags={k: str(redact(v)) for k, v in tags.items()}))
 
@@ -299,6 +305,13 @@ class Tracker:
                 monitor.publish_metrics(last)
                 monitor.mlflow_logger.flush()
         self._call("stop system metrics", stop)
+
+    def _batch_steps(self, steps: list[tuple[int, dict[str, float]]]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._client.log_batch(self.run_id, [Metric(k, float(v), now, step) for step, values in steps
+                                             for k, v in values.items()])
 
     def _batch(self, metrics: dict[str, float] | None = None, step: int = 0, params: dict[str, str] | None = None,
                tags: dict[str, str] | None = None) -> None:

@@ -68,12 +68,32 @@ class Progress:
                 "padding_share": 1 - self.real_positions / max(self.all_positions, 1)}
 
 
+METRICS_EVERY_S = 10.0
+"""How often (at most) the training loop sends its metrics to the tracker, besides each checkpoint."""
+
+
 def _mean_over_ranks(values: list[float], world: int) -> float:
     import torch.distributed as dist
 
     mean = torch.tensor([sum(values) / len(values)])
     dist.all_reduce(mean)
     return float(mean) / world
+
+
+class MetricsLog:
+    """Each step's metrics, sent to the tracker in one request every METRICS_EVERY_S seconds and
+    at each checkpoint (so a resumed run's history has no gap): a request per step to MLflow took
+    ~10% of rank 0's time at ~110 ms steps (py-spy, sqlite store), and every rank waits for rank 0."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.tracker, self.sent = tracker, time.monotonic()
+        self.pending: list[tuple[int, dict[str, float]]] = []
+
+    def add(self, step: int, metrics: dict[str, float], flush: bool) -> None:
+        self.pending.append((step, metrics))
+        if flush or time.monotonic() - self.sent >= METRICS_EVERY_S:
+            self.tracker.log_metric_steps(self.pending)
+            self.pending, self.sent = [], time.monotonic()
 
 
 EpochBatches = Callable[[int, int], Iterable[tuple[int, list[dict]]]]
@@ -87,6 +107,7 @@ def fit(built: Built, job: TrainJob, state: TrainState, epoch_batches: EpochBatc
     cfg, plan, engine = job.train, job.plan, built.engine
     pad_id = built.tokenizer.pad_token_id if built.tokenizer.pad_token_id is not None else built.tokenizer.eos_token_id
     progress = Progress()
+    metrics_log = MetricsLog(tracker)
     engine.train()
     while state.step < plan.total_steps:
         seen = 0
@@ -106,12 +127,13 @@ def fit(built: Built, job: TrainJob, state: TrainState, epoch_batches: EpochBatc
             mean_loss = _mean_over_ranks(progress.losses, world)
             state.first_loss = state.first_loss if state.first_loss is not None else mean_loss
             metrics = progress.step_metrics(mean_loss, built.lr(), world)
-            tracker.log_metrics(metrics, step=state.step)
+            checkpoint_due = state.step % cfg.checkpoint_every == 0 or state.step == plan.total_steps
+            metrics_log.add(state.step, metrics, flush=checkpoint_due)
             if is_master and (state.step % 10 == 0 or state.step in (1, plan.total_steps)):
                 logger.info("step %d/%d loss %.4f lr %.2e tokens/s %.0f ETA %s", state.step, plan.total_steps,
                             mean_loss, metrics["lr"], metrics["tokens_per_s"],
                             progress.eta(state.step, plan.total_steps))
-            if state.step % cfg.checkpoint_every == 0 or state.step == plan.total_steps:
+            if checkpoint_due:
                 # a run MLflow could only start late is the one a resume continues
                 state.mlflow_run_id = tracker.run_id or state.mlflow_run_id
                 checkpoints.save(engine, state, {**metrics, "step": state.step, "first_loss": state.first_loss},

@@ -167,3 +167,20 @@ def test_a_store_on_one_nodes_disk_is_refused_for_a_run_on_several_nodes(uri, no
         return
     with pytest.raises(ValueError, match=f"{nodes} nodes.*MLFLOW_TRACKING_URI"):
         check_store_reachable(uri, nodes)
+
+
+def test_many_steps_of_metrics_go_in_few_requests_and_keep_their_steps(tmp_path):
+    from pipelines.train_worker import MetricsLog
+
+    uri = sqlite_uri(tmp_path)
+    with tracker(uri) as t:
+        t.start("batched")
+        log = MetricsLog(t)
+        tries_before = t.stats.tries
+        for step in range(1, 251):
+            log.add(step, {"loss": 1.0 / step, "lr": 0.1}, flush=step == 250)
+        # One flush of 250 steps, in requests of at most 100 steps (MLflow's limit is 1000 values).
+        assert t.stats.tries - tries_before == 3
+    client = mlflow.MlflowClient(uri)
+    history = client.get_metric_history(runs_by_name(uri)["batched"].info.run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(s, 1.0 / s) for s in range(1, 251)]
