@@ -19,6 +19,7 @@ import torch
 from common import REPO, run_measured, table
 
 from pipelines.cache_format import decode_tokens, iter_cache
+from pipelines.config import load_recipe
 from pipelines.manifests import resolve_output
 from pipelines.synthetic import write_mixture
 from trim.conversation import tokenize_conversation
@@ -53,7 +54,7 @@ def median_step_time(root: Path, run_name: str, skip: int, every: int) -> float:
 
 def bare_ratio(root: Path, llm: Path, micro: int, batches: int = 8, repeats: int = 5) -> tuple[float, float, float]:
     """Mean forward+backward+AdamW step over `batches` micro-batches of the same samples (in id
-    order), full vs TRIM tokens, one process, tensors already in memory. Returns (ratio, mean
+    order), full vs TRIM tokens, one process, tensors already in memory, the recipe's attention. Returns (ratio, mean
     sequence length full, mean sequence length TRIM)."""
     from transformers import AutoTokenizer
 
@@ -67,7 +68,8 @@ def bare_ratio(root: Path, llm: Path, micro: int, batches: int = 8, repeats: int
             samples.append({"input_ids": tok.input_ids, "labels": tok.labels, "visual": decode_tokens(r)})
         # Collated as the training loop does (packed rows of up to max_length), so the ratio compares like with like.
         padded = [pack_batch(samples[i:i + micro], 1024, tokenizer.pad_token_id) for i in range(0, len(samples), micro)]
-        model = LlavaTrim.from_llm(llm, feature_dim=samples[0]["visual"].shape[1])
+        model = LlavaTrim.from_llm(llm, feature_dim=samples[0]["visual"].shape[1],
+                                   attn_implementation=load_recipe("tiny").train.attn_implementation)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         times = []
         for repeat in range(repeats + 1):

@@ -617,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--geometries", default="7b,13b", help="LLM geometries for prefill (7b always trains)")
     parser.add_argument("--packed-attn", default=None,
                         help="attention implementations to try for packed rows, in order "
-                             "(default flex_attention,sdpa on CUDA, sdpa on CPU)")
+                             "(default flex_attention,sdpa on CUDA, sdpa_packed on CPU: see trim/attention.py)")
     parser.add_argument("--deadline-s", type=float, default=240.0,
                         help="optional sections (graphs, 13B) are skipped once this many seconds have passed")
     parser.add_argument("--skip", default="", help="sections not to run, e.g. train_7b,prefill_13b (see the log's ==)")
@@ -625,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run = Run(device, TINY_SIZES if args.tiny else GPU_SIZES, args.tiny, args.deadline_s, args.out)
     run.skip_sections = set(filter(None, args.skip.split(",")))
-    default_attn = "flex_attention,sdpa" if device.type == "cuda" else "sdpa"
+    default_attn = "flex_attention,sdpa" if device.type == "cuda" else "sdpa_packed"
     run.results["packed_attn_tried"] = (args.packed_attn or default_attn).split(",")
     run.results.update(environment(run))
     run.log(f"gpu_check on {run.results['device']}: torch {torch.__version__}, transformers {transformers.__version__}")

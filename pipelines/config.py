@@ -194,9 +194,10 @@ class TrainConfig:
     """Train projector + LLM (True) or the projector alone (False)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory (LLaVA's recipes turn it on)."""
-    attn_implementation: str = "sdpa"
-    """The LLM's attention: "sdpa", "eager", "flash_attention_2" or "flex_attention" (GPU; packed
-    rows then run without padding or a materialized mask)."""
+    attn_implementation: str = "sdpa_packed"
+    """The LLM's attention: "sdpa_packed" (sdpa once per packed sample: no mask, no attention across
+    samples computed; trim/attention.py), "sdpa", "eager", "flash_attention_2" or "flex_attention" (GPU;
+    packed rows then run without padding or a materialized mask)."""
     packing: bool = True
     """Pack each micro-batch's samples into rows of up to max_length tokens (attention confined to each
     sample) instead of padding every sample to the longest: no compute on padding."""

@@ -18,6 +18,8 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging as transformers_logging
 
+from trim import attention  # noqa: F401  (registers the "sdpa_packed" attention every loader may be asked for)
+
 LlmLoader = Callable[..., tuple[PreTrainedModel, list[str], list[str]]]
 """(path, config or None, dtype, key_mapping or None, **from_pretrained kwargs) -> (model, missing keys,
 unexpected keys). key_mapping: {regex: replacement} from checkpoint names to the model's (the first

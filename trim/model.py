@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from trim import attention  # noqa: F401  (registers "sdpa_packed")
 from trim.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 logger = logging.getLogger(__name__)
@@ -90,8 +91,9 @@ class LlavaTrim(nn.Module):
                  dtype: torch.dtype = torch.float32, settings: dict | None = None,
                  attn_implementation: str | None = None, gradient_checkpointing: bool = False) -> LlavaTrim:
         """A new model: the LLM from its checkpoint, the projector from LLaVA's stage-1 weights or fresh.
-        attn_implementation: None (transformers' default), "sdpa", "eager", "flash_attention_2" or
-        "flex_attention"; gradient_checkpointing: recompute each decoder layer in the backward pass."""
+        attn_implementation: None (transformers' default), "sdpa", "sdpa_packed" (trim/attention.py),
+        "eager", "flash_attention_2" or "flex_attention"; gradient_checkpointing: recompute each decoder
+        layer in the backward pass."""
         from trim.formats import load_llm  # formats builds on this module
 
         extra: dict[str, Any] = {"attn_implementation": attn_implementation} if attn_implementation else {}

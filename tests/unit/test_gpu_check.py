@@ -25,7 +25,7 @@ def test_gpu_check_tiny_runs_every_section_on_cpu(tmp_path):
                 "ttft_b1_eager_ratio_13b", "encoder_stage_over_raw", "cpu_preprocess_images_per_s_per_core"):
         assert result[key] > 0, key
     assert 2.0 < result["token_ratio"] < 4.0
-    assert result["packed_attn"] == "sdpa"
+    assert result["packed_attn"] == "sdpa_packed"  # the CPU default
     # Packing changes neither the loss nor the tokens; it removes padding.
     assert result["packed_loss_rel_diff_full"] < 1e-4 and result["packed_loss_rel_diff_trim"] < 1e-4
     assert result["padding_share_trim_packed"] < result["padding_share_trim_padded"]

@@ -126,7 +126,7 @@ def _loss_and_grads(model, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "sdpa_packed"])
 @pytest.mark.parametrize("max_length", [None, 40])
 def test_packed_batch_gives_the_padded_loss_and_gradients(attn, max_length):
     model = _tiny_llava(attn)
