@@ -89,11 +89,12 @@ def _warm_up() -> None:
     ray.get([ready.remote() for _ in range(os.cpu_count() or 1)])
 
 
-def steady_rate(cache: Path) -> float:
-    """Images/s between the first and the last image part written (start-up and the shuffle left out)."""
+def steady_rate(cache: Path) -> float | None:
+    """Images/s between the first and the last image part written (start-up and the shuffle left out);
+    None when the images landed in one part (no interval to measure)."""
     parts = sorted((p.stat().st_mtime, p) for p in cache.glob("part-i*.parquet"))
     if len(parts) < 2:
-        return 0.0
+        return None
     images = sum(len(set(storage.read_parquet(str(p), columns=["image_key"]).column(0).to_pylist()))
                  for _, p in parts[1:])
     return images / (parts[-1][0] - parts[0][0])
@@ -182,9 +183,10 @@ def main() -> None:
     print(f"cache bytes per sample ({PRESET.similarity} scoring, kept mean {manifest['kept']['mean']:.1f} of 576): "
           f"{per_sample:.0f} B / full {full} B = {per_sample / full:.4f}")
     steady = job["steady_images_per_s"]
-    print(f"steady state (first to last part written): {steady:.3f} images/s = {steady / raw:.3f} x raw")
+    print("steady state (first to last part written): "
+          + (f"{steady:.3f} images/s = {steady / raw:.3f} x raw" if steady else "n/a (the images fit one part)"))
     result = {"pipeline_over_raw": round(rate / raw, 4), "pipeline_images_per_s": round(rate, 3),
-              "steady_over_raw": round(steady / raw, 4),
+              "steady_over_raw": round(steady / raw, 4) if steady else None,
               "raw_images_per_s": round(raw, 3), "driver_peak_rss_mb": round(job["driver_peak_rss_mb"], 1),
               "cache_bytes_ratio": round(per_sample / full, 4)}
     if args.trim_batch:
