@@ -37,13 +37,16 @@ A CLIP with ViT-L/14-336's geometry (336 px, patch 14, 576 patches) and a tiny w
 ({depth}), trained from scratch by `python jobs/train_clip.py --steps {cfg.steps} --seed {cfg.seed}` on
 synthetic scenes (pipelines/scenes.py: 1-4 shapes of 8 named colours, 3 sizes, 9 grid positions, on
 muted textured backgrounds, half of them not square) with texts naming them (pipelines/scene_texts.py:
-captions, phrases, questions). Loss: CLIP's contrastive loss on the pooled embedding plus the same loss
-on a smooth maximum over the penultimate layer's patch embeddings (the vectors TRIM scores), with
-multi-positive targets (pipelines/clip_training.py).
+captions, phrases, questions). Loss: CLIP's contrastive loss on the pooled embedding, the same loss on
+a smooth maximum over the penultimate layer's patch embeddings (the vectors TRIM scores), both with
+multi-positive targets, and (weight {cfg.region_weight}) a per-region term: every patch an object covers
+is classified among the batch's object texts and a background text, its targets the texts that fit its
+object; other patches' target is the background text (pipelines/clip_training.py).
 
 - steps {cfg.steps}, batch {cfg.batch_size} ({cfg.steps * cfg.batch_size} scenes), lr {cfg.lr}, seed {cfg.seed}
 - training time {figures['train_seconds'] / 60:.1f} min on a 2-core CPU
-- final losses: global {figures['loss_global']:.3f}, per patch {figures['loss_patch']:.3f}
+- final losses: global {figures['loss_global']:.3f}, per patch {figures['loss_patch']:.3f}, per region
+  {figures.get('loss_region', 0.0):.3f}
 - image -> caption retrieval on 100 held-out scenes: top-1 {figures['retrieval_top1']:.2f} (pooled),
   {figures['retrieval_top1_patch']:.2f} (per patch); chance {figures['retrieval_chance']:.2f}
 
@@ -70,9 +73,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--depth", type=int, default=3)
+    parser.add_argument("--region-weight", type=float, default=ClipTrainConfig.region_weight)
     args = parser.parse_args(argv)
     setup_logging()
-    cfg = ClipTrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    cfg = ClipTrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                          region_weight=args.region_weight)
     torch.manual_seed(cfg.seed)
     tokenizer = build_clip_tokenizer()
     model = CLIPModel(tiny_clip_config(tokenizer, args.width, args.depth))

@@ -11,6 +11,12 @@ names objects; it matches every scene of the batch that has them, see scene_text
   smooth maximum over the patches (log-sum-exp), so a text must meet the patches of what it names.
   (FILIP's token-wise maximum, with the pooled text embedding as the single text token, since that is
   the vector TRIM compares patches with.)
+- per region, what makes patches know what they show: each patch an object covers is classified
+  among the batch's object texts (a phrase or question about one object of each scene) and a
+  background text, its targets the texts that fit its object; every other patch's target is the
+  background text. The two terms above only need the best patch of an image to meet a text; this one
+  asks it of every patch, so the selected layer's patches carry their object's shape and colour (what
+  the fine-tuned LLM reads) and the background stays unlike every object.
 """
 
 from __future__ import annotations
@@ -28,8 +34,8 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import CLIPModel, PreTrainedTokenizerBase
 
-from pipelines.scene_texts import SceneText, caption, random_text
-from pipelines.scenes import CLIP_SIZE, Scene, random_scene, render
+from pipelines.scene_texts import SceneText, caption, object_phrase, object_question, random_text
+from pipelines.scenes import CLIP_SIZE, Scene, patch_masks, random_scene, render
 from trim.encoders import expand_to_square, pad_colour
 
 logger = logging.getLogger("pipelines.clip_training")
@@ -54,6 +60,10 @@ class ClipTrainConfig:
     """AdamW weight decay."""
     patch_weight: float = 1.0
     """Weight of the per-patch term against the global one."""
+    region_weight: float = 1.0
+    """Weight of the per-region term (0: off, as the first shipped model was trained)."""
+    background_text: str = "the background"
+    """The text background patches are classified as in the per-region term."""
     patch_temperature: float = 0.05
     """Temperature of the smooth maximum over patches (smaller: closer to the hard maximum)."""
     layer: int = -2
@@ -76,12 +86,26 @@ def preprocess(images: list[Image.Image]) -> torch.Tensor:
     return (pixels - mean) / std
 
 
-def batches(seed: int, batch_size: int) -> Iterator[tuple[list[Scene], list[SceneText]]]:
-    """An endless stream of (scenes, one text per scene), deterministic for a seed."""
+@dataclass(frozen=True)
+class Batch:
+    """One step's scenes and texts."""
+
+    scenes: list[Scene]
+    texts: list[SceneText]
+    """One text per scene (caption, phrase or question), for the image-text terms."""
+    region_texts: list[SceneText]
+    """One text per object of every scene, in scene then object order, for the per-region term."""
+
+
+def batches(seed: int, batch_size: int) -> Iterator[Batch]:
+    """An endless stream of batches, deterministic for a seed."""
     rng = random.Random(seed)
     while True:
         scenes = [random_scene(rng) for _ in range(batch_size)]
-        yield scenes, [random_text(s, rng) for s in scenes]
+        texts = [random_text(s, rng) for s in scenes]
+        regions = [(object_phrase if rng.random() < 0.5 else object_question)(o, rng)
+                   for s in scenes for o in s.objects]
+        yield Batch(scenes, texts, regions)
 
 
 def match_matrix(scenes: list[Scene], texts: list[SceneText]) -> torch.Tensor:
@@ -114,11 +138,41 @@ def patch_embeds(model: CLIPModel, pixels: torch.Tensor, layer: int) -> tuple[to
     return pooled, patches
 
 
-def losses(model: CLIPModel, tokenizer: PreTrainedTokenizerBase, scenes: list[Scene], texts: list[SceneText],
-           cfg: ClipTrainConfig, patch_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(global loss, per-patch loss) of one batch."""
+def region_targets(scenes: list[Scene], region_texts: list[SceneText]) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, N, R + 1] bool: which texts each patch should match, the last being the background text;
+    [B, N] bool: the patches an object covers)."""
+    masks = [torch.from_numpy(patch_masks(s)) for s in scenes]
+    on_object = torch.stack([m.any(0) for m in masks])
+    targets = torch.zeros(*on_object.shape, len(region_texts) + 1, dtype=torch.bool)
+    targets[..., -1] = ~on_object
+    for b, scene in enumerate(scenes):
+        for obj, mask in zip(scene.objects, masks[b]):
+            fits = torch.tensor([t.specs[0].fits(obj) for t in region_texts] + [False])
+            targets[b, mask] = fits
+    return targets, on_object
+
+
+def region_loss(patches: torch.Tensor, region_text: torch.Tensor, targets: torch.Tensor, on_object: torch.Tensor,
+                scale: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each patch over the region texts (normalized [R + 1, E]), its target spread
+    over the texts that fit; object and background patches weigh half each."""
+    logits = scale * torch.einsum("bne,te->bnt", F.normalize(patches, dim=-1), region_text)
+    spread = targets.float() / targets.sum(-1, keepdim=True).clamp(min=1)
+    per_patch = -(spread * F.log_softmax(logits, dim=-1)).sum(-1)
+    halves = [per_patch[on_object].mean(), per_patch[~on_object].mean()]
+    return torch.stack([h for h in halves if h.isfinite()]).mean()
+
+
+def losses(model: CLIPModel, tokenizer: PreTrainedTokenizerBase, batch: Batch, cfg: ClipTrainConfig,
+           patch_scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"global", "patch", "region"} losses of one batch ("region" 0 when its weight is)."""
+    scenes, texts = batch.scenes, batch.texts
     pixels = preprocess([render(s) for s in scenes])
-    text = F.normalize(embed_texts(model, tokenizer, [t.text for t in texts]), dim=-1)
+    all_texts = [t.text for t in texts]
+    if cfg.region_weight:
+        all_texts += [t.text for t in batch.region_texts] + [cfg.background_text]
+    embedded = F.normalize(embed_texts(model, tokenizer, all_texts), dim=-1)
+    text = embedded[:len(texts)]
     pooled, patches = patch_embeds(model, pixels, cfg.layer)
     positives = match_matrix(scenes, texts)
     scale = model.logit_scale.exp().clamp(max=100)
@@ -126,7 +180,11 @@ def losses(model: CLIPModel, tokenizer: PreTrainedTokenizerBase, scenes: list[Sc
     cos = torch.einsum("bne,te->btn", F.normalize(patches, dim=-1), text)
     smooth_max = cfg.patch_temperature * torch.logsumexp(cos / cfg.patch_temperature, dim=-1)
     patch_loss = multi_positive_loss(patch_scale.exp().clamp(max=100) * smooth_max, positives)
-    return global_loss, patch_loss
+    region = torch.zeros(())
+    if cfg.region_weight:
+        targets, on_object = region_targets(scenes, batch.region_texts)
+        region = region_loss(patches, embedded[len(texts):], targets, on_object, patch_scale.exp().clamp(max=100))
+    return {"global": global_loss, "patch": patch_loss, "region": region}
 
 
 @torch.no_grad()
@@ -170,12 +228,11 @@ def train(model: CLIPModel, tokenizer: PreTrainedTokenizerBase, cfg: ClipTrainCo
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     stream = batches(cfg.seed, cfg.batch_size)
     start = time.perf_counter()
-    global_loss = patch_loss = torch.tensor(0.0)
+    parts = {"global": torch.tensor(0.0), "patch": torch.tensor(0.0), "region": torch.tensor(0.0)}
     model.train()
     for step in range(cfg.steps):
-        scenes, texts = next(stream)
-        global_loss, patch_loss = losses(model, tokenizer, scenes, texts, cfg, patch_scale)
-        loss = global_loss + cfg.patch_weight * patch_loss
+        parts = losses(model, tokenizer, next(stream), cfg, patch_scale)
+        loss = parts["global"] + cfg.patch_weight * parts["patch"] + cfg.region_weight * parts["region"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -183,9 +240,10 @@ def train(model: CLIPModel, tokenizer: PreTrainedTokenizerBase, cfg: ClipTrainCo
         lr_schedule.step()
         if step % log_every == 0 or step == cfg.steps - 1:
             elapsed = time.perf_counter() - start
-            logger.info("step %d/%d  global %.3f  patch %.3f  %.2f s/step", step + 1, cfg.steps,
-                        global_loss.item(), patch_loss.item(), elapsed / (step + 1))
+            logger.info("step %d/%d  global %.3f  patch %.3f  region %.3f  %.2f s/step", step + 1, cfg.steps,
+                        parts["global"].item(), parts["patch"].item(), parts["region"].item(), elapsed / (step + 1))
     seconds = time.perf_counter() - start
     figures = retrieval_accuracy(model, tokenizer, layer=cfg.layer)
     model.eval()
-    return {"loss_global": global_loss.item(), "loss_patch": patch_loss.item(), "train_seconds": seconds, **figures}
+    return {"loss_global": parts["global"].item(), "loss_patch": parts["patch"].item(),
+            "loss_region": parts["region"].item(), "train_seconds": seconds, **figures}

@@ -49,7 +49,7 @@ def caption(scene: Scene) -> SceneText:
 
 
 def object_phrase(obj: SceneObject, rng: random.Random) -> SceneText:
-    kind = rng.randrange(4)
+    kind = rng.randrange(5)
     if kind == 0:
         return SceneText(f"a {obj.colour} {obj.shape}", (Spec(obj.shape, obj.colour),))
     if kind == 1:
@@ -57,7 +57,9 @@ def object_phrase(obj: SceneObject, rng: random.Random) -> SceneText:
     if kind == 2:
         return SceneText(f"a {obj.size} {obj.colour} {obj.shape} at the {obj.position}",
                          (Spec(obj.shape, obj.colour, obj.position),))
-    return SceneText(f"something {obj.colour}", (Spec(colour=obj.colour),))
+    if kind == 3:
+        return SceneText(f"something {obj.colour}", (Spec(colour=obj.colour),))
+    return SceneText(f"something at the {obj.position}", (Spec(position=obj.position),))
 
 
 def object_question(obj: SceneObject, rng: random.Random) -> SceneText:

@@ -4,9 +4,18 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel
 
-from pipelines.clip_training import ClipTrainConfig, match_matrix, multi_positive_loss, preprocess, train
-from pipelines.scene_texts import caption
-from pipelines.scenes import random_scene, render
+from pipelines.clip_training import (
+    ClipTrainConfig,
+    batches,
+    match_matrix,
+    multi_positive_loss,
+    preprocess,
+    region_loss,
+    region_targets,
+    train,
+)
+from pipelines.scene_texts import SceneText, Spec, caption
+from pipelines.scenes import patch_masks, random_scene, render
 from trim.tiny import build_clip_tokenizer, tiny_clip_config
 
 
@@ -46,3 +55,39 @@ def test_training_steps_change_the_weights_and_report_retrieval():
     figures = train(model, tokenizer, ClipTrainConfig(steps=2, batch_size=4, warmup=1))
     assert not torch.equal(before, model.visual_projection.weight)
     assert 0.0 <= figures["retrieval_top1"] <= 1.0 and figures["retrieval_chance"] == 0.01
+
+
+def test_region_targets_label_each_patch_by_the_texts_that_fit_its_object():
+    scene = random_scene(random.Random(3), min_objects=2, max_objects=2, repeat_shapes=0.0)
+    first, second = scene.objects
+    texts = [SceneText(f"the {first.shape}", (Spec(first.shape),)),
+             SceneText(f"something {second.colour}", (Spec(colour=second.colour),)),
+             SceneText("a grey moon", (Spec("moon"),))]
+    targets, on_object = region_targets([scene], texts)
+    masks = torch.from_numpy(patch_masks(scene))
+    assert targets.shape == (1, 576, 4) and torch.equal(on_object[0], masks.any(0))
+    assert targets[0, masks[0], 0].all() and not targets[0, masks[1], 0].any()
+    assert targets[0, masks[1], 1].all()
+    assert targets[0, masks[0], 1].all() == (first.colour == second.colour)  # a colour text fits any object of it
+    assert not targets[0, :, 2].any()  # nothing in the scene is a moon
+    assert torch.equal(targets[0, :, 3], ~on_object[0])  # the background text: every uncovered patch
+
+
+def test_region_loss_is_low_when_each_patch_meets_its_own_text():
+    texts = F.normalize(torch.eye(3, 8)[:3], dim=-1)  # two object texts and the background
+    targets = torch.zeros(1, 4, 3, dtype=torch.bool)
+    targets[0, 0, 0] = targets[0, 1, 1] = targets[0, 2, 2] = targets[0, 3, 2] = True
+    on_object = torch.tensor([[True, True, False, False]])
+    aligned = torch.stack([texts[0], texts[1], texts[2], texts[2]])[None]
+    swapped = torch.stack([texts[1], texts[0], texts[0], texts[1]])[None]
+    scale = torch.tensor(10.0)
+    assert region_loss(aligned, texts, targets, on_object, scale) < 0.01 < region_loss(swapped, texts, targets, on_object,
+                                                                                       scale)
+
+
+def test_batches_are_deterministic_and_name_every_object():
+    first, again = next(batches(5, 3)), next(batches(5, 3))
+    assert [t.text for t in first.region_texts] == [t.text for t in again.region_texts]
+    assert len(first.region_texts) == sum(len(s.objects) for s in first.scenes)
+    objects = [o for s in first.scenes for o in s.objects]
+    assert all(t.specs[0].fits(o) for t, o in zip(first.region_texts, objects))
