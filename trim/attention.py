@@ -27,15 +27,18 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 NAME = "sdpa_packed"
 
 
-def _mask(*, attention_mask: torch.Tensor | None = None, q_length: int, kv_length: int, **kwargs: Any):
+def _mask(**kwargs: Any) -> torch.Tensor | None:
     """No mask where the attention can cut rows itself (no padding mask, no cache, only the causal
-    pattern); transformers' sdpa mask otherwise."""
+    pattern); transformers' sdpa mask otherwise (also whenever the call's arguments are not the ones
+    this was written against, transformers 5.23's)."""
     config = kwargs.get("config")
-    plain = (attention_mask is None and q_length == kv_length and not kwargs.get("use_vmap")
-             and kwargs.get("local_size") is None and not getattr(config, "sliding_window", None))
+    q_length = kwargs.get("q_length")
+    plain = (kwargs.get("attention_mask") is None and q_length is not None and q_length == kwargs.get("kv_length")
+             and not kwargs.get("use_vmap") and kwargs.get("local_size") is None
+             and not getattr(config, "sliding_window", None))
     if plain:
         return None
-    return sdpa_mask(attention_mask=attention_mask, q_length=q_length, kv_length=kv_length, **kwargs)
+    return sdpa_mask(**kwargs)
 
 
 def sample_spans(position_ids: torch.Tensor, rows: int) -> list[list[tuple[int, int]]]:
