@@ -54,12 +54,14 @@ def median_step_time(root: Path, run_name: str, skip: int, every: int) -> float:
 
 def bare_ratio(root: Path, llm: Path, micro: int, batches: int = 8, repeats: int = 5) -> tuple[float, float, float]:
     """Mean forward+backward+AdamW step over `batches` micro-batches of the same samples (in id
-    order), full vs TRIM tokens, one process, tensors already in memory, the recipe's attention. Returns (ratio, mean
-    sequence length full, mean sequence length TRIM)."""
+    order), full vs TRIM tokens, one process, tensors already in memory, the recipe's attention. The
+    two alternate pass by pass (the machine's drift hits both alike). Returns (ratio of the median
+    passes, mean sequence length full, mean sequence length TRIM)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(llm)
-    timings = {}
+    attn = load_recipe("tiny").train.attn_implementation
+    setups, lengths = {}, {}
     for kind in ("full", "trim"):
         rows = sorted((r for r in iter_cache(str(root / kind / "cache")) if r["num_tokens"]), key=lambda r: r["index"])
         samples = []
@@ -67,22 +69,21 @@ def bare_ratio(root: Path, llm: Path, micro: int, batches: int = 8, repeats: int
             tok = tokenize_conversation(json.loads(r["conversations"]), tokenizer, 2048, r["num_tokens"])
             samples.append({"input_ids": tok.input_ids, "labels": tok.labels, "visual": decode_tokens(r)})
         # Collated as the training loop does (packed rows of up to max_length), so the ratio compares like with like.
-        padded = [pack_batch(samples[i:i + micro], 1024, tokenizer.pad_token_id) for i in range(0, len(samples), micro)]
-        model = LlavaTrim.from_llm(llm, feature_dim=samples[0]["visual"].shape[1],
-                                   attn_implementation=load_recipe("tiny").train.attn_implementation)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        times = []
-        for repeat in range(repeats + 1):
+        packed = [pack_batch(samples[i:i + micro], 1024, tokenizer.pad_token_id) for i in range(0, len(samples), micro)]
+        model = LlavaTrim.from_llm(llm, feature_dim=samples[0]["visual"].shape[1], attn_implementation=attn)
+        setups[kind] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4), packed)
+        lengths[kind] = statistics.mean(len(s["input_ids"]) - 1 + s["visual"].shape[0] for s in samples)
+    times: dict[str, list[float]] = {"full": [], "trim": []}
+    for repeat in range(repeats + 1):
+        for kind, (model, optimizer, packed) in setups.items():
             started = time.perf_counter()
-            for batch in padded:
+            for batch in packed:
                 model(batch).backward()
                 optimizer.step()
                 optimizer.zero_grad()
             if repeat:  # the first pass warms up
-                times.append((time.perf_counter() - started) / len(padded))
-        length = statistics.mean(len(s["input_ids"]) - 1 + s["visual"].shape[0] for s in samples)
-        timings[kind] = (statistics.median(times), length)
-    return timings["full"][0] / timings["trim"][0], timings["full"][1], timings["trim"][1]
+                times[kind].append((time.perf_counter() - started) / len(packed))
+    return statistics.median(times["full"]) / statistics.median(times["trim"]), lengths["full"], lengths["trim"]
 
 
 def main() -> None:
