@@ -55,6 +55,21 @@ def sample_spans(position_ids: torch.Tensor, rows: int) -> list[list[tuple[int, 
     return spans
 
 
+_last: tuple[torch.Tensor, int, int, list[list[tuple[int, int]]]] | None = None
+"""The last position ids cut (held, so their memory cannot be reused), their version, rows, spans."""
+
+
+def _spans_of(position_ids: torch.Tensor, rows: int) -> list[list[tuple[int, int]]]:
+    """sample_spans, once per forward: every layer gets the same position ids tensor (and on GPU each
+    cut would cost a device-to-host copy)."""
+    global _last
+    if _last is not None and _last[0] is position_ids and _last[1] == position_ids._version and _last[2] == rows:
+        return _last[3]
+    spans = sample_spans(position_ids, rows)
+    _last = (position_ids, position_ids._version, rows, spans)
+    return spans
+
+
 def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                         **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -64,7 +79,7 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     if attention_mask is not None or positions is None or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    spans = sample_spans(positions, query.shape[0])
+    spans = _spans_of(positions, query.shape[0])
     if all(len(row) == 1 for row in spans):  # nothing packed: one causal call
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
     rows = []

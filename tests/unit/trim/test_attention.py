@@ -28,6 +28,15 @@ def test_sample_spans_cut_where_positions_stop_counting_up():
     assert sample_spans(positions[:1], 3) == [[(0, 3), (3, 5), (5, 8)]] * 3  # one row of positions for all rows
 
 
+def test_spans_are_cut_once_per_position_tensor_and_again_when_it_changes():
+    positions = torch.tensor([[0, 1, 2, 0, 1]])
+    first = attention._spans_of(positions, 1)
+    assert attention._spans_of(positions, 1) is first  # the next layer reuses the cut
+    positions[0, 2] = 0  # changed in place: cut again
+    assert attention._spans_of(positions, 1) == [[(0, 2), (2, 3), (3, 5)]]
+    assert attention._spans_of(torch.tensor([[0, 1, 2, 0, 1]]), 1) == first  # another tensor, same values
+
+
 def _packed_rows():
     """Two rows of samples laid end to end, their positions restarting; the second row ends in padding
     whose positions restart too (as trim.model lays packed rows out)."""
