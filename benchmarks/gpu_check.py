@@ -84,10 +84,12 @@ class Sizes:
     """JPEGs preprocessed on one CPU core."""
     quick_repeats: int
     """Timed runs of the short measurements (batch-1 prefill, graph replay)."""
+    answer_tokens: int
+    """Tokens generated per evaluation answer (a short VQA answer and its eos)."""
 
 
-GPU_SIZES = Sizes(32000, 16, (48, 256), 576, 122, 4096, 1, 3, 75, 16, 16, 256, 64, 10)
-TINY_SIZES = Sizes(1000, 3, (48, 128), 576, 122, 1024, 0, 1, 75, 2, 2, 2, 4, 1)
+GPU_SIZES = Sizes(32000, 16, (48, 256), 576, 122, 4096, 1, 3, 75, 16, 16, 256, 64, 10, 4)
+TINY_SIZES = Sizes(1000, 3, (48, 128), 576, 122, 1024, 0, 1, 75, 2, 2, 2, 4, 1, 4)
 
 
 class Run:
@@ -432,6 +434,58 @@ def graph_section(run: Run, geometry: str) -> None:
     run.put(**{f"ttft_b1_graph_ratio{suffix}": times["full"] / times["trim"]})
 
 
+def eval_section(run: Run) -> None:
+    """Evaluation throughput (issue 15): one batch of prefill_batch questions as the evaluation actor
+    runs it on the device, full vs TRIM. Encode: 8-bit pixels to the vision tower's layer -2 (full);
+    plus the text tower and trim_tokens (TRIM; precompute's encoder code). Answer: answer_tokens greedy
+    tokens per question, through transformers' eager generate and through the batched low-latency path
+    (trim.low_latency, what evaluation uses on CUDA). Not in it: the CPU's image decoding and CLIP
+    preprocessing (see cpu_preprocess_images_per_s_per_core), the projector (a 2-layer MLP)."""
+    from pipelines.precompute_encode import UnitArrays
+    from trim.encoders import ClipTowers
+    from trim.low_latency import LowLatencyGenerator
+
+    free_memory(run)  # the batch-1 generator's cache and graphs
+    sizes, batch, answer = run.sizes, run.sizes.prefill_batch, run.sizes.answer_tokens
+    llm = run.models.get("7b") or build_llm(run, "7b")
+    run.models["7b"] = llm.eval()
+    clip = build_clip(run)
+    towers = ClipTowers(clip, -2, CLIP_MEAN, CLIP_STD)
+    generator = torch.Generator().manual_seed(1)
+    levels = torch.randint(0, 256, (batch, 3, IMAGE_SIDE, IMAGE_SIDE), dtype=torch.uint8, generator=generator)
+    text_ids = torch.randint(0, clip.config.text_config.vocab_size - 1, (batch, 77), generator=generator)
+    text_ids[:, -1] = clip.config.text_config.eos_token_id
+    unit = UnitArrays(pixels=levels.numpy(), image_of_sample=np.arange(batch), input_ids=text_ids.numpy(),
+                      attention_mask=np.ones((batch, 77), dtype=np.int64), seeds=np.arange(batch))
+    lengths = {"full": sizes.full_k + sizes.prompt, "trim": sizes.trim_k + sizes.prompt}
+    fast = LowLatencyGenerator(llm, max_new_tokens=answer, max_prompt_tokens=max(lengths.values()), batch_size=batch)
+    values: dict = {"eval_batch": batch, "eval_answer_tokens": answer}
+    with torch.no_grad():
+        encode = {"full": lambda: towers.encode_levels(levels).features.shape,
+                  "trim": lambda: encoder_stage(towers, unit)}
+        for name, tokens in lengths.items():
+            encode_s = run.timed(encode[name])
+            prompts = [torch.randn(tokens, llm.config.hidden_size, device=run.device, dtype=run.dtype) * 0.02
+                       for _ in range(batch)]
+            stacked = torch.stack(prompts)
+            ones = torch.ones(stacked.shape[:2], dtype=torch.long, device=run.device)
+            eager_s = run.timed(lambda: llm.generate(inputs_embeds=stacked, attention_mask=ones,  # noqa: B023
+                                                     max_new_tokens=answer, min_new_tokens=answer, do_sample=False,
+                                                     pad_token_id=0))
+            fast_s = run.timed(lambda: fast.generate_batch(prompts, answer, eos_token_id=-1))  # noqa: B023
+            first_s = run.timed(lambda: fast.prefill_batch(prompts))  # noqa: B023
+            values.update({f"eval_b{batch}_encode_{name}_s": encode_s, f"eval_b{batch}_answer_eager_{name}_s": eager_s,
+                           f"eval_b{batch}_answer_lowlatency_{name}_s": fast_s,
+                           f"eval_b{batch}_first_token_lowlatency_{name}_s": first_s,
+                           f"eval_questions_per_s_eager_{name}": batch / (encode_s + eager_s),
+                           f"eval_questions_per_s_{name}": batch / (encode_s + fast_s)})
+    values["eval_questions_per_s_ratio"] = values["eval_questions_per_s_trim"] / values["eval_questions_per_s_full"]
+    values["eval_questions_per_s_ratio_eager"] = (values["eval_questions_per_s_eager_trim"]
+                                                  / values["eval_questions_per_s_eager_full"])
+    values["eval_lowlatency_graphs"] = fast.use_graphs
+    run.put(**values)
+
+
 # Encoder stage and preprocessing (issue 16) -----------------------------------------------------
 
 
@@ -599,6 +653,8 @@ def summary(results: dict) -> str:
             ("TTFT b1 eager full / TRIM", "ttft_b1_eager_ratio"), ("TTFT b1 graph full / TRIM", "ttft_b1_graph_ratio"),
             ("TTFT b1 low-latency full / TRIM", "ttft_b1_lowlatency_ratio"),
             ("prefill b16 full / TRIM", "prefill_b16_ratio"),
+            ("eval questions/s b16 TRIM / full (low-latency)", "eval_questions_per_s_ratio"),
+            ("eval questions/s b16 TRIM / full (eager)", "eval_questions_per_s_ratio_eager"),
             ("TTFT b1 eager 13B full / TRIM", "ttft_b1_eager_ratio_13b"),
             ("decode ms/token full", "decode_ms_per_token_full"), ("decode ms/token TRIM", "decode_ms_per_token_trim"),
             ("encoder raw images/s", "encoder_raw_images_per_s"),
@@ -636,6 +692,7 @@ def main(argv: list[str] | None = None) -> int:
     run.section("preprocess_cpu", preprocess_section)
     run.section("gpu_decode", gpu_decode_section)
     run.section("graph_7b", lambda r: graph_section(r, "7b"), optional=True)
+    run.section("eval_7b", eval_section, optional=True)
     run.models.pop("7b", None)
     free_memory(run)
     for geometry in (g for g in geometries if g != "7b"):

@@ -174,11 +174,11 @@ def load_images(questions: Sequence[dict], image_root: str) -> tuple[list[tuple[
 
 
 def answer_questions(answerer, questions: Sequence[dict], image_root: str, max_new_tokens: int, model_id: str,
-                     batch_size: int, picture_ids: Iterable[str] = ()) -> list[dict]:
+                     batch_size: int, picture_ids: Iterable[str] = (), low_latency: bool = False) -> list[dict]:
     """The pure core: questions -> output rows {kind: "answer" | "reject", record, kept, scores,
     started, ended}. kept (JSON list) and scores (fp16 bytes) are filled only for the question ids in
     picture_ids; started/ended (epoch seconds) bound the answer call of the row's batch (0 on rejects).
-    Each batch's images are fetched together."""
+    Each batch's images are fetched together; low_latency: answer through trim.low_latency."""
     pictures = set(picture_ids)
     label = trim_name(answerer.trim_cfg)
     rows = []
@@ -189,7 +189,8 @@ def answer_questions(answerer, questions: Sequence[dict], image_root: str, max_n
         if not chunk:
             continue
         started = time.time()
-        answers = answerer.answer([image for _, image in chunk], [q["text"] for q, _ in chunk], max_new_tokens)
+        answers = answerer.answer([image for _, image in chunk], [q["text"] for q, _ in chunk], max_new_tokens,
+                                  low_latency=low_latency)
         ended = time.time()
         for (question, _), answer in zip(chunk, answers):
             wanted = str(question["question_id"]) in pictures
@@ -218,7 +219,7 @@ class EvalActor:
     """Ray Data actor: loads the model and the CLIP towers once, answers batches of questions."""
 
     def __init__(self, model_dir: str, clip_path: str, trim_cfg: dict, image_root: str, max_new_tokens: int,
-                 model_id: str, batch_size: int, picture_ids: list[str]):
+                 model_id: str, batch_size: int, picture_ids: list[str], low_latency: bool | None = None):
         import torch
 
         from trim.inference import Answerer
@@ -231,11 +232,12 @@ class EvalActor:
                 shutil.rmtree(local, ignore_errors=True)
         self.image_root, self.max_new_tokens, self.model_id = image_root, max_new_tokens, model_id
         self.batch_size, self.picture_ids = batch_size, picture_ids
+        self.low_latency = device == "cuda" if low_latency is None else low_latency
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         questions = [json.loads(q) for q in batch["question"]]
         rows = answer_questions(self.answerer, questions, self.image_root, self.max_new_tokens, self.model_id,
-                                self.batch_size, self.picture_ids)
+                                self.batch_size, self.picture_ids, self.low_latency)
         return {name: [r[name] for r in rows] for name in ("kind", "record", "kept", "scores", "started", "ended")}
 
 
@@ -276,7 +278,7 @@ def _infer(questions: list[dict], model_dir: str, trim_cfg: TrimConfig, recipe, 
         fn_constructor_kwargs=dict(model_dir=model_dir, clip_path=paths.clip, trim_cfg=trim_cfg.to_dict(),
                                    image_root=paths.eval_images, max_new_tokens=cfg.max_new_tokens,
                                    model_id=recipe.train.run_name, batch_size=cfg.batch_size,
-                                   picture_ids=picture_ids),
+                                   picture_ids=picture_ids, low_latency=cfg.low_latency),
         batch_format="default")
     for row in dataset.iter_rows():
         record = json.loads(row["record"])

@@ -14,8 +14,8 @@ released `official` config (IQR over the whole batch, one count for all images) 
 image by itself at inference, as the released evaluation, which answers one question at a time.
 
 On CUDA the weights are bf16 (fp16 where bf16 is not supported), on the CPU fp32. `low_latency=True`
-answers one question at a time through `trim.low_latency` (static KV cache, bucketed prompt shapes,
-CUDA graphs on CUDA), with the same tokens.
+answers a batch through `trim.low_latency` (static KV cache, bucketed prompt shapes, CUDA graphs on
+CUDA: one graph replay per decode step instead of a launch-bound eager one), with the same tokens.
 """
 
 from __future__ import annotations
@@ -197,44 +197,53 @@ class Answerer:
         return Batch(input_ids=batch.input_ids.to(device), labels=batch.labels.to(device),
                      attention_mask=batch.attention_mask.to(device), visual=[v.to(device) for v in batch.visual])
 
-    def low_latency_generator(self, max_new_tokens: int, max_prompt_tokens: int | None = None) -> LowLatencyGenerator:
+    def low_latency_generator(self, max_new_tokens: int, max_prompt_tokens: int | None = None,
+                              batch_size: int = 1) -> LowLatencyGenerator:
         """The low-latency path's generator, made on first use and kept (its cache and captured
-        graphs) while it holds max_new_tokens and prompts of max_prompt_tokens (None: the kept
-        generator's, or DEFAULT_MAX_PROMPT_TOKENS for a new one). Longer prompts are answered eagerly."""
+        graphs) while it holds max_new_tokens, prompts of max_prompt_tokens (None: the kept
+        generator's, or DEFAULT_MAX_PROMPT_TOKENS for a new one) and batch_size rows (a kept larger
+        one answers smaller batches: a batch-1 question then runs its spare rows too). Longer
+        prompts are answered eagerly."""
         current = self._generators.get("low_latency")
         if max_prompt_tokens is None:
             max_prompt_tokens = current.buckets[-1] if current is not None else DEFAULT_MAX_PROMPT_TOKENS
-        if current is None or current.max_new_tokens < max_new_tokens or current.buckets[-1] < max_prompt_tokens:
+        if (current is None or current.max_new_tokens < max_new_tokens or current.buckets[-1] < max_prompt_tokens
+                or current.batch_size < batch_size):
             if current is not None:
                 max_new_tokens = max(max_new_tokens, current.max_new_tokens)
+                batch_size = max(batch_size, current.batch_size)
+                del self._generators["low_latency"], current  # its cache and graphs go before the new ones come
             current = LowLatencyGenerator(self.model.llm, max_new_tokens=max_new_tokens,
-                                          max_prompt_tokens=max_prompt_tokens)
+                                          max_prompt_tokens=max_prompt_tokens, batch_size=batch_size)
             self._generators["low_latency"] = current
         return current
 
     def _generate_low_latency(self, batch: Batch, max_new_tokens: int) -> list[list[int]]:
-        """Each row on its own through the low-latency generator; a prompt longer than its largest
-        bucket goes through the eager generate."""
-        generator = self.low_latency_generator(max_new_tokens)
+        """The batch's rows together through the low-latency generator (static cache, graphs on CUDA);
+        a prompt longer than its largest bucket goes through the eager generate."""
+        generator = self.low_latency_generator(max_new_tokens, batch_size=len(batch.visual))
         embeds, mask, _ = self.model.splice(batch)
         lengths = mask.sum(dim=1).tolist()
-        out = []
-        for b, n in enumerate(lengths):
-            if generator.bucket_for(n) is None:
-                logger.warning("a prompt of %d tokens is longer than the low-latency buckets; answered eagerly", n)
-                row = Batch(input_ids=batch.input_ids[b:b + 1], labels=batch.labels[b:b + 1],
-                            attention_mask=batch.attention_mask[b:b + 1], visual=batch.visual[b:b + 1])
-                out += self.model.generate(row, max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
-                                           pad_token_id=self.pad_token_id)
-            else:
-                out.append(generator.generate(embeds[b, :n], max_new_tokens, self.tokenizer.eos_token_id))
+        fits = [b for b, n in enumerate(lengths) if generator.bucket_for(n) is not None]
+        out: list[list[int]] = [[] for _ in lengths]
+        if fits:
+            rows = generator.generate_batch([embeds[b, :lengths[b]] for b in fits], max_new_tokens,
+                                            self.tokenizer.eos_token_id)
+            for b, tokens in zip(fits, rows):
+                out[b] = tokens
+        for b in sorted(set(range(len(lengths))) - set(fits)):
+            logger.warning("a prompt of %d tokens is longer than the low-latency buckets; answered eagerly", lengths[b])
+            row = Batch(input_ids=batch.input_ids[b:b + 1], labels=batch.labels[b:b + 1],
+                        attention_mask=batch.attention_mask[b:b + 1], visual=batch.visual[b:b + 1])
+            out[b] = self.model.generate(row, max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
+                                         pad_token_id=self.pad_token_id)[0]
         return out
 
     @torch.no_grad()
     def answer(self, images: Sequence[Image.Image], questions: Sequence[str], max_new_tokens: int = 16,
                low_latency: bool = False) -> list[Answer]:
-        """Greedy answers for (image, question) pairs: one CLIP + TRIM pass, then one batched generate,
-        or with low_latency each question alone on the low-latency path (the same tokens)."""
+        """Greedy answers for (image, question) pairs: one CLIP + TRIM pass, then one batched generate
+        (transformers' eager one, or with low_latency the low-latency path's: the same tokens)."""
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
         if not questions:

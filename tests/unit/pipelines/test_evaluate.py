@@ -32,9 +32,11 @@ class FakeAnswerer:
 
     def __init__(self):
         self.batches = []
+        self.low_latency = []
 
-    def answer(self, images, questions, max_new_tokens):
+    def answer(self, images, questions, max_new_tokens, low_latency=False):
         self.batches.append(len(questions))
+        self.low_latency.append(low_latency)
         return [Answer(text="red", token_ids=[5], num_visual_tokens=3, num_kept=2, kept_indices=[4, 9],
                        scores=np.full(576, 1 / 576, dtype=np.float32), prompt_tokens=40) for _ in questions]
 
@@ -83,7 +85,9 @@ def test_answer_questions_rejects_unusable_images_and_batches_the_rest(tmp_path)
                   {"question_id": 8, "image": "bad.png", "text": "Q"}]
     engine = FakeAnswerer()
     rows = answer_questions(engine, questions, str(tmp_path), 4, "m", batch_size=2, picture_ids=["1"])
-    assert engine.batches == [2, 2, 1]
+    assert engine.batches == [2, 2, 1] and engine.low_latency == [False] * 3
+    answer_questions(engine, questions[:1], str(tmp_path), 4, "m", batch_size=2, low_latency=True)
+    assert engine.low_latency[-1] is True
     answers = [json.loads(r["record"]) for r in rows if r["kind"] == "answer"]
     rejects = {json.loads(r["record"])["question_id"]: json.loads(r["record"])["reason"]
                for r in rows if r["kind"] == "reject"}

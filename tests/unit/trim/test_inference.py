@@ -179,13 +179,15 @@ def test_low_latency_answers_equal_the_eager_ones(answerer, images, selection):
 
 def test_low_latency_answers_a_prompt_longer_than_its_buckets_eagerly(answerer, images):
     fresh = Answerer(answerer.model, answerer.tokenizer, answerer.encoder, answerer.trim_cfg)
-    small = fresh.low_latency_generator(6, max_prompt_tokens=64)
-    assert small.buckets[-1] == 64
+    small = fresh.low_latency_generator(6, max_prompt_tokens=64, batch_size=2)
+    assert small.buckets[-1] == 64 and small.batch_size == 2
     full = fresh.with_trim(dataclasses.replace(answerer.trim_cfg, selection="all"))
     fast = full.answer(images[:2], QUESTIONS[:2], max_new_tokens=6, low_latency=True)  # ~600-token prompts
     eager = full.answer(images[:2], QUESTIONS[:2], max_new_tokens=6)
     assert [a.token_ids for a in fast] == [a.token_ids for a in eager]
     assert fresh.low_latency_generator(6) is small
+    assert fresh.low_latency_generator(6, batch_size=3).batch_size == 3  # a larger batch: a new generator
+    assert fresh.low_latency_generator(6, batch_size=2).batch_size == 3  # which answers smaller ones
 
 
 @pytest.mark.gpu

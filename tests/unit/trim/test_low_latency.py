@@ -39,10 +39,48 @@ def prompt(n: int, seed: int, device: str = "cpu", dtype: torch.dtype = torch.fl
 
 
 def test_buckets():
-    assert default_buckets(130) == [32, 64, 96, 128, 160]
-    assert default_buckets(64) == [32, 64] and default_buckets(100, step=64) == [64, 128]
+    assert default_buckets(130) == [16 * i for i in range(1, 10)]
+    assert default_buckets(64, step=32) == [32, 64] and default_buckets(100, step=64) == [64, 128]
     with pytest.raises(ValueError):
         default_buckets(0)
+
+
+@pytest.mark.parametrize("attn,kv_heads", [("sdpa", 2), ("sdpa", 4), ("eager", 2)])
+def test_a_batch_gives_each_prompt_its_own_tokens(attn, kv_heads):
+    """Prompts of different lengths in one batch (left-padded to the longest's bucket, spare rows
+    idle) get the tokens each gets alone from transformers; each row stops at its own eos."""
+    llm = small_llama(attn=attn, kv_heads=kv_heads)
+    generator = LowLatencyGenerator(llm, max_new_tokens=8, max_prompt_tokens=160, batch_size=4)
+    lengths = (1, 17, 150)
+    prompts = [prompt(n, seed=10 + n) for n in lengths]
+    expected = [reference(llm, p, 8) for p in prompts]
+    assert generator.generate_batch(prompts, 8, eos_token_id=-1) == expected
+    eos = expected[1][2]  # row 1 stops after two tokens; the others run on (or stop at that token too)
+    cut = [row[:row.index(eos)] if eos in row else row for row in expected]
+    assert generator.generate_batch(prompts, 8, eos_token_id=eos) == cut
+    assert generator.generate_batch(prompts[2:], 8, eos_token_id=-1) == expected[2:]  # 1 of 4 rows
+    with pytest.raises(ValueError, match="prefill takes 1 to 4 prompts"):
+        generator.prefill_batch(prompts * 2)
+
+
+def test_the_prefill_attends_over_its_bucket_only(llm, monkeypatch):
+    """A short prompt's prefill sees its bucket's slots as keys, not the whole cache; decode sees all."""
+    from trim import low_latency
+
+    widths: list[int] = []
+    update = low_latency._BucketCache.update
+
+    def recording(self, *args, **kwargs):
+        keys, values = update(self, *args, **kwargs)
+        widths.append(keys.shape[2])
+        return keys, values
+
+    monkeypatch.setattr(low_latency._BucketCache, "update", recording)
+    generator = LowLatencyGenerator(llm, max_new_tokens=3, max_prompt_tokens=192)
+    embeds = prompt(20, seed=4)
+    assert generator.generate(embeds, 3, eos_token_id=-1) == reference(llm, embeds, 3)
+    layers = llm.config.num_hidden_layers
+    assert widths == [32] * layers + [generator.capacity] * 2 * layers
 
 
 @pytest.mark.parametrize("attn,kv_heads", [("sdpa", 2), ("sdpa", 4), ("eager", 2)])
@@ -84,8 +122,10 @@ def test_prefill_and_step_are_the_two_halves(llm):
 
 def test_refusals(llm):
     generator = LowLatencyGenerator(llm, max_new_tokens=4, max_prompt_tokens=64)
-    with pytest.raises(ValueError, match="does not fit the buckets"):
+    with pytest.raises(ValueError, match="do not fit the buckets"):
         generator.prefill(prompt(65, seed=0))
+    with pytest.raises(ValueError, match="prefill takes 1 to 1 prompts"):
+        generator.prefill_batch([prompt(5, seed=0)] * 2)
     with pytest.raises(ValueError, match="max_new_tokens must be in"):
         generator.generate(prompt(5, seed=0), 5, eos_token_id=-1)
     with pytest.raises(ValueError, match="needs 'sdpa' or 'eager'"):
@@ -113,3 +153,15 @@ def test_graph_replays_give_the_eager_tokens_on_cuda(dtype):
         if dtype == torch.float32:
             assert replayed == reference(llm, embeds, 12), n
     assert sorted(graphs._prefill_graphs) == [64, 128, 192] and graphs._decode_graph is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batched_graph_replays_give_the_eager_tokens_on_cuda():
+    llm = small_llama("cuda", torch.float32)
+    graphs = LowLatencyGenerator(llm, max_new_tokens=6, buckets=(64, 192), batch_size=3)
+    plain = LowLatencyGenerator(llm, max_new_tokens=6, buckets=(64, 192), batch_size=3, use_graphs=False)
+    for lengths in ((7, 64, 30), (150, 9), (5,)):
+        prompts = [prompt(n, seed=n, device="cuda") for n in lengths]
+        replayed = graphs.generate_batch(prompts, 6, eos_token_id=-1)
+        assert replayed == plain.generate_batch(prompts, 6, eos_token_id=-1) == [reference(llm, p, 6) for p in prompts]
