@@ -436,12 +436,13 @@ def graph_section(run: Run, geometry: str) -> None:
 
 def eval_section(run: Run) -> None:
     """Evaluation throughput (issue 15): one batch of prefill_batch questions as the evaluation actor
-    runs it on the device, full vs TRIM. Encode: 8-bit pixels to the vision tower's layer -2 (full);
-    plus the text tower and trim_tokens (TRIM; precompute's encoder code). Answer: answer_tokens greedy
-    tokens per question, through transformers' eager generate and through the batched low-latency path
-    (trim.low_latency, what evaluation uses on CUDA). Not in it: the CPU's image decoding and CLIP
-    preprocessing (see cpu_preprocess_images_per_s_per_core), the projector (a 2-layer MLP)."""
-    from pipelines.precompute_encode import UnitArrays
+    runs it on the device, full vs TRIM. Encode, as the answerer's reduce (trim.inference): 8-bit
+    pixels normalized on the device, the vision tower to layer -2, the text tower, trim_tokens with
+    fp32 scoring (full: selection "all", as the evaluation's full-token rows). Answer: answer_tokens
+    greedy tokens per question, through transformers' eager generate and through the batched
+    low-latency path (trim.low_latency, what evaluation uses on CUDA). Not in it: the CPU's image
+    decoding and CLIP preprocessing (see cpu_preprocess_images_per_s_per_core), the projector (a
+    2-layer MLP)."""
     from trim.encoders import ClipTowers
     from trim.low_latency import LowLatencyGenerator
 
@@ -455,16 +456,19 @@ def eval_section(run: Run) -> None:
     levels = torch.randint(0, 256, (batch, 3, IMAGE_SIDE, IMAGE_SIDE), dtype=torch.uint8, generator=generator)
     text_ids = torch.randint(0, clip.config.text_config.vocab_size - 1, (batch, 77), generator=generator)
     text_ids[:, -1] = clip.config.text_config.eos_token_id
-    unit = UnitArrays(pixels=levels.numpy(), image_of_sample=np.arange(batch), input_ids=text_ids.numpy(),
-                      attention_mask=np.ones((batch, 77), dtype=np.int64), seeds=np.arange(batch))
+    configs = {"full": TrimConfig(selection="all", score_dtype="float32"), "trim": TrimConfig(score_dtype="float32")}
+
+    def reduce(cfg: TrimConfig) -> int:
+        encoded = towers.encode_levels(levels)
+        return sum(t.shape[0] for t in trim_tokens(encoded.features, encoded.patch_embeds,
+                                                   towers.encode_tokens(text_ids), cfg).tokens)
+
     lengths = {"full": sizes.full_k + sizes.prompt, "trim": sizes.trim_k + sizes.prompt}
     fast = LowLatencyGenerator(llm, max_new_tokens=answer, max_prompt_tokens=max(lengths.values()), batch_size=batch)
     values: dict = {"eval_batch": batch, "eval_answer_tokens": answer}
     with torch.no_grad():
-        encode = {"full": lambda: towers.encode_levels(levels).features.shape,
-                  "trim": lambda: encoder_stage(towers, unit)}
         for name, tokens in lengths.items():
-            encode_s = run.timed(encode[name])
+            encode_s = run.timed(lambda: reduce(configs[name]))  # noqa: B023 (the count syncs)
             prompts = [torch.randn(tokens, llm.config.hidden_size, device=run.device, dtype=run.dtype) * 0.02
                        for _ in range(batch)]
             stacked = torch.stack(prompts)

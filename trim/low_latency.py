@@ -13,13 +13,14 @@ A graph needs fixed shapes and fixed addresses, so:
   fills slots L-n .. L-1 with positions 0 .. n-1, so the first token's logits are those of the last
   slot, and decoding continues at slot L with position n; the padding slots are masked out of every
   row; a batch of fewer prompts than `batch_size` fills its spare rows with one padding slot each;
-- the prefill attends over its bucket's slots only (the cache hands the attention the first L slots,
-  not all `capacity`): a short prompt does not pay for the longest bucket's keys;
+- attention reads only the slots a bucket can reach (the cache hands it the first L slots in the
+  prefill, the first `window(L)` = L + max_new_tokens, rounded up, while decoding), not all
+  `capacity`: a short prompt does not pay for the longest bucket's keys;
 - every forward gets an explicit 4D additive mask (0 where attended, the dtype's minimum elsewhere),
   computed on the device from device-side counters, so transformers' mask builder (which reads
   tensor values) is never called;
-- one graph per bucket for prefill, one graph for decode (it advances its own counters and writes
-  the next token into a static buffer, so a decode loop is replays and one host read per token).
+- one graph per bucket for prefill and one for decode (it advances its own counters and writes the
+  next token into a static buffer, so a decode loop is replays and one host read per token).
 
 Off CUDA the same functions run eagerly (the static cache and the buckets still apply), so the CPU
 tests check what the graphs replay. Greedy = argmax, no logits processors: the answers equal
@@ -38,9 +39,9 @@ from transformers import StaticCache
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BUCKET_STEP = 16
-"""Prompt lengths are padded up to a multiple of this by default (at most 15 padding positions; finer
-steps capture more graphs and save little more: GEMM tiles are 64-128 rows)."""
+DEFAULT_BUCKET_STEP = 8
+"""Prompt lengths are padded up to a multiple of this by default: at most 7 padding positions (~3% of
+a TRIM prompt; at batch 1 a 7B prefill costs about linearly in them), at the price of more graphs."""
 _DECODE_WARMUP = 2
 """Decode steps run before a decode graph is captured (they need free cache slots)."""
 
@@ -126,7 +127,8 @@ class LowLatencyGenerator:
             self._token = torch.zeros(batch_size, 1, **long)  # each row's last generated token
             self._columns = torch.arange(self.capacity, **long)
         self._prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._decode_graph: torch.cuda.CUDAGraph | None = None
+        self._decode_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._bucket = self.buckets[0]  # the bucket of the prompts in the cache
         self._generated = max_new_tokens  # no step before a prefill
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
@@ -154,10 +156,20 @@ class LowLatencyGenerator:
         self._position.copy_(bucket - self._start[:, None])
         self._slot.fill_(bucket)
 
-    def _decode_fn(self) -> None:
-        visible = ((self._columns >= self._start[:, None]) & (self._columns <= self._slot))[:, None]
-        out = self.llm(input_ids=self._token, attention_mask=self._mask(visible), position_ids=self._position,
-                       past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+    def window(self, bucket: int) -> int:
+        """The cache slots decoding after a prompt of this bucket reads (room for the capture's warm-up
+        steps too; a multiple of 16, as the capacity)."""
+        return min(self.capacity, -(-(bucket + self.max_new_tokens + _DECODE_WARMUP) // 16) * 16)
+
+    def _decode_fn(self, bucket: int) -> None:
+        columns = self._columns[:self.window(bucket)]
+        visible = ((columns >= self._start[:, None]) & (columns <= self._slot))[:, None]
+        self.cache.visible = columns.shape[0]
+        try:
+            out = self.llm(input_ids=self._token, attention_mask=self._mask(visible), position_ids=self._position,
+                           past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        finally:
+            self.cache.visible = None
         self._token.copy_(out.logits[:, -1].argmax(dim=-1, keepdim=True))
         self._position.add_(1)
         self._slot.add_(1)
@@ -209,11 +221,12 @@ class LowLatencyGenerator:
                 if bucket not in self._prefill_graphs:
                     logger.info("capturing the prefill graph of bucket %d, batch %d", bucket, self.batch_size)
                     self._prefill_graphs[bucket] = self._capture(lambda: self._prefill_fn(bucket), warmup=2)
-                if self._decode_graph is None:
+                if bucket not in self._decode_graphs:
                     # Captured once the cache holds a prefill (its warm-up steps decode after it).
                     self._prefill_graphs[bucket].replay()
-                    self._decode_graph = self._capture(self._decode_fn, warmup=_DECODE_WARMUP)
+                    self._decode_graphs[bucket] = self._capture(lambda: self._decode_fn(bucket), warmup=_DECODE_WARMUP)
                 self._prefill_graphs[bucket].replay()  # also resets every counter the warm-ups moved
+            self._bucket = bucket
             self._generated = 1
             return self._token[:len(rows), 0].tolist()
 
@@ -223,10 +236,10 @@ class LowLatencyGenerator:
         if self._generated >= self.max_new_tokens:
             raise ValueError(f"the cache holds {self.max_new_tokens} generated tokens at most")
         with _no_grad_mode():
-            if self._decode_graph is not None:
-                self._decode_graph.replay()
+            if self.use_graphs:
+                self._decode_graphs[self._bucket].replay()
             else:
-                self._decode_fn()
+                self._decode_fn(self._bucket)
             self._generated += 1
             return self._token[:, 0].tolist()
 
