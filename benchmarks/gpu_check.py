@@ -440,9 +440,9 @@ def eval_section(run: Run) -> None:
     pixels normalized on the device, the vision tower to layer -2, the text tower, trim_tokens with
     fp32 scoring (full: selection "all", as the evaluation's full-token rows). Answer: answer_tokens
     greedy tokens per question, through transformers' eager generate and through the batched
-    low-latency path (trim.low_latency, what evaluation uses on CUDA). Not in it: the CPU's image
-    decoding and CLIP preprocessing (see cpu_preprocess_images_per_s_per_core), the projector (a
-    2-layer MLP)."""
+    low-latency path (trim.low_latency, what evaluation uses on CUDA). Not in it, as not in the
+    evaluation actor's time: the image decoding, resizing and tokenizing, which the evaluation job
+    runs in CPU tasks beside the actors (pipelines/eval_inputs.py); nor the projector (a 2-layer MLP)."""
     from trim.encoders import ClipTowers
     from trim.low_latency import LowLatencyGenerator
 

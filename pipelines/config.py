@@ -230,10 +230,10 @@ class EvalConfig:
     """Tokens generated per answer (greedy)."""
     batch_size: int = 8
     """Questions per generation batch."""
-    low_latency: bool | None = None
-    """Generate through trim.low_latency (static KV cache, CUDA graphs: a decode step is one graph
-    replay instead of a launch-bound eager forward; the same tokens); None: on CUDA only (off CUDA the
-    eager generate is as fast)."""
+    generation: str = "auto"
+    """"low_latency": generate through trim.low_latency (static KV cache, CUDA graphs: a decode step is
+    one graph replay instead of a launch-bound eager forward; the same tokens); "eager": transformers'
+    generate; "auto": low_latency on CUDA, eager elsewhere (on a CPU it is as fast)."""
     concurrency: int = 1
     """Inference actors."""
     num_pictures: int = 4

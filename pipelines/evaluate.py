@@ -10,9 +10,11 @@ everything that changes the answers: pipelines/eval_outputs.py):
   manifest.json   what produced the answers (model files, TRIM config, generation settings, questions)
                   and the counts and metrics; written last
 
-A Ray Data actor pool runs the questions: each actor loads the model and the CLIP towers once (on
-its GPU in bf16 when the cluster has GPUs, else on the CPU in fp32), fetches a batch's images in one
-storage call and answers the batch with one CLIP forward, one TRIM call and one generate call. The
+A Ray Data pipeline runs the questions: CPU tasks fetch each batch's images in one storage call,
+decode, pad and resize them (pipelines/eval_inputs.py); an actor pool answers: each actor loads the
+model and the CLIP towers once (on its GPU in bf16 when the cluster has GPUs, else on the CPU in
+fp32) and answers a batch with one CLIP forward, one TRIM call and one batched generation (on CUDA
+through trim.low_latency's static cache and CUDA graphs). The
 driver writes the files, scores them when an annotation file exists, and logs metrics (throughput
 `questions_per_s` = answers / seconds some actor spent answering), the answers and a few TRIM
 pictures to MLflow. Run again with the same inputs: inference is skipped, scores and logs are redone;
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import math
@@ -40,6 +41,7 @@ import numpy as np
 from pipelines import eval_outputs, storage
 from pipelines.answer_scoring import iter_question_records
 from pipelines.config import Recipe
+from pipelines.eval_inputs import PREPARED_COLUMNS, inputs_of, pixels_of, prepare_batch
 from pipelines.manifests import EvalManifest
 from pipelines.tracking import Tracker
 from pipelines.tracking_store import default_tracking_uri, experiment_name
@@ -48,9 +50,8 @@ from trim import TrimConfig
 logger = logging.getLogger(__name__)
 
 ANSWER_KEYS = ("question_id", "prompt", "text", "answer_id", "model_id", "metadata")
-MISSING_IMAGE = "missing image"
-UNREADABLE_IMAGE = "unreadable image"
 MALFORMED = "malformed question"
+GENERATIONS = ("auto", "low_latency", "eager")
 
 
 # Pure helpers ---------------------------------------------------------------------------------
@@ -130,75 +131,32 @@ def answer_record(question: dict, answer, model_id: str, trim_label: str) -> dic
             "answer_id": answer_id(question["question_id"], model_id), "model_id": model_id, "metadata": metadata}
 
 
-def fetch_bytes(uris: Sequence[str]) -> list[bytes | BaseException]:
-    """Each URI's bytes, or the exception reading it raised, in one storage call: the filesystem's
-    `cat_ranges` over all of them (concurrent requests on S3). The URIs share one filesystem."""
-    if not uris:
-        return []
-    fs, _ = storage.fsspec_fs(uris[0])
-    return list(fs.cat_ranges([storage.fsspec_fs(uri)[1] for uri in uris], None, None, on_error="return"))
-
-
-def decode_image(data: bytes) -> Any:
-    """An RGB PIL image, fully decoded (a truncated file fails here)."""
-    from PIL import Image
-
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image.convert("RGB")
-
-
-def load_images(questions: Sequence[dict], image_root: str) -> tuple[list[tuple[dict, Any]], list[dict]]:
-    """(question, image) pairs for the questions whose image reads, and rejects for the others. The
-    images of all the questions are fetched together (one storage call), then decoded."""
-    from pipelines.images import OUTSIDE_ROOT, OutsideRoot, resolve
-
-    ok, rejects, wanted = [], [], []
-    for question in questions:
-        try:
-            wanted.append((question, resolve(image_root, question["image"])))
-        except OutsideRoot as err:
-            rejects.append({"question_id": question["question_id"], "reason": OUTSIDE_ROOT, "detail": str(err)})
-    for (question, uri), data in zip(wanted, fetch_bytes([uri for _, uri in wanted])):
-        try:
-            if isinstance(data, FileNotFoundError):
-                rejects.append({"question_id": question["question_id"], "reason": MISSING_IMAGE, "detail": uri})
-                continue
-            if isinstance(data, BaseException):
-                raise data
-            ok.append((question, decode_image(data)))
-        except Exception as err:  # PIL raises several kinds for a bad file; a directory, a denied read
-            rejects.append({"question_id": question["question_id"], "reason": UNREADABLE_IMAGE,
-                            "detail": f"{uri}: {type(err).__name__}: {err}"[:500]})
-    return ok, rejects
-
-
-def answer_questions(answerer, questions: Sequence[dict], image_root: str, max_new_tokens: int, model_id: str,
-                     batch_size: int, picture_ids: Iterable[str] = (), low_latency: bool = False) -> list[dict]:
-    """The pure core: questions -> output rows {kind: "answer" | "reject", record, kept, scores,
-    started, ended}. kept (JSON list) and scores (fp16 bytes) are filled only for the question ids in
-    picture_ids; started/ended (epoch seconds) bound the answer call of the row's batch (0 on rejects).
-    Each batch's images are fetched together; low_latency: answer through trim.low_latency."""
+def answer_questions(answerer, rows: Sequence[dict], max_new_tokens: int, model_id: str, batch_size: int,
+                     picture_ids: Iterable[str] = (), low_latency: bool = False) -> list[dict]:
+    """The pure core: prepared rows (pipelines.eval_inputs: questions with their 8-bit pixels and
+    token ids, and rejects) -> output rows {kind: "answer" | "reject", record, kept, scores, started, ended}, rejects
+    passed on. kept (JSON list) and scores (fp16 bytes) are filled only for the question ids in
+    picture_ids; started/ended (epoch seconds) bound the answer call of the row's batch (0 on
+    rejects). Questions are answered batch_size at a time; low_latency: through trim.low_latency."""
     pictures = set(picture_ids)
     label = trim_name(answerer.trim_cfg)
-    rows = []
-    for start in range(0, len(questions), batch_size):
-        chunk, rejects = load_images(questions[start:start + batch_size], image_root)
-        rows += [{"kind": "reject", "record": json.dumps(r), "kept": "[]", "scores": b"", "started": 0.0,
-                  "ended": 0.0} for r in rejects]
-        if not chunk:
-            continue
-        started = time.time()
-        answers = answerer.answer([image for _, image in chunk], [q["text"] for q, _ in chunk], max_new_tokens,
-                                  low_latency=low_latency)
+    out = [{"kind": "reject", "record": r["record"], "kept": "[]", "scores": b"", "started": 0.0, "ended": 0.0}
+           for r in rows if r["kind"] == "reject"]
+    prepared = [r for r in rows if r["kind"] == "question"]
+    for start in range(0, len(prepared), batch_size):
+        chunk = prepared[start:start + batch_size]
+        questions = [json.loads(r["record"]) for r in chunk]
+        began = time.time()
+        answers = answerer.answer_prepared(pixels_of(chunk), [q["text"] for q in questions], max_new_tokens,
+                                           low_latency=low_latency, inputs=inputs_of(chunk))
         ended = time.time()
-        for (question, _), answer in zip(chunk, answers):
+        for question, answer in zip(questions, answers):
             wanted = str(question["question_id"]) in pictures
-            rows.append({"kind": "answer", "record": json.dumps(answer_record(question, answer, model_id, label)),
-                         "kept": json.dumps(answer.kept_indices if wanted else []),
-                         "scores": answer.scores.astype(np.float16).tobytes() if wanted else b"",
-                         "started": started, "ended": ended})
-    return rows
+            out.append({"kind": "answer", "record": json.dumps(answer_record(question, answer, model_id, label)),
+                        "kept": json.dumps(answer.kept_indices if wanted else []),
+                        "scores": answer.scores.astype(np.float16).tobytes() if wanted else b"",
+                        "started": began, "ended": ended})
+    return out
 
 
 def busy_seconds(intervals: Iterable[tuple[float, float]]) -> float:
@@ -216,10 +174,10 @@ def busy_seconds(intervals: Iterable[tuple[float, float]]) -> float:
 
 
 class EvalActor:
-    """Ray Data actor: loads the model and the CLIP towers once, answers batches of questions."""
+    """Ray Data actor: loads the model and the CLIP towers once, answers batches of prepared questions."""
 
-    def __init__(self, model_dir: str, clip_path: str, trim_cfg: dict, image_root: str, max_new_tokens: int,
-                 model_id: str, batch_size: int, picture_ids: list[str], low_latency: bool | None = None):
+    def __init__(self, model_dir: str, clip_path: str, trim_cfg: dict, max_new_tokens: int, model_id: str,
+                 batch_size: int, picture_ids: list[str], generation: str = "auto"):
         import torch
 
         from trim.inference import Answerer
@@ -230,15 +188,17 @@ class EvalActor:
         for local, uri in ((local_model, model_dir), (local_clip, clip_path)):
             if local != uri:  # a temporary copy of an S3 directory: the weights are in memory now
                 shutil.rmtree(local, ignore_errors=True)
-        self.image_root, self.max_new_tokens, self.model_id = image_root, max_new_tokens, model_id
+        self.max_new_tokens, self.model_id = max_new_tokens, model_id
         self.batch_size, self.picture_ids = batch_size, picture_ids
-        self.low_latency = device == "cuda" if low_latency is None else low_latency
+        if generation not in GENERATIONS:
+            raise ValueError(f"eval.generation={generation!r}: expected one of {GENERATIONS}")
+        self.low_latency = generation == "low_latency" or (generation == "auto" and device == "cuda")
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        questions = [json.loads(q) for q in batch["question"]]
-        rows = answer_questions(self.answerer, questions, self.image_root, self.max_new_tokens, self.model_id,
-                                self.batch_size, self.picture_ids, self.low_latency)
-        return {name: [r[name] for r in rows] for name in ("kind", "record", "kept", "scores", "started", "ended")}
+        rows = [dict(zip(PREPARED_COLUMNS, values)) for values in zip(*(batch[name] for name in PREPARED_COLUMNS))]
+        out = answer_questions(self.answerer, rows, self.max_new_tokens, self.model_id, self.batch_size,
+                               self.picture_ids, self.low_latency)
+        return {name: [r[name] for r in out] for name in ("kind", "record", "kept", "scores", "started", "ended")}
 
 
 def _jsonl(records: Iterable[dict]) -> bytes:
@@ -273,12 +233,16 @@ def _infer(questions: list[dict], model_dir: str, trim_cfg: TrimConfig, recipe, 
         return answers, rejects, pictures, 0.0
     logger.info("inference actors on %s", "one GPU each" if gpus else "CPUs")
     intervals = []
-    dataset = ray.data.from_items([{"question": json.dumps(q)} for q in questions]).map_batches(
+    # CPU tasks fetch, decode and resize each batch's images; the actors only answer.
+    prepared = ray.data.from_items([{"question": json.dumps(q)} for q in questions]).map_batches(
+        prepare_batch, batch_size=cfg.batch_size,  # type: ignore[arg-type]
+        fn_kwargs={"clip_path": paths.clip, "model_dir": model_dir, "text_mode": trim_cfg.text_at_inference,
+                   "image_root": paths.eval_images}, batch_format="default")
+    dataset = prepared.map_batches(
         EvalActor, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.concurrency), num_gpus=gpus,
         fn_constructor_kwargs=dict(model_dir=model_dir, clip_path=paths.clip, trim_cfg=trim_cfg.to_dict(),
-                                   image_root=paths.eval_images, max_new_tokens=cfg.max_new_tokens,
-                                   model_id=recipe.train.run_name, batch_size=cfg.batch_size,
-                                   picture_ids=picture_ids, low_latency=cfg.low_latency),
+                                   max_new_tokens=cfg.max_new_tokens, model_id=recipe.train.run_name,
+                                   batch_size=cfg.batch_size, picture_ids=picture_ids, generation=cfg.generation),
         batch_format="default")
     for row in dataset.iter_rows():
         record = json.loads(row["record"])
@@ -325,6 +289,8 @@ def run_evaluate(recipe: Recipe, model_dir: str, trim_spec: str = "model",
     (pipelines.eval_outputs); returns the manifest (with "metrics")."""
     started = time.time()
     paths, cfg = recipe.paths, recipe.eval
+    if cfg.generation not in GENERATIONS:
+        raise ValueError(f"eval.generation={cfg.generation!r}: expected one of {GENERATIONS}")
     model_id = recipe.train.run_name
     settings = storage.read_json(storage.join(model_dir, "trim_llava.json"))
     trim_cfg = resolve_trim(trim_spec, recipe.trim, settings.get("trim"))

@@ -155,13 +155,22 @@ def remove(uri: str) -> None:
         fs.rm(path, recursive=True)
 
 
-def local_copy(uri: str) -> str:
-    """A local directory with the contents of uri (uri itself when it is local)."""
+def local_copy(uri: str, skip_suffixes: tuple[str, ...] = ()) -> str:
+    """A local directory with the contents of uri (uri itself when it is local), less the files
+    whose names end in skip_suffixes (e.g. the weights, where only configs are read)."""
     if not is_s3(uri):
         return uri
     fs, path = fsspec_fs(uri)
     local = tempfile.mkdtemp(prefix="trim-eval-")
-    fs.get(path.rstrip("/") + "/", local + "/", recursive=True)
+    root = path.rstrip("/")
+    if not skip_suffixes:
+        fs.get(root + "/", local + "/", recursive=True)
+        return local
+    for name in fs.find(root):
+        if not name.endswith(skip_suffixes):
+            target = os.path.join(local, os.path.relpath(name, root))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            fs.get(name, target)
     return local
 
 

@@ -66,6 +66,36 @@ class Answer:
     """Length of the LLM's prompt, visual tokens included."""
 
 
+@dataclass
+class QuestionInputs:
+    """A question's token ids, made on the host (evaluation's CPU tasks make them beside the actors)."""
+
+    clip_ids: list[int]
+    """The TRIM scoring text (inference_text) in the CLIP tokenizer, truncated to the text tower's limit."""
+    prompt_ids: list[int]
+    """BOS + the vicuna_v1 generation prompt in the LLM tokenizer, the image as IMAGE_TOKEN_INDEX."""
+
+
+def question_inputs(clip_host, tokenizer, questions: Sequence[str], mode: TrimTextMode) -> list[QuestionInputs]:
+    """Each question's QuestionInputs. clip_host: a trim.encoders.ClipHost; tokenizer: the LLM's."""
+    texts = [inference_text(q, mode) for q in questions]
+    clip_ids = clip_host.tokenizer(texts, truncation=True, max_length=clip_host.max_text_tokens)["input_ids"]
+    prompts = [generation_prompt(strip_image_tag(q), with_image=True) for q in questions]
+    return [QuestionInputs(list(ids), tokenize_prompt(prompt, tokenizer)) for ids, prompt in zip(clip_ids, prompts)]
+
+
+def clip_batch(inputs: Sequence[QuestionInputs], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) [B, L] of the questions' CLIP ids, right-padded to the longest, as
+    the tokenizer pads a batch."""
+    length = max(len(q.clip_ids) for q in inputs)
+    ids = torch.full((len(inputs), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(inputs), length), dtype=torch.long)
+    for b, q in enumerate(inputs):
+        ids[b, :len(q.clip_ids)] = torch.tensor(q.clip_ids, dtype=torch.long)
+        mask[b, :len(q.clip_ids)] = 1
+    return ids, mask
+
+
 def inference_text(question: str, mode: TrimTextMode) -> str:
     """The text TRIM scores patches against at inference, where only the question is known:
     the question itself ("questions", "first_question") or its templated prompt ("conversation")."""
@@ -94,26 +124,37 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
 
 def reduce_images(encoder: ClipEncoder, images: Sequence[Image.Image], texts: Sequence[str],
                   cfg: TrimConfig, alone: bool = False) -> TrimOutput:
-    """CLIP over the images and texts (one forward each), then TRIM. alone=False: TRIM over the
-    batch as given (with iqr_scope "batch", one IQR and one count for the batch, as the released
-    training). alone=True: each image's tokens as it would get them in a batch of one, as at
-    evaluation: a batch-wide IQR is taken over each image by itself, and the "random" baseline is
-    seeded as a batch of one."""
+    """reduce_pixels of the images prepared by the encoder's host side (LLaVA's padding, CLIP's resize)
+    and of the texts' CLIP embeddings."""
     if len(images) != len(texts):
         raise ValueError(f"{len(images)} images but {len(texts)} texts")
     if not images:
         raise ValueError("no images")
-    features = encoder.encode_images(list(images))
-    text_embeds = encoder.encode_texts(list(texts))
+    return reduce_pixels(encoder, encoder.host.prepare(list(images)), encoder.encode_texts(list(texts)), cfg, alone)
+
+
+def reduce_pixels(encoder: ClipEncoder, pixels: torch.Tensor, text_embeds: torch.Tensor,
+                  cfg: TrimConfig, alone: bool = False) -> TrimOutput:
+    """CLIP over 8-bit pixels (uint8 [B, 3, H, W], ClipHost.prepare's; one forward), then TRIM
+    against the texts' CLIP embeddings [B, E]. alone=False: TRIM over the
+    batch as given (with iqr_scope "batch", one IQR and one count for the batch, as the released
+    training). alone=True: each image's tokens as it would get them in a batch of one, as at
+    evaluation: a batch-wide IQR is taken over each image by itself, and the "random" baseline is
+    seeded as a batch of one."""
+    if len(pixels) != len(text_embeds):
+        raise ValueError(f"{len(pixels)} images but {len(text_embeds)} texts")
+    if not len(pixels):
+        raise ValueError("no images")
+    features = encoder.towers.encode_levels(pixels)
     if not alone:
         return trim_tokens(features.features, features.patch_embeds, text_embeds, cfg)
     # The released evaluation upcasts the features to fp32 before scoring (clip_encoder.py, "NOTE:
     # eval"), whatever dtype the model runs in: "encoder" scoring at inference means fp32.
     cfg = dataclasses.replace(cfg, score_dtype="float32")
-    if cfg.iqr_scope == "batch" and cfg.threshold == "iqr" and len(images) > 1:
+    if cfg.iqr_scope == "batch" and cfg.threshold == "iqr" and len(pixels) > 1:
         return concat_outputs([trim_tokens(features.features[i:i + 1], features.patch_embeds[i:i + 1],
-                                           text_embeds[i:i + 1], cfg, seeds=[cfg.seed]) for i in range(len(images))])
-    return trim_tokens(features.features, features.patch_embeds, text_embeds, cfg, seeds=[cfg.seed] * len(images))
+                                           text_embeds[i:i + 1], cfg, seeds=[cfg.seed]) for i in range(len(pixels))])
+    return trim_tokens(features.features, features.patch_embeds, text_embeds, cfg, seeds=[cfg.seed] * len(pixels))
 
 
 def concat_outputs(outputs: Sequence[TrimOutput]) -> TrimOutput:
@@ -190,8 +231,10 @@ class Answerer:
         """BOS + the vicuna_v1 generation prompt with the image placeholder."""
         return tokenize_prompt(generation_prompt(strip_image_tag(question), with_image=True), self.tokenizer)
 
-    def _batch(self, questions: Sequence[str], visual: Sequence[torch.Tensor]) -> Batch:
-        samples = [{"input_ids": self.prompt_ids(q), "visual": v} for q, v in zip(questions, visual)]
+    def _batch(self, questions: Sequence[str], visual: Sequence[torch.Tensor],
+               prompt_ids: Sequence[list[int]] | None = None) -> Batch:
+        prompt_ids = prompt_ids or [self.prompt_ids(q) for q in questions]
+        samples = [{"input_ids": ids, "visual": v} for ids, v in zip(prompt_ids, visual)]
         batch = pad_batch(samples, self.pad_token_id)
         device = self.device
         return Batch(input_ids=batch.input_ids.to(device), labels=batch.labels.to(device),
@@ -239,7 +282,6 @@ class Answerer:
                                          pad_token_id=self.pad_token_id)[0]
         return out
 
-    @torch.no_grad()
     def answer(self, images: Sequence[Image.Image], questions: Sequence[str], max_new_tokens: int = 16,
                low_latency: bool = False) -> list[Answer]:
         """Greedy answers for (image, question) pairs: one CLIP + TRIM pass, then one batched generate
@@ -248,10 +290,32 @@ class Answerer:
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
         if not questions:
             return []
+        return self.answer_prepared(self.encoder.host.prepare(list(images)), questions, max_new_tokens, low_latency)
+
+    @torch.no_grad()
+    def question_inputs(self, questions: Sequence[str]) -> list[QuestionInputs]:
+        """The questions' token ids for this answerer's tokenizers and TRIM text mode."""
+        return question_inputs(self.encoder.host, self.tokenizer, questions, self.trim_cfg.text_at_inference)
+
+    @torch.no_grad()
+    def answer_prepared(self, pixels: torch.Tensor | np.ndarray, questions: Sequence[str], max_new_tokens: int = 16,
+                        low_latency: bool = False, inputs: Sequence[QuestionInputs] | None = None) -> list[Answer]:
+        """`answer` for images already prepared on the host (uint8 [B, 3, H, W], ClipHost.prepare's)
+        and, if given, the questions' token ids (question_inputs): what evaluation's CPU tasks hand
+        the answering actors, which then run the device's work only."""
+        pixels = torch.as_tensor(pixels)
+        if len(pixels) != len(questions) or (inputs is not None and len(inputs) != len(questions)):
+            raise ValueError(f"{len(pixels)} images but {len(questions)} questions"
+                             + ("" if inputs is None else f" and {len(inputs)} token inputs"))
+        if not questions:
+            return []
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        reduced = self.reduce(images, questions)
-        batch = self._batch(questions, reduced.tokens)
+        inputs = inputs if inputs is not None else self.question_inputs(questions)
+        pad = self.encoder.tokenizer.pad_token_id
+        text_embeds = self.encoder.towers.encode_tokens(*clip_batch(inputs, 0 if pad is None else pad))
+        reduced = reduce_pixels(self.encoder, pixels, text_embeds, self.trim_cfg, alone=True)
+        batch = self._batch(questions, reduced.tokens, [q.prompt_ids for q in inputs])
         if low_latency:
             generated = self._generate_low_latency(batch, max_new_tokens)
         else:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -324,3 +325,28 @@ def test_the_shard_job_sets_aside_a_bad_input_corpus_by_name(tmp_path):
     assert {rid: r["reason"] for rid, r in rejects.items()} == expected
     for rid, reject in rejects.items():
         assert reject["detail"].startswith(f"{mixture} record #{reject['index']} (id {rid!r}): "), reject["detail"]
+
+
+def test_a_local_copy_of_an_s3_checkpoint_can_leave_the_weights_behind(s3_env, tiny_models, tmp_path):
+    """Evaluation's CPU tasks read only a CLIP checkpoint's processor and tokenizer: from S3 they copy
+    the files but the weights, and ClipHost loads from that copy."""
+    from pipelines.eval_inputs import WEIGHT_SUFFIXES
+    from trim.encoders import ClipHost
+
+    os.environ.update(s3_env)
+    try:
+        fs, _ = storage.fsspec_fs("s3://trim-copy/")
+        fs.mkdir("trim-copy")
+        fs.put(str(tiny_models.clip), "trim-copy/clip", recursive=True)
+
+        def names(directory) -> list[str]:
+            return sorted(p.relative_to(directory).as_posix() for p in Path(directory).rglob("*") if p.is_file())
+
+        full = storage.local_copy("s3://trim-copy/clip")
+        light = storage.local_copy("s3://trim-copy/clip", skip_suffixes=WEIGHT_SUFFIXES)
+        assert names(full) == names(tiny_models.clip)
+        assert names(light) == [n for n in names(full) if not n.endswith(WEIGHT_SUFFIXES)] != names(full)
+        assert ClipHost(light).prepare([Image.new("RGB", (40, 30))]).shape[1:] == (3, 336, 336)
+    finally:
+        for key in s3_env:
+            os.environ.pop(key, None)

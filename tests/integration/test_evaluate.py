@@ -84,6 +84,22 @@ def test_answers_file_has_one_line_per_question_in_llavas_format(first_run, eval
     assert len({a["answer_id"] for a in answers}) == GOOD
 
 
+def test_the_jobs_answers_are_the_answerers_own(first_run, eval_root, tiny_models):
+    """Images prepared and questions tokenized in the job's CPU tasks, answered in its actors: the
+    tokens the Answerer gives the same questions in process."""
+    from PIL import Image
+
+    from trim.inference import Answerer
+
+    answers = {a["question_id"]: a for a in read_jsonl(Path(first_run.answers))}
+    questions = [q for q in read_jsonl(eval_root / "data" / "eval" / "questions.jsonl") if q["question_id"] in answers]
+    images = [Image.open(eval_root / "data" / "eval" / "images" / q["image"]).convert("RGB") for q in questions]
+    answerer = Answerer.load(eval_root / "checkpoints" / "tiny" / "model", tiny_models.clip, device="cpu")
+    direct = answerer.answer(images, [q["text"] for q in questions], max_new_tokens=4)
+    assert [answers[q["question_id"]]["text"] for q in questions] == [a.text for a in direct]
+    assert [answers[q["question_id"]]["metadata"]["kept"] for q in questions] == [a.num_kept for a in direct]
+
+
 def test_unusable_images_are_set_aside_and_scored_as_missing(first_run, eval_root):
     rejects = read_jsonl(Path(first_run.rejects_file))
     assert {r["question_id"]: r["reason"] for r in rejects} == {MISSING_ID: "missing image",

@@ -9,20 +9,22 @@ import pytest
 from PIL import Image
 
 from pipelines import eval_outputs, storage
+from pipelines.eval_inputs import fetch_bytes, pixels_of, prepare_questions
 from pipelines.evaluate import (
     ANSWER_KEYS,
     _metrics,
     answer_id,
     answer_questions,
     busy_seconds,
-    fetch_bytes,
     parse_questions,
     question_key,
     resolve_trim,
     trim_name,
 )
 from trim import TrimConfig
-from trim.inference import Answer
+from trim.encoders import ClipHost
+from trim.inference import Answer, QuestionInputs
+from trim.tiny import shipped_clip
 
 
 class FakeAnswerer:
@@ -33,8 +35,11 @@ class FakeAnswerer:
     def __init__(self):
         self.batches = []
         self.low_latency = []
+        self.inputs = []
 
-    def answer(self, images, questions, max_new_tokens, low_latency=False):
+    def answer_prepared(self, pixels, questions, max_new_tokens, low_latency=False, inputs=None):
+        assert pixels.dtype == np.uint8 and pixels.shape[1:] == (3, 336, 336) and len(pixels) == len(questions)
+        self.inputs.append(inputs)
         self.batches.append(len(questions))
         self.low_latency.append(low_latency)
         return [Answer(text="red", token_ids=[5], num_visual_tokens=3, num_kept=2, kept_indices=[4, 9],
@@ -83,11 +88,24 @@ def test_answer_questions_rejects_unusable_images_and_batches_the_rest(tmp_path)
     questions = [{"question_id": i, "image": f"{i}.png", "text": f"Q{i}", "category": "c"} for i in range(5)]
     questions += [{"question_id": 7, "image": "gone.png", "text": "Q"},
                   {"question_id": 8, "image": "bad.png", "text": "Q"}]
+    host = ClipHost(shipped_clip())
+    prepared = prepare_questions(host, questions, str(tmp_path))  # evaluation's CPU stage
+    assert [r["kind"] for r in prepared] == ["reject"] * 2 + ["question"] * 5
+    # The pixels handed on are the host's own preprocessing of each image.
+    assert np.array_equal(pixels_of(prepared[2:3]), host.prepare([Image.open(tmp_path / "0.png").convert("RGB")]).numpy())
     engine = FakeAnswerer()
-    rows = answer_questions(engine, questions, str(tmp_path), 4, "m", batch_size=2, picture_ids=["1"])
+    rows = answer_questions(engine, prepared, 4, "m", batch_size=2, picture_ids=["1"])
     assert engine.batches == [2, 2, 1] and engine.low_latency == [False] * 3
-    answer_questions(engine, questions[:1], str(tmp_path), 4, "m", batch_size=2, low_latency=True)
+    answer_questions(engine, prepared[2:3], 4, "m", batch_size=2, low_latency=True)
     assert engine.low_latency[-1] is True
+    assert engine.inputs[:3] == [None] * 3  # not tokenized: the actor tokenizes
+    # Tokenized in the CPU stage: each question's ids reach the actor with it.
+    def tokenize(texts):
+        return [QuestionInputs(clip_ids=[len(t)], prompt_ids=[1, len(t)]) for t in texts]
+
+    tokenized = prepare_questions(host, questions, str(tmp_path), tokenize)
+    answer_questions(engine, tokenized, 4, "m", batch_size=5)
+    assert engine.inputs[-1] == tokenize([q["text"] for q in questions[:5]])
     answers = [json.loads(r["record"]) for r in rows if r["kind"] == "answer"]
     rejects = {json.loads(r["record"])["question_id"]: json.loads(r["record"])["reason"]
                for r in rows if r["kind"] == "reject"}
@@ -196,3 +214,13 @@ def test_answers_are_reused_only_from_a_finished_evaluation_of_the_same_identity
     assert eval_outputs.stored(model_dir_out, full) is None  # a manifest of another identity
     eval_outputs.forget(model_dir_out)  # a rerun writing again: nothing there is trusted meanwhile
     assert eval_outputs.stored(model_dir_out, model) is None
+
+
+def test_an_unknown_generation_is_refused_before_any_work(tmp_path):
+    from pipelines.config import Recipe
+    from pipelines.evaluate import run_evaluate
+
+    recipe = Recipe()
+    recipe.eval.generation = "fast"
+    with pytest.raises(ValueError, match="eval.generation='fast': expected one of"):
+        run_evaluate(recipe, str(tmp_path / "no-model"))

@@ -77,6 +77,22 @@ def test_batched_answers_equal_one_by_one_answers(answerer, images):
     assert [a.prompt_tokens for a in batched] == lengths
 
 
+def test_prepared_pixels_answer_as_their_images(answerer, images):
+    """What evaluation's CPU tasks hand the actors (the host side's 8-bit pixels) gets the answers of
+    the images themselves."""
+    pixels = answerer.encoder.host.prepare(images).numpy()
+    inputs = answerer.question_inputs(QUESTIONS)  # tokenized apart, as evaluation's CPU tasks do
+    assert all(q.prompt_ids == answerer.prompt_ids(text) for q, text in zip(inputs, QUESTIONS))
+    prepared = answerer.answer_prepared(pixels, QUESTIONS, max_new_tokens=6, inputs=inputs)
+    direct = answerer.answer(images, QUESTIONS, max_new_tokens=6)
+    assert [(a.token_ids, a.kept_indices) for a in prepared] == [(a.token_ids, a.kept_indices) for a in direct]
+    assert [a.scores.tolist() for a in prepared] == [a.scores.tolist() for a in direct]
+    with pytest.raises(ValueError, match="2 images but 1 questions"):
+        answerer.answer_prepared(pixels[:2], QUESTIONS[:1])
+    with pytest.raises(ValueError, match="and 1 token inputs"):
+        answerer.answer_prepared(pixels[:2], QUESTIONS[:2], inputs=inputs[:1])
+
+
 def test_greedy_generation_is_deterministic(answerer, images):
     first = answerer.answer(images[:2], QUESTIONS[:2], max_new_tokens=5)
     again = answerer.answer(images[:2], QUESTIONS[:2], max_new_tokens=5)
