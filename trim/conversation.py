@@ -148,21 +148,36 @@ def template_conflict(conversations: Conversation) -> str | None:
     return None
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str, known: dict[str, list[int]] | None = None) -> list[int]:
+    if not text:
+        return []
+    if known is not None and text in known:
+        return known[text]
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _encode_all(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> dict[str, list[int]]:
+    """Each distinct non-empty text's ids from one tokenizer call: a call costs ~0.1 ms of Python
+    whatever its length, and a conversation needs six or more (the same ids as one call each)."""
+    unique = list(dict.fromkeys(t for t in texts if t))
+    if not unique:
+        return {}
+    return {t: list(ids) for t, ids in zip(unique, tokenizer(unique, add_special_tokens=False)["input_ids"])}
 
 
 def _bos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
 
 
-def _image_token_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+def _image_token_ids(tokenizer: PreTrainedTokenizerBase, text: str,
+                     known: dict[str, list[int]] | None = None) -> list[int]:
     """LLaVA's tokenizer_image_token: BOS + each chunk between `<image>` tags tokenized on its own
-    (so each gets the tokenizer's leading "▁" where it adds one), IMAGE_TOKEN_INDEX between them."""
+    (so each gets the tokenizer's leading "▁" where it adds one), IMAGE_TOKEN_INDEX between them.
+    known: ids of chunks encoded beforehand (_encode_all)."""
     chunks = text.split(IMAGE_TOKEN)
-    ids = _bos(tokenizer) + _encode(tokenizer, chunks[0])
+    ids = _bos(tokenizer) + _encode(tokenizer, chunks[0], known)
     for chunk in chunks[1:]:
-        ids += [IMAGE_TOKEN_INDEX, *_encode(tokenizer, chunk)]
+        ids += [IMAGE_TOKEN_INDEX, *_encode(tokenizer, chunk, known)]
     return ids
 
 
@@ -172,20 +187,29 @@ def _mask(labels: list[int], start: int, stop: int) -> None:
         labels[i] = IGNORE_INDEX
 
 
+def _rounds(prompt: str) -> list[tuple[str, str]]:
+    """(round text, its instruction up to and with the reply separator) of each round preprocess_v1
+    masks, in order."""
+    rounds = []
+    for text in prompt.split(SEP2):
+        parts = text.split(REPLY_SEP)
+        if text == "" or len(parts) != 2:
+            break
+        rounds.append((text, parts[0] + REPLY_SEP))
+    return rounds
+
+
 def _round_labels(tokenizer: PreTrainedTokenizerBase, prompt: str, input_ids: list[int], max_length: int,
-                  ) -> tuple[list[int], str | None]:
+                  known: dict[str, list[int]] | None = None) -> tuple[list[int], str | None]:
     """preprocess_v1's masking of input_ids: the labels and, if they were all masked for a
     mismatch, why."""
     labels = list(input_ids)
     not_legacy = not getattr(tokenizer, "legacy", True)
     cur_len = 1
     _mask(labels, 0, cur_len)
-    for i, text in enumerate(prompt.split(SEP2)):
-        parts = text.split(REPLY_SEP)
-        if text == "" or len(parts) != 2:
-            break
-        round_len = len(_image_token_ids(tokenizer, text))
-        instruction_len = len(_image_token_ids(tokenizer, parts[0] + REPLY_SEP)) - 2
+    for i, (text, instruction) in enumerate(_rounds(prompt)):
+        round_len = len(_image_token_ids(tokenizer, text, known))
+        instruction_len = len(_image_token_ids(tokenizer, instruction, known)) - 2
         if i != 0 and not_legacy:
             round_len -= 1
             instruction_len -= 1
@@ -193,7 +217,8 @@ def _round_labels(tokenizer: PreTrainedTokenizerBase, prompt: str, input_ids: li
         cur_len += round_len
     _mask(labels, cur_len, len(labels))
     # LLaVA's v1 recipe pads with unk and counts the non-pad ids: an unk inside the text counts out.
-    total_len = sum(token != tokenizer.unk_token_id for token in input_ids)
+    unk = tokenizer.unk_token_id  # read once: a tokenizer attribute costs a lookup through transformers
+    total_len = sum(token != unk for token in input_ids)
     if cur_len < max_length and cur_len != total_len:
         return [IGNORE_INDEX] * len(labels), f"tokenization mismatch: {cur_len} vs. {total_len}"
     return labels, None
@@ -221,12 +246,15 @@ def tokenize_conversation(
         raise ValueError("LLaVA's template needs a tokenizer with a bos and an eos token")
     values = _values(conversations)
     prompt = _prompt(values)
-    input_ids = _image_token_ids(tokenizer, prompt)
+    conflict = any(SEP2 in value for value in values)
+    pieces = [prompt] + ([] if conflict else [text for pair in _rounds(prompt) for text in pair])
+    known = _encode_all(tokenizer, [chunk for piece in pieces for chunk in piece.split(IMAGE_TOKEN)])
+    input_ids = _image_token_ids(tokenizer, prompt, known)
     reason: str | None
-    if any(SEP2 in value for value in values):
+    if conflict:
         labels, reason = [IGNORE_INDEX] * len(input_ids), f"a message contains {SEP2!r}"
     else:
-        labels, reason = _round_labels(tokenizer, prompt, input_ids, max_length)
+        labels, reason = _round_labels(tokenizer, prompt, input_ids, max_length, known)
     if reason:
         logger.warning("%s; the sample takes no loss (as in LLaVA)", reason)
 
