@@ -22,7 +22,8 @@ def test_gpu_check_tiny_runs_every_section_on_cpu(tmp_path):
     for key in ("train_step_full_padded_s", "train_step_trim_padded_s", "train_step_full_packed_s",
                 "train_step_trim_packed_s", "step_ratio_padded", "step_ratio_packed", "packed_over_token_ratio",
                 "ttft_b1_eager_ratio", "prefill_b16_ratio", "decode_ms_per_token_full", "decode_ms_per_token_trim",
-                "ttft_b1_eager_ratio_13b", "encoder_stage_over_raw", "cpu_preprocess_images_per_s_per_core"):
+                "ttft_b1_eager_ratio_13b", "encoder_stage_over_raw", "cpu_preprocess_images_per_s_per_core",
+                "ttft_b1_lowlatency_ratio", "eval_questions_per_s_ratio", "eval_questions_per_s_ratio_eager"):
         assert result[key] > 0, key
     assert 2.0 < result["token_ratio"] < 4.0
     assert result["packed_attn"] == "sdpa_packed"  # the CPU default
@@ -33,6 +34,8 @@ def test_gpu_check_tiny_runs_every_section_on_cpu(tmp_path):
     assert result["kv_bytes_measured_full"] == result["kv_bytes_full"] > result["kv_bytes_trim"]
     assert result["encoder_truncated_vs_hidden_states_max_diff"] == 0.0
     assert result["graph_plain_forward_max_diff"] < 1e-4
+    # The low-latency path answers as the eager one in fp32 (on the GPU, bf16 near-ties may flip).
+    assert result["lowlatency_tokens_match_eager_full"] and result["lowlatency_tokens_match_eager_trim"]
     assert result["tensor_resize_max_abs_diff"] <= 2
     assert set(result["skipped"]) == {"graph_7b", "graph_13b", "gpu_decode"}
     assert json.loads((tmp_path / "result.json").read_text()) == result
