@@ -13,6 +13,11 @@ A graph needs fixed shapes and fixed addresses, so:
   fills slots L-n .. L-1 with positions 0 .. n-1, so the first token's logits are those of the last
   slot, and decoding continues at slot L with position n; the padding slots are masked out of every
   row; a batch of fewer prompts than `batch_size` fills its spare rows with one padding slot each;
+- a batch of several prompts is prefilled without padding (eagerly: at batch 16 a prefill is bound by
+  compute, not launches): the prompts run as one packed row, position ids restarting at each and
+  attention confined to each ("sdpa_packed", trim/attention.py), and their keys and values are then
+  written to each row's slots, the layout a padded prefill leaves. TRIM's counts vary by image, and
+  a padded batch would run every row at its longest prompt's length;
 - attention reads only the slots a bucket can reach (the cache hands it the first L slots in the
   prefill, the first `window(L)` = L + max_new_tokens, rounded up, while decoding), not all
   `capacity`: a short prompt does not pay for the longest bucket's keys;
@@ -33,9 +38,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from typing import Any
 
 import torch
-from transformers import StaticCache
+from transformers import DynamicCache, StaticCache
+
+from trim.attention import NAME as PACKED_ATTENTION
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +139,8 @@ class LowLatencyGenerator:
         self._bucket = self.buckets[0]  # the bucket of the prompts in the cache
         self._generated = max_new_tokens  # no step before a prefill
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        # Several prompts: prefilled packed (no padding), where the cache's write positions can be set.
+        self.packed_prefill = batch_size > 1 and _counters(self.cache) is not None
 
     # What each replay runs: only static buffers in, only static buffers out ------------------------
 
@@ -215,7 +225,13 @@ class LowLatencyGenerator:
                     self._embeds[b, bucket - 1].zero_()
                 starts.append(bucket - n)
             self._start.copy_(torch.tensor(starts, dtype=torch.long))
-            if not self.use_graphs:
+            if self.packed_prefill:
+                if self.use_graphs and bucket not in self._decode_graphs:
+                    # Captured once the cache holds a prefill (its warm-up steps decode after it).
+                    self._prefill_packed(rows, bucket)
+                    self._decode_graphs[bucket] = self._capture(lambda: self._decode_fn(bucket), warmup=_DECODE_WARMUP)
+                self._prefill_packed(rows, bucket)
+            elif not self.use_graphs:
                 self._prefill_fn(bucket)
             else:
                 if bucket not in self._prefill_graphs:
@@ -271,6 +287,42 @@ class LowLatencyGenerator:
     def generate(self, embeds: torch.Tensor, max_new_tokens: int, eos_token_id: int) -> list[int]:
         """Greedy tokens after one prompt, stopping at eos (not included) or after max_new_tokens."""
         return self.generate_batch([embeds], max_new_tokens, eos_token_id)[0]
+
+
+    def _prefill_packed(self, rows: list[torch.Tensor], bucket: int) -> None:
+        """The prompts' prefill as one packed row (see the module doc); leaves the cache, the tokens and
+        the counters as _prefill_fn does for the same prompts left-padded to `bucket`."""
+        device, lengths = self.device, [r.shape[0] for r in rows]
+        packed = torch.cat(rows)[None]
+        positions = torch.cat([torch.arange(n) for n in lengths]).to(device)[None]
+        last = (torch.tensor(lengths).cumsum(0) - 1).to(device)
+        fresh = DynamicCache()
+        attn = self.llm.config._attn_implementation
+        self.llm.config._attn_implementation = PACKED_ATTENTION
+        try:
+            out = self.llm(inputs_embeds=packed, position_ids=positions, past_key_values=fresh, use_cache=True,
+                           logits_to_keep=last)
+        finally:
+            self.llm.config._attn_implementation = attn
+        row = torch.cat([torch.full((n,), b, dtype=torch.long) for b, n in enumerate(lengths)]).to(device)
+        slot = torch.cat([torch.arange(bucket - n, bucket) for n in lengths]).to(device)
+        for static, layer in zip(self.cache.layers, fresh.layers):
+            targets: Any = static
+            sources: Any = layer
+            targets.keys[row, :, slot] = sources.keys[0].transpose(0, 1).to(targets.keys.dtype)
+            targets.values[row, :, slot] = sources.values[0].transpose(0, 1).to(targets.values.dtype)
+        for counter in _counters(self.cache) or []:
+            counter.fill_(bucket)
+        self._token[:len(rows), 0] = out.logits[0].argmax(dim=-1)
+        self._position.copy_(bucket - self._start[:, None])
+        self._slot.fill_(bucket)
+
+
+def _counters(cache: StaticCache) -> list[torch.Tensor] | None:
+    """Each layer's write position (transformers 5.x static layers count in a device tensor), or
+    None where a layer does not."""
+    counters = [getattr(layer, "cumulative_length", None) for layer in cache.layers]
+    return counters if all(isinstance(c, torch.Tensor) for c in counters) else None  # type: ignore[return-value]
 
 
 def _rewind(cache: StaticCache) -> None:

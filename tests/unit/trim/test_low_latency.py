@@ -63,6 +63,27 @@ def test_a_batch_gives_each_prompt_its_own_tokens(attn, kv_heads):
         generator.prefill_batch(prompts * 2)
 
 
+def test_a_batch_is_prefilled_packed_into_the_padded_layout(llm):
+    """Several prompts prefill as one packed row (no padding computed) and leave the cache as the
+    padded prefill does: the same keys and values in each row's real slots, the same first tokens,
+    then the same decoding; the LLM's attention setting is left as it was."""
+    prompts = [prompt(n, seed=20 + n) for n in (3, 40, 17)]
+    packed = LowLatencyGenerator(llm, max_new_tokens=5, max_prompt_tokens=64, batch_size=4)
+    padded = LowLatencyGenerator(llm, max_new_tokens=5, max_prompt_tokens=64, batch_size=4)
+    padded.packed_prefill = False
+    assert packed.packed_prefill
+    assert packed.prefill_batch(prompts) == padded.prefill_batch(prompts)
+    assert llm.config._attn_implementation == "sdpa"
+    bucket = packed.bucket_for(40)
+    for b, p in enumerate(prompts):
+        slots = slice(bucket - p.shape[1], bucket)
+        for mine, theirs in zip(packed.cache.layers, padded.cache.layers):
+            torch.testing.assert_close(mine.keys[b, :, slots], theirs.keys[b, :, slots], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(mine.values[b, :, slots], theirs.values[b, :, slots], rtol=1e-5, atol=1e-5)
+    assert [packed.step_batch()[:3] for _ in range(4)] == [padded.step_batch()[:3] for _ in range(4)]
+    assert packed.generate_batch(prompts, 5, eos_token_id=-1) == [reference(llm, p, 5) for p in prompts]
+
+
 def test_the_prefill_attends_over_its_bucket_only(llm, monkeypatch):
     """A short prompt's prefill sees its bucket's slots as keys, and its decode steps the slots they
     can reach, not the whole cache."""
@@ -163,7 +184,9 @@ def test_batched_graph_replays_give_the_eager_tokens_on_cuda():
     llm = small_llama("cuda", torch.float32)
     graphs = LowLatencyGenerator(llm, max_new_tokens=6, buckets=(64, 192), batch_size=3)
     plain = LowLatencyGenerator(llm, max_new_tokens=6, buckets=(64, 192), batch_size=3, use_graphs=False)
-    for lengths in ((7, 64, 30), (150, 9), (5,)):
+    assert graphs.packed_prefill
+    for lengths in ((7, 64, 30), (150, 9), (5,), (7, 64, 30)):
         prompts = [prompt(n, seed=n, device="cuda") for n in lengths]
         replayed = graphs.generate_batch(prompts, 6, eos_token_id=-1)
         assert replayed == plain.generate_batch(prompts, 6, eos_token_id=-1) == [reference(llm, p, 6) for p in prompts]
+    assert sorted(graphs._decode_graphs) == [64, 192] and not graphs._prefill_graphs  # packed prefill: eager
