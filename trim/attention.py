@@ -9,11 +9,6 @@ sequences) and each piece runs causal sdpa on its own, so attention costs the su
 squares and no mask is built. Measured on CPU (tiny model, micro-batch 8): a TRIM step 42.6 -> 28.1 ms,
 a full one 198 -> 147 ms.
 
-On CUDA the pieces run as one batch instead: each sample right-padded to the longest (a causal
-query never sees the padding after it; the padded queries are dropped), one sdpa call a layer, so
-a packed prefill of 16 prompts is 32 kernels, not 512 launches. On the CPU, where the padded work
-would cost more than the calls, one call per sample.
-
 Anything else (a padding mask, a KV cache, sliding windows or other extra masks) goes through
 transformers' sdpa unchanged. Flash attention does the same per-sample cut in one varlen kernel on GPU;
 this is for where it is absent (CPU). Importing this module registers the name; every path that loads
@@ -60,9 +55,6 @@ def sample_spans(position_ids: torch.Tensor, rows: int) -> list[list[tuple[int, 
     return spans
 
 
-BATCHED_DEVICES = ("cuda",)
-"""Device types where a packed row's samples run as one padded batch (see the module doc)."""
-
 _last: tuple[torch.Tensor, int, int, list[list[tuple[int, int]]]] | None = None
 """The last position ids cut (held, so their memory cannot be reused), their version, rows, spans."""
 
@@ -90,8 +82,6 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     spans = _spans_of(positions, query.shape[0])
     if all(len(row) == 1 for row in spans):  # nothing packed: one causal call
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
-    if query.device.type in BATCHED_DEVICES:
-        return _batched_forward(module, query, key, value, spans, dropout, scaling, **kwargs), None
     rows = []
     for r, row in enumerate(spans):
         pieces = [sdpa_attention_forward(module, query[r:r + 1, :, s:e], key[r:r + 1, :, s:e],
@@ -99,42 +89,6 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
                                          **kwargs)[0] for s, e in row]
         rows.append(torch.cat(pieces, dim=1))
     return torch.cat(rows, dim=0), None
-
-
-_layout: tuple[list, torch.device, tuple[torch.Tensor, torch.Tensor, int]] | None = None
-"""The last spans laid out (their list held, so the identity check holds), the device, the layout."""
-
-
-def padded_layout(spans: list[list[tuple[int, int]]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """For each position of the packed rows, in order: its sample's number and its offset in the
-    sample; and the longest sample's length."""
-    sample, offset, number, longest = [], [], 0, 1
-    for row in spans:
-        for start, end in row:
-            sample.append(torch.full((end - start,), number, dtype=torch.long))
-            offset.append(torch.arange(end - start))
-            number, longest = number + 1, max(longest, end - start)
-    return torch.cat(sample).to(device), torch.cat(offset).to(device), longest
-
-
-def _batched_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     spans: list[list[tuple[int, int]]], dropout: float, scaling: float | None,
-                     **kwargs: Any) -> torch.Tensor:
-    """The packed samples as one right-padded batch through one causal sdpa call; [B, L, H, d]."""
-    global _layout
-    if _layout is None or _layout[0] is not spans or _layout[1] != query.device:
-        _layout = (spans, query.device, padded_layout(spans, query.device))  # once per forward, not per layer
-    sample, offset, longest = _layout[2]
-    count = sum(len(row) for row in spans)
-    rows, heads, length, dim = query.shape
-
-    def padded(x: torch.Tensor) -> torch.Tensor:  # [B, h, L, d] -> [samples, h, longest, d]
-        flat = x.transpose(1, 2).reshape(rows * length, x.shape[1], dim)
-        return x.new_zeros(count, longest, x.shape[1], dim).index_put((sample, offset), flat).transpose(1, 2)
-
-    out = sdpa_attention_forward(module, padded(query), padded(key), padded(value), None, dropout=dropout,
-                                 scaling=scaling, **kwargs)[0]  # [samples, longest, H, d]
-    return out[sample, offset].reshape(rows, length, heads, dim)
 
 
 AttentionInterface.register(NAME, packed_sdpa_forward)

@@ -68,31 +68,6 @@ def test_packed_rows_match_each_sample_run_alone_and_sdpa(monkeypatch):
             start += n
 
 
-def test_as_one_padded_batch_the_samples_give_the_same_outputs_and_gradients(monkeypatch):
-    """The CUDA layout (each sample right-padded to the longest, one causal call a layer), forced on
-    the CPU: the logits and gradients of the per-sample calls."""
-    reference, packed = _pair()
-    reference.train()
-    packed.train()
-    ids, positions, lengths = _packed_rows()
-    calls = []
-
-    def spy(module, query, *args, **kwargs):
-        calls.append(tuple(query.shape))
-        return sdpa_attention_forward(module, query, *args, **kwargs)
-
-    monkeypatch.setattr(attention, "BATCHED_DEVICES", ("cpu",))
-    monkeypatch.setattr(attention, "sdpa_attention_forward", spy)
-    out = packed(input_ids=ids, position_ids=positions, labels=ids)
-    assert calls == [(7, 4, 11, 8)] * 2  # 7 samples padded to 11, one call in each of the 2 layers
-    expected = reference(input_ids=ids, position_ids=positions, labels=ids)
-    torch.testing.assert_close(out.logits, expected.logits, rtol=1e-5, atol=1e-5)
-    out.loss.backward()
-    expected.loss.backward()
-    for (name, mine), theirs in zip(packed.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-6, msg=name)
-
-
 def test_packed_gradients_match_sdpa():
     reference, packed = _pair()
     reference.train()

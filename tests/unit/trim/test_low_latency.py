@@ -63,16 +63,10 @@ def test_a_batch_gives_each_prompt_its_own_tokens(attn, kv_heads):
         generator.prefill_batch(prompts * 2)
 
 
-@pytest.mark.parametrize("batched", [False, True])
-def test_a_batch_is_prefilled_packed_into_the_padded_layout(llm, batched, monkeypatch):
+def test_a_batch_is_prefilled_packed_into_the_padded_layout(llm):
     """Several prompts prefill as one packed row (no padding computed) and leave the cache as the
     padded prefill does: the same keys and values in each row's real slots, the same first tokens,
-    then the same decoding; the LLM's attention setting is left as it was. batched: the packed
-    attention's CUDA layout (one padded call a layer), forced on the CPU."""
-    from trim import attention
-
-    if batched:
-        monkeypatch.setattr(attention, "BATCHED_DEVICES", ("cpu",))
+    then the same decoding; the LLM's attention setting is left as it was."""
     prompts = [prompt(n, seed=20 + n) for n in (3, 40, 17)]
     packed = LowLatencyGenerator(llm, max_new_tokens=5, max_prompt_tokens=64, batch_size=4)
     padded = LowLatencyGenerator(llm, max_new_tokens=5, max_prompt_tokens=64, batch_size=4)
