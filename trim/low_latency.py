@@ -13,11 +13,11 @@ A graph needs fixed shapes and fixed addresses, so:
   fills slots L-n .. L-1 with positions 0 .. n-1, so the first token's logits are those of the last
   slot, and decoding continues at slot L with position n; the padding slots are masked out of every
   row; a batch of fewer prompts than `batch_size` fills its spare rows with one padding slot each;
-- a batch of several prompts is prefilled without padding (eagerly: at batch 16 a prefill is bound by
-  compute, not launches): the prompts run as one packed row, position ids restarting at each and
-  attention confined to each ("sdpa_packed", trim/attention.py), and their keys and values are then
-  written to each row's slots, the layout a padded prefill leaves. TRIM's counts vary by image, and
-  a padded batch would run every row at its longest prompt's length;
+- a batch whose padding would exceed PACKED_PREFILL_PADDING is prefilled without it (eagerly: at
+  batch 16 a prefill is bound by compute, not launches): the prompts run as one packed row, position
+  ids restarting at each and attention confined to each ("sdpa_packed", trim/attention.py), and
+  their keys and values are then written to each row's slots, the layout a padded prefill leaves.
+  TRIM's counts vary by image, and a padded batch would run every row at its longest prompt's length;
 - attention reads only the slots a bucket can reach (the cache hands it the first L slots in the
   prefill, the first `window(L)` = L + max_new_tokens, rounded up, while decoding), not all
   `capacity`: a short prompt does not pay for the longest bucket's keys;
@@ -50,6 +50,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_BUCKET_STEP = 8
 """Prompt lengths are padded up to a multiple of this by default: at most 7 padding positions (~3% of
 a TRIM prompt; at batch 1 a 7B prefill costs about linearly in them), at the price of more graphs."""
+PACKED_PREFILL_PADDING = 0.1
+"""A batch is prefilled packed when a padded prefill would spend more than this share of its
+positions on padding: measured on an H200 (7B, batch 16), the packed prefill costs ~7% more than
+an unpadded one (one attention call per prompt, the keys and values copied into the cache), and
+a padded one computes its padding in vain."""
 _DECODE_WARMUP = 2
 """Decode steps run before a decode graph is captured (they need free cache slots)."""
 
@@ -139,7 +144,8 @@ class LowLatencyGenerator:
         self._bucket = self.buckets[0]  # the bucket of the prompts in the cache
         self._generated = max_new_tokens  # no step before a prefill
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
-        # Several prompts: prefilled packed (no padding), where the cache's write positions can be set.
+        # Several prompts: prefilled packed (no padding) where that is cheaper and the cache's write
+        # positions can be set.
         self.packed_prefill = batch_size > 1 and _counters(self.cache) is not None
 
     # What each replay runs: only static buffers in, only static buffers out ------------------------
@@ -225,7 +231,8 @@ class LowLatencyGenerator:
                     self._embeds[b, bucket - 1].zero_()
                 starts.append(bucket - n)
             self._start.copy_(torch.tensor(starts, dtype=torch.long))
-            if self.packed_prefill:
+            padding = 1 - sum(r.shape[0] for r in rows) / (self.batch_size * bucket)
+            if self.packed_prefill and padding > PACKED_PREFILL_PADDING:
                 if self.use_graphs and bucket not in self._decode_graphs:
                     # Captured once the cache holds a prefill (its warm-up steps decode after it).
                     self._prefill_packed(rows, bucket)

@@ -84,6 +84,20 @@ def test_a_batch_is_prefilled_packed_into_the_padded_layout(llm):
     assert packed.generate_batch(prompts, 5, eos_token_id=-1) == [reference(llm, p, 5) for p in prompts]
 
 
+def test_a_batch_with_little_padding_is_prefilled_padded(llm, monkeypatch):
+    """Packing pays where the padding would: prompts of one length fill the rows (2.5% padding here)."""
+    generator = LowLatencyGenerator(llm, max_new_tokens=3, max_prompt_tokens=64, batch_size=4)
+    packed_calls = []
+    original = generator._prefill_packed
+    monkeypatch.setattr(generator, "_prefill_packed", lambda *a: packed_calls.append(1) or original(*a))
+    even = [prompt(n, seed=30 + i) for i, n in enumerate((40, 40, 40, 36))]
+    assert generator.generate_batch(even, 3, eos_token_id=-1) == [reference(llm, p, 3) for p in even]
+    assert packed_calls == []
+    uneven = [prompt(n, seed=40 + n) for n in (40, 9)]  # 1 - 49 / (4 x 40) of padding
+    assert generator.generate_batch(uneven, 3, eos_token_id=-1) == [reference(llm, p, 3) for p in uneven]
+    assert packed_calls == [1]
+
+
 def test_the_prefill_attends_over_its_bucket_only(llm, monkeypatch):
     """A short prompt's prefill sees its bucket's slots as keys, and its decode steps the slots they
     can reach, not the whole cache."""
