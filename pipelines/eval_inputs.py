@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import shutil
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -120,9 +121,12 @@ def prepare_batch(batch: dict[str, Any], clip_path: str, model_dir: str, text_mo
         from trim.encoders import ClipHost
         from trim.inference import question_inputs
 
-        host = ClipHost(storage.local_copy(clip_path, skip_suffixes=WEIGHT_SUFFIXES))
+        clip = storage.local_copy(clip_path, skip_suffixes=WEIGHT_SUFFIXES)
         llm = storage.local_copy(storage.join(model_dir, "llm"), skip_suffixes=WEIGHT_SUFFIXES)
-        tokenizer = AutoTokenizer.from_pretrained(llm)
+        host, tokenizer = ClipHost(clip), AutoTokenizer.from_pretrained(llm)
+        for local, uri in ((clip, clip_path), (llm, storage.join(model_dir, "llm"))):
+            if local != uri:  # a temporary copy of S3 files, read now
+                shutil.rmtree(local, ignore_errors=True)
         _HOSTS.clear()
         _HOSTS[key] = (host, lambda texts: question_inputs(host, tokenizer, texts, text_mode))  # type: ignore[arg-type]
     host, tokenize = _HOSTS[key]

@@ -172,3 +172,27 @@ def test_a_failed_full_evaluation_is_never_scored_as_the_trim_models(first_run, 
     full = load_job("evaluate").main([*argv, "--trim", "full"])  # not reused: it never finished
     assert full.answers == str(written[0]) and full.trim_name == "default/all"
     assert full.metrics["mean_visual_tokens"] == 576 and Path(first_run.answers).read_bytes() == trim_answers
+
+
+def test_an_evaluation_on_s3_answers_as_the_local_one(first_run, eval_root, tiny_models, s3_env, monkeypatch):
+    """Run root (questions, images, the exported model) on S3, the job in its own process and Ray: the
+    CPU tasks read the images and the model's tokenizer from there (its weights left behind), the
+    actors the model; the same answers as the local run."""
+    from pipelines import storage
+    from tests.integration.conftest import run_job
+
+    for key, value in s3_env.items():
+        monkeypatch.setenv(key, value)  # the in-test s3fs client
+    fs, _ = storage.fsspec_fs("s3://trim-eval/")
+    fs.mkdir("trim-eval")
+    fs.put(str(eval_root / "data"), "trim-eval/run/data", recursive=True)
+    fs.put(str(eval_root / "checkpoints"), "trim-eval/run/checkpoints", recursive=True)
+    env = dict(s3_env, MLFLOW_TRACKING_URI=f"sqlite:///{eval_root}/mlflow-s3.db")
+    run_job("evaluate", "paths.root=s3://trim-eval/run", f"paths.clip={tiny_models.clip}",
+            f"paths.llm={tiny_models.llm}", "eval.batch_size=4", "eval.max_new_tokens=4", "eval.num_pictures=2",
+            env=env)
+    written = [p for p in fs.find("trim-eval/run/eval") if p.endswith("/answers.jsonl")]
+    assert len(written) == 1
+    answers = [json.loads(line) for line in storage.read_bytes(f"s3://{written[0]}").decode().splitlines() if line]
+    assert [(a["question_id"], a["text"]) for a in answers] == [
+        (a["question_id"], a["text"]) for a in read_jsonl(Path(first_run.answers))]
