@@ -190,6 +190,34 @@ class LowLatencyGenerator:
         self._position.add_(1)
         self._slot.add_(1)
 
+    def _prefill_packed(self, rows: list[torch.Tensor], bucket: int) -> None:
+        """The prompts' prefill as one packed row (see the module doc); leaves the cache, the tokens and
+        the counters as _prefill_fn does for the same prompts left-padded to `bucket`."""
+        device, lengths = self.device, [r.shape[0] for r in rows]
+        packed = torch.cat(rows)[None]
+        positions = torch.cat([torch.arange(n) for n in lengths]).to(device)[None]
+        last = (torch.tensor(lengths).cumsum(0) - 1).to(device)
+        fresh = DynamicCache()
+        attn = self.llm.config._attn_implementation
+        self.llm.config._attn_implementation = PACKED_ATTENTION
+        try:
+            out = self.llm(inputs_embeds=packed, position_ids=positions, past_key_values=fresh, use_cache=True,
+                           logits_to_keep=last)
+        finally:
+            self.llm.config._attn_implementation = attn
+        row = torch.cat([torch.full((n,), b, dtype=torch.long) for b, n in enumerate(lengths)]).to(device)
+        slot = torch.cat([torch.arange(bucket - n, bucket) for n in lengths]).to(device)
+        for static, layer in zip(self.cache.layers, fresh.layers):
+            targets: Any = static
+            sources: Any = layer
+            targets.keys[row, :, slot] = sources.keys[0].transpose(0, 1).to(targets.keys.dtype)
+            targets.values[row, :, slot] = sources.values[0].transpose(0, 1).to(targets.values.dtype)
+        for counter in _counters(self.cache) or []:
+            counter.fill_(bucket)
+        self._token[:len(rows), 0] = out.logits[0].argmax(dim=-1)
+        self._position.copy_(bucket - self._start[:, None])
+        self._slot.fill_(bucket)
+
     def _capture(self, fn: Callable[[], None], warmup: int) -> torch.cuda.CUDAGraph:
         """Warm fn up on a side stream (lazy allocations, library handles), then capture it."""
         stream = torch.cuda.Stream()
@@ -221,18 +249,18 @@ class LowLatencyGenerator:
             if bucket is None or min(r.shape[0] for r in rows) == 0:
                 raise ValueError(f"prompts of {sorted({r.shape[0] for r in rows})} tokens do not fit the buckets "
                                  f"(1 to {self.buckets[-1]})")
-            starts = []
-            for b in range(self.batch_size):
-                n = rows[b].shape[0] if b < len(rows) else 1  # a spare row: one zero slot
-                self._embeds[b, :bucket - n].zero_()
-                if b < len(rows):
-                    self._embeds[b, bucket - n:bucket].copy_(rows[b])
-                else:
-                    self._embeds[b, bucket - 1].zero_()
-                starts.append(bucket - n)
-            self._start.copy_(torch.tensor(starts, dtype=torch.long))
-            padding = 1 - sum(r.shape[0] for r in rows) / (self.batch_size * bucket)
-            if self.packed_prefill and padding > PACKED_PREFILL_PADDING:
+            lengths = [r.shape[0] for r in rows] + [1] * (self.batch_size - len(rows))  # a spare row: one slot
+            self._start.copy_(torch.tensor([bucket - n for n in lengths], dtype=torch.long))
+            padding = 1 - sum(lengths[:len(rows)]) / (self.batch_size * bucket)  # of a padded prefill
+            packed = self.packed_prefill and padding > PACKED_PREFILL_PADDING
+            if not packed:  # the padded prefill's input: each prompt at the end of its row's bucket
+                for b, n in enumerate(lengths):
+                    self._embeds[b, :bucket - n].zero_()
+                    if b < len(rows):
+                        self._embeds[b, bucket - n:bucket].copy_(rows[b])
+                    else:
+                        self._embeds[b, bucket - 1].zero_()
+            if packed:
                 if self.use_graphs and bucket not in self._decode_graphs:
                     # Captured once the cache holds a prefill (its warm-up steps decode after it).
                     self._prefill_packed(rows, bucket)
@@ -294,35 +322,6 @@ class LowLatencyGenerator:
     def generate(self, embeds: torch.Tensor, max_new_tokens: int, eos_token_id: int) -> list[int]:
         """Greedy tokens after one prompt, stopping at eos (not included) or after max_new_tokens."""
         return self.generate_batch([embeds], max_new_tokens, eos_token_id)[0]
-
-
-    def _prefill_packed(self, rows: list[torch.Tensor], bucket: int) -> None:
-        """The prompts' prefill as one packed row (see the module doc); leaves the cache, the tokens and
-        the counters as _prefill_fn does for the same prompts left-padded to `bucket`."""
-        device, lengths = self.device, [r.shape[0] for r in rows]
-        packed = torch.cat(rows)[None]
-        positions = torch.cat([torch.arange(n) for n in lengths]).to(device)[None]
-        last = (torch.tensor(lengths).cumsum(0) - 1).to(device)
-        fresh = DynamicCache()
-        attn = self.llm.config._attn_implementation
-        self.llm.config._attn_implementation = PACKED_ATTENTION
-        try:
-            out = self.llm(inputs_embeds=packed, position_ids=positions, past_key_values=fresh, use_cache=True,
-                           logits_to_keep=last)
-        finally:
-            self.llm.config._attn_implementation = attn
-        row = torch.cat([torch.full((n,), b, dtype=torch.long) for b, n in enumerate(lengths)]).to(device)
-        slot = torch.cat([torch.arange(bucket - n, bucket) for n in lengths]).to(device)
-        for static, layer in zip(self.cache.layers, fresh.layers):
-            targets: Any = static
-            sources: Any = layer
-            targets.keys[row, :, slot] = sources.keys[0].transpose(0, 1).to(targets.keys.dtype)
-            targets.values[row, :, slot] = sources.values[0].transpose(0, 1).to(targets.values.dtype)
-        for counter in _counters(self.cache) or []:
-            counter.fill_(bucket)
-        self._token[:len(rows), 0] = out.logits[0].argmax(dim=-1)
-        self._position.copy_(bucket - self._start[:, None])
-        self._slot.fill_(bucket)
 
 
 def _counters(cache: StaticCache) -> list[torch.Tensor] | None:
