@@ -80,8 +80,12 @@ def question_inputs(clip_host, tokenizer, questions: Sequence[str], mode: TrimTe
     """Each question's QuestionInputs. clip_host: a trim.encoders.ClipHost; tokenizer: the LLM's."""
     texts = [inference_text(q, mode) for q in questions]
     clip_ids = clip_host.tokenizer(texts, truncation=True, max_length=clip_host.max_text_tokens)["input_ids"]
-    prompts = [generation_prompt(strip_image_tag(q), with_image=True) for q in questions]
-    return [QuestionInputs(list(ids), tokenize_prompt(prompt, tokenizer)) for ids, prompt in zip(clip_ids, prompts)]
+    return [QuestionInputs(list(ids), prompt_ids(q, tokenizer)) for ids, q in zip(clip_ids, questions)]
+
+
+def prompt_ids(question: str, tokenizer) -> list[int]:
+    """BOS + the vicuna_v1 generation prompt with the image placeholder, in the LLM tokenizer."""
+    return tokenize_prompt(generation_prompt(strip_image_tag(question), with_image=True), tokenizer)
 
 
 def clip_batch(inputs: Sequence[QuestionInputs], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,7 +233,7 @@ class Answerer:
 
     def prompt_ids(self, question: str) -> list[int]:
         """BOS + the vicuna_v1 generation prompt with the image placeholder."""
-        return tokenize_prompt(generation_prompt(strip_image_tag(question), with_image=True), self.tokenizer)
+        return prompt_ids(question, self.tokenizer)
 
     def _batch(self, questions: Sequence[str], visual: Sequence[torch.Tensor],
                prompt_ids: Sequence[list[int]] | None = None) -> Batch:
