@@ -37,3 +37,19 @@ def test_the_same_seed_asks_the_same_questions():
     scenes = make_split(5, seed=1)[0]
     first = [ask(s, i, random.Random(i)) for i, s in enumerate(scenes)]
     assert first == [ask(s, i, random.Random(i)) for i, s in enumerate(scenes)]
+
+
+def test_kinds_keep_their_shares_and_chance_stays_low():
+    samples = make_split(1000, seed=2)[1]
+    shares = {kind: sum(s.kind == kind for s in samples) / len(samples) for kind in KINDS}
+    for kind, share in KINDS.items():
+        assert abs(shares[kind] - share) < 0.05, shares
+    assert chance(samples) <= 0.2
+
+
+def test_a_scene_with_no_unique_shape_is_asked_only_to_count():
+    scene = next(s for s in make_split(300, seed=3)[0] if len({o.shape for o in s.objects}) == 1
+                 and len(s.objects) > 1)
+    asked = [ask(scene, 0, random.Random(i)) for i in range(30)]
+    assert {a.kind for a in asked if a is not None} == {"count"}
+    assert None in asked

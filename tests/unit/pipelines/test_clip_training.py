@@ -7,11 +7,13 @@ from transformers import CLIPModel
 from pipelines.clip_training import (
     ClipTrainConfig,
     batches,
+    init_positions,
     match_matrix,
     multi_positive_loss,
     preprocess,
     region_loss,
     region_targets,
+    sincos_positions,
     train,
 )
 from pipelines.scene_texts import SceneText, Spec, caption
@@ -91,3 +93,23 @@ def test_batches_are_deterministic_and_name_every_object():
     assert len(first.region_texts) == sum(len(s.objects) for s in first.scenes)
     objects = [o for s in first.scenes for o in s.objects]
     assert all(t.specs[0].fits(o) for t, o in zip(first.region_texts, objects))
+
+
+def test_sincos_positions_code_row_and_column_apart():
+    codes = sincos_positions(24, 64).reshape(24, 24, 64)
+    rows, cols = codes[..., :32], codes[..., 32:]
+    assert torch.equal(rows, rows[:, :1].expand_as(rows))  # the first half depends on the row only
+    assert torch.equal(cols, cols[:1].expand_as(cols))  # the second on the column only
+    flat = codes.reshape(576, 64)
+    assert torch.cdist(flat, flat).fill_diagonal_(1.0).min() > 0.05  # every patch coded apart
+    assert torch.allclose(sincos_positions(24, 64, 2.0), 2 * sincos_positions(24, 64))
+
+
+def test_position_init_sets_the_patch_positions_and_leaves_the_class_token():
+    torch.manual_seed(0)
+    model = CLIPModel(tiny_clip_config(build_clip_tokenizer(), width=32, depth=1))
+    weight = model.vision_model.embeddings.position_embedding.weight
+    cls_before = weight[0].clone()
+    init_positions(model, 1.5)
+    assert torch.equal(weight[0], cls_before)
+    assert torch.allclose(weight[1:], sincos_positions(24, 32, 1.5))

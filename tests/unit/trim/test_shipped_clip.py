@@ -5,6 +5,7 @@ import pytest
 from transformers import CLIPModel
 
 from pipelines.clip_training import retrieval_accuracy
+from pipelines.feature_probe import probe
 from pipelines.grounding import cases, measure, settings
 from trim.encoders import ClipEncoder
 from trim.tiny import shipped_clip
@@ -31,3 +32,9 @@ def test_kept_patches_lie_on_the_named_object_far_above_chance(encoder):
     rows = {name: measure(encoder, items, cfg) for name, cfg in settings().items()}
     chance = rows.pop("random patches (paper's IQR counts)")["precision"]
     assert max(r["precision"] for r in rows.values()) >= 3 * chance
+
+
+def test_patch_features_tell_an_objects_colour(encoder):
+    figures = probe(encoder, num_scenes=300)
+    assert figures["probe_colour"] >= 0.9  # chance 1/8
+    assert set(figures) == {"probe_colour", "probe_shape", "probe_cell", "objects"} and figures["objects"] > 300
