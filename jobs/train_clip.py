@@ -1,6 +1,6 @@
 """Train the project's tiny CLIP on synthetic scenes and save it as a hub checkpoint with a model card.
 
-    python jobs/train_clip.py [--out models/tiny-clip] [--steps 1700] [--seed 0] [--position-init 1.0]
+    python jobs/train_clip.py [--out models/tiny-clip] [--steps 1700] [--seed 0] [--position-init 0]
 
 About 30 minutes on a 2-core CPU at the defaults. The weights it writes are the ones shipped in
 models/tiny-clip (the demo's and the tiny recipe's CLIP); rerun with the same seed to reproduce them.

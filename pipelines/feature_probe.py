@@ -63,6 +63,8 @@ def linear_probe(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, classes:
 def probe(encoder: ClipEncoder, num_scenes: int = 600, seed: int = 4242) -> dict[str, float]:
     """{"probe_colour", "probe_shape", "probe_cell"}: held-out read-out accuracy of each property, and
     "objects": how many objects were probed."""
+    if num_scenes < 3:
+        raise ValueError(f"feature probe: {num_scenes} scenes cannot be split into a training and a held-out part")
     x, labels, owner = object_features(encoder, num_scenes, seed)
     train = owner < (2 * num_scenes) // 3  # split by scene: no scene on both sides
     with torch.enable_grad():

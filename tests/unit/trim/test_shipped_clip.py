@@ -38,3 +38,8 @@ def test_patch_features_tell_an_objects_colour(encoder):
     figures = probe(encoder, num_scenes=300)
     assert figures["probe_colour"] >= 0.9  # chance 1/8
     assert set(figures) == {"probe_colour", "probe_shape", "probe_cell", "objects"} and figures["objects"] > 300
+
+
+def test_too_few_probe_scenes_are_refused(encoder):
+    with pytest.raises(ValueError, match="2 scenes"):
+        probe(encoder, num_scenes=2)
