@@ -51,6 +51,8 @@ def summary(results: dict) -> str:
             ("prefill b16 full / TRIM", "prefill_b16_ratio"),
             ("eval questions/s b16 TRIM / full (low-latency)", "eval_questions_per_s_ratio"),
             ("eval questions/s b16 TRIM / full (eager)", "eval_questions_per_s_ratio_eager"),
+            ("  ... TRIM's counts varied, batches as drawn", "eval_questions_per_s_ratio_varied"),
+            ("  ... TRIM's counts varied, batches by length", "eval_questions_per_s_ratio_sorted"),
             ("TTFT b1 eager 13B full / TRIM", "ttft_b1_eager_ratio_13b"),
             ("decode ms/token full", "decode_ms_per_token_full"), ("decode ms/token TRIM", "decode_ms_per_token_trim"),
             ("encoder raw images/s", "encoder_raw_images_per_s"),

@@ -40,7 +40,8 @@ def identity(recipe: Recipe, model_dir: str, trim_cfg: TrimConfig, question_byte
     paths, cfg = recipe.paths, recipe.eval
     return {"model_dir": model_dir, "model_files": storage.fingerprint(model_dir), "model_id": recipe.train.run_name,
             "clip": paths.clip, "clip_files": files_digest(paths.clip), "trim": trim_cfg.to_dict(),
-            "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "accelerator": accelerator,
+            "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "sort_window": cfg.sort_window,
+            "accelerator": accelerator,
             "questions": paths.eval_questions, "questions_sha256": hashlib.sha256(question_bytes).hexdigest(),
             "images": paths.eval_images, "images_files": files_digest(paths.eval_images)}
 

@@ -14,7 +14,8 @@ A Ray Data pipeline runs the questions: CPU tasks fetch each batch's images in o
 decode, pad and resize them (pipelines/eval_inputs.py); an actor pool answers: each actor loads the
 model and the CLIP towers once (on its GPU in bf16 when the cluster has GPUs, else on the CPU in
 fp32) and answers a batch with one CLIP forward, one TRIM call and one batched generation (on CUDA
-through trim.low_latency's static cache and CUDA graphs). The
+through trim.low_latency's static cache and CUDA graphs), its generation batches formed in order of
+prompt length among eval.sort_window of them (TRIM's counts vary by image). The
 driver writes the files, scores them when an annotation file exists, and logs metrics (throughput
 `questions_per_s` = answers / seconds some actor spent answering), the answers and a few TRIM
 pictures to MLflow. Run again with the same inputs: inference is skipped, scores and logs are redone;
@@ -132,23 +133,28 @@ def answer_record(question: dict, answer, model_id: str, trim_label: str) -> dic
 
 
 def answer_questions(answerer, rows: Sequence[dict], max_new_tokens: int, model_id: str, batch_size: int,
-                     picture_ids: Iterable[str] = (), low_latency: bool = False) -> list[dict]:
+                     picture_ids: Iterable[str] = (), low_latency: bool = False, sort_window: int = 1) -> list[dict]:
     """The pure core: prepared rows (pipelines.eval_inputs: questions with their 8-bit pixels and
     token ids, and rejects) -> output rows {kind: "answer" | "reject", record, kept, scores, started, ended}, rejects
     passed on. kept (JSON list) and scores (fp16 bytes) are filled only for the question ids in
     picture_ids; started/ended (epoch seconds) bound the answer call of the row's batch (0 on
-    rejects). Questions are answered batch_size at a time; low_latency: through trim.low_latency."""
+    rejects). Questions are answered batch_size at a time, the batches of each sort_window x batch_size
+    questions formed in order of prompt length (Answerer.answer_prepared); low_latency: through
+    trim.low_latency."""
     pictures = set(picture_ids)
     label = trim_name(answerer.trim_cfg)
     out = [{"kind": "reject", "record": r["record"], "kept": "[]", "scores": b"", "started": 0.0, "ended": 0.0}
            for r in rows if r["kind"] == "reject"]
     prepared = [r for r in rows if r["kind"] == "question"]
-    for start in range(0, len(prepared), batch_size):
-        chunk = prepared[start:start + batch_size]
+    if batch_size < 1 or sort_window < 1:
+        raise ValueError(f"batch_size={batch_size}, sort_window={sort_window}: both must be >= 1")
+    window = batch_size * sort_window
+    for start in range(0, len(prepared), window):
+        chunk = prepared[start:start + window]
         questions = [json.loads(r["record"]) for r in chunk]
         began = time.time()
         answers = answerer.answer_prepared(pixels_of(chunk), [q["text"] for q in questions], max_new_tokens,
-                                           low_latency=low_latency, inputs=inputs_of(chunk))
+                                           low_latency=low_latency, inputs=inputs_of(chunk), batch_size=batch_size)
         ended = time.time()
         for question, answer in zip(questions, answers):
             wanted = str(question["question_id"]) in pictures
@@ -177,7 +183,7 @@ class EvalActor:
     """Ray Data actor: loads the model and the CLIP towers once, answers batches of prepared questions."""
 
     def __init__(self, model_dir: str, clip_path: str, trim_cfg: dict, max_new_tokens: int, model_id: str,
-                 batch_size: int, picture_ids: list[str], generation: str = "auto"):
+                 batch_size: int, picture_ids: list[str], generation: str = "auto", sort_window: int = 1):
         import torch
 
         from trim.inference import Answerer
@@ -189,7 +195,7 @@ class EvalActor:
             if local != uri:  # a temporary copy of an S3 directory: the weights are in memory now
                 shutil.rmtree(local, ignore_errors=True)
         self.max_new_tokens, self.model_id = max_new_tokens, model_id
-        self.batch_size, self.picture_ids = batch_size, picture_ids
+        self.batch_size, self.picture_ids, self.sort_window = batch_size, picture_ids, sort_window
         if generation not in GENERATIONS:
             raise ValueError(f"eval.generation={generation!r}: expected one of {GENERATIONS}")
         self.low_latency = generation == "low_latency" or (generation == "auto" and device == "cuda")
@@ -197,7 +203,7 @@ class EvalActor:
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         rows = [dict(zip(PREPARED_COLUMNS, values)) for values in zip(*(batch[name] for name in PREPARED_COLUMNS))]
         out = answer_questions(self.answerer, rows, self.max_new_tokens, self.model_id, self.batch_size,
-                               self.picture_ids, self.low_latency)
+                               self.picture_ids, self.low_latency, self.sort_window)
         return {name: [r[name] for r in out] for name in ("kind", "record", "kept", "scores", "started", "ended")}
 
 
@@ -238,11 +244,13 @@ def _infer(questions: list[dict], model_dir: str, trim_cfg: TrimConfig, recipe, 
         prepare_batch, batch_size=cfg.batch_size,  # type: ignore[arg-type]
         fn_kwargs={"clip_path": paths.clip, "model_dir": model_dir, "text_mode": trim_cfg.text_at_inference,
                    "image_root": paths.eval_images}, batch_format="default")
-    dataset = prepared.map_batches(
-        EvalActor, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.concurrency), num_gpus=gpus,
+    dataset = prepared.map_batches(  # an actor gets sort_window generation batches at a time, to sort by length
+        EvalActor, batch_size=cfg.batch_size * cfg.sort_window,
+        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency), num_gpus=gpus,
         fn_constructor_kwargs=dict(model_dir=model_dir, clip_path=paths.clip, trim_cfg=trim_cfg.to_dict(),
                                    max_new_tokens=cfg.max_new_tokens, model_id=recipe.train.run_name,
-                                   batch_size=cfg.batch_size, picture_ids=picture_ids, generation=cfg.generation),
+                                   batch_size=cfg.batch_size, picture_ids=picture_ids, generation=cfg.generation,
+                                   sort_window=cfg.sort_window),
         batch_format="default")
     for row in dataset.iter_rows():
         record = json.loads(row["record"])
@@ -291,6 +299,8 @@ def run_evaluate(recipe: Recipe, model_dir: str, trim_spec: str = "model",
     paths, cfg = recipe.paths, recipe.eval
     if cfg.generation not in GENERATIONS:
         raise ValueError(f"eval.generation={cfg.generation!r}: expected one of {GENERATIONS}")
+    if cfg.batch_size < 1 or cfg.sort_window < 1:
+        raise ValueError(f"eval.batch_size={cfg.batch_size}, eval.sort_window={cfg.sort_window}: both must be >= 1")
     model_id = recipe.train.run_name
     settings = storage.read_json(storage.join(model_dir, "trim_llava.json"))
     trim_cfg = resolve_trim(trim_spec, recipe.trim, settings.get("trim"))
@@ -310,8 +320,9 @@ def run_evaluate(recipe: Recipe, model_dir: str, trim_spec: str = "model",
         seconds, answering_s = previous.metrics.get("seconds", 0.0), previous.metrics.get("inference_s", 0.0)
     else:
         eval_outputs.forget(out_dir)
-        logger.info("%d questions (%d malformed) with TRIM %s on %s, %d actor(s), batches of %d -> %s",
-                    len(questions), len(malformed), label, accelerator, cfg.concurrency, cfg.batch_size, out_dir)
+        logger.info("%d questions (%d malformed) with TRIM %s on %s, %d actor(s), batches of %d (sorted by length "
+                    "in windows of %d) -> %s", len(questions), len(malformed), label, accelerator, cfg.concurrency,
+                    cfg.batch_size, cfg.sort_window, out_dir)
         ordered = sorted(questions, key=lambda q: question_key(q["question_id"]))
         picture_ids = [str(q["question_id"]) for q in ordered[:cfg.num_pictures]]
         answers, rejects, picture_rows, answering_s = _infer(questions, model_dir, trim_cfg, recipe, picture_ids,

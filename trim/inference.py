@@ -303,10 +303,15 @@ class Answerer:
 
     @torch.no_grad()
     def answer_prepared(self, pixels: torch.Tensor | np.ndarray, questions: Sequence[str], max_new_tokens: int = 16,
-                        low_latency: bool = False, inputs: Sequence[QuestionInputs] | None = None) -> list[Answer]:
+                        low_latency: bool = False, inputs: Sequence[QuestionInputs] | None = None,
+                        batch_size: int | None = None) -> list[Answer]:
         """`answer` for images already prepared on the host (uint8 [B, 3, H, W], ClipHost.prepare's)
         and, if given, the questions' token ids (question_inputs): what evaluation's CPU tasks hand
-        the answering actors, which then run the device's work only."""
+        the answering actors, which then run the device's work only. batch_size: encode batch_size
+        images at a time (in the order given) and generate batch_size answers at a time, those
+        batches formed in order of prompt length: TRIM's visual counts vary by image, and a batched
+        generation runs every row at its longest prompt. The answers come in the questions' order.
+        None: one batch, as given."""
         pixels = torch.as_tensor(pixels)
         if len(pixels) != len(questions) or (inputs is not None and len(inputs) != len(questions)):
             raise ValueError(f"{len(pixels)} images but {len(questions)} questions"
@@ -315,24 +320,37 @@ class Answerer:
             return []
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        inputs = inputs if inputs is not None else self.question_inputs(questions)
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        inputs = list(inputs) if inputs is not None else self.question_inputs(questions)
+        size = min(batch_size or len(questions), len(questions))
+        reduced = concat_outputs([self._reduce_prepared(pixels[s:s + size], inputs[s:s + size])
+                                  for s in range(0, len(questions), size)])
+        # what the LLM is prompted with: the text, its image token replaced by the visual tokens
+        lengths = [len(q.prompt_ids) - 1 + int(t.shape[0]) for q, t in zip(inputs, reduced.tokens)]
+        order = sorted(range(len(questions)), key=lengths.__getitem__) if size < len(questions) else None
+        generated: list[list[int]] = [[] for _ in questions]
+        for s in range(0, len(questions), size):
+            rows = order[s:s + size] if order is not None else list(range(s, s + size))
+            batch = self._batch([questions[i] for i in rows], [reduced.tokens[i] for i in rows],
+                                [inputs[i].prompt_ids for i in rows])
+            for i, ids in zip(rows, self._generate(batch, max_new_tokens, low_latency)):
+                generated[i] = ids
+        keep_mask, scores = reduced.keep_mask.cpu(), reduced.scores.float().cpu().numpy()  # one copy each
+        return [Answer(text=self.tokenizer.decode(ids, skip_special_tokens=True).strip(), token_ids=list(ids),
+                       num_visual_tokens=int(reduced.tokens[b].shape[0]), num_kept=int(reduced.num_kept[b]),
+                       kept_indices=torch.nonzero(keep_mask[b]).flatten().tolist(), scores=scores[b],
+                       prompt_tokens=lengths[b])
+                for b, ids in enumerate(generated)]
+
+    def _reduce_prepared(self, pixels: torch.Tensor, inputs: Sequence[QuestionInputs]) -> TrimOutput:
+        """CLIP and TRIM over one batch of prepared images, each image alone (reduce_pixels)."""
         pad = self.encoder.tokenizer.pad_token_id
         text_embeds = self.encoder.towers.encode_tokens(*clip_batch(inputs, 0 if pad is None else pad))
-        reduced = reduce_pixels(self.encoder, pixels, text_embeds, self.trim_cfg, alone=True)
-        batch = self._batch(questions, reduced.tokens, [q.prompt_ids for q in inputs])
+        return reduce_pixels(self.encoder, pixels, text_embeds, self.trim_cfg, alone=True)
+
+    def _generate(self, batch: Batch, max_new_tokens: int, low_latency: bool) -> list[list[int]]:
         if low_latency:
-            generated = self._generate_low_latency(batch, max_new_tokens)
-        else:
-            generated = self.model.generate(batch, max_new_tokens=max_new_tokens,
-                                            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.pad_token_id)
-        keep_mask, scores = reduced.keep_mask.cpu(), reduced.scores.float().cpu().numpy()  # one copy each
-        text_lengths = batch.attention_mask.sum(dim=1).tolist()
-        answers = []
-        for b, ids in enumerate(generated):
-            visual = int(reduced.tokens[b].shape[0])
-            answers.append(Answer(
-                text=self.tokenizer.decode(ids, skip_special_tokens=True).strip(), token_ids=list(ids),
-                num_visual_tokens=visual, num_kept=int(reduced.num_kept[b]),
-                kept_indices=torch.nonzero(keep_mask[b]).flatten().tolist(), scores=scores[b],
-                prompt_tokens=int(text_lengths[b]) - 1 + visual))
-        return answers
+            return self._generate_low_latency(batch, max_new_tokens)
+        return self.model.generate(batch, max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
+                                   pad_token_id=self.pad_token_id)

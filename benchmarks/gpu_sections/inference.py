@@ -11,7 +11,11 @@ from transformers import LlamaForCausalLM
 
 from gpu_sections.encoder import CLIP_MEAN, CLIP_STD, IMAGE_SIDE, build_clip
 from gpu_sections.run import Run, build_llm, free_memory
+from pipelines.config import EvalConfig
 from trim import TrimConfig, trim_tokens
+
+SORT_WINDOW = EvalConfig.sort_window
+"""Generation batches the evaluation job orders by prompt length together (eval.sort_window)."""
 
 
 def cache_bytes(cache) -> int:
@@ -229,8 +233,22 @@ def eval_section(run: Run) -> None:
         values.update({f"eval_b{batch}_answer_lowlatency_trim_varied_s": varied_s,
                        "eval_varied_padding_share": 1 - sum(varied) / (bucket * batch),
                        "eval_questions_per_s_trim_varied": batch / (values[f"eval_b{batch}_encode_trim_s"] + varied_s)})
+        # As the evaluation job batches them: eval.sort_window batches' questions ordered by prompt
+        # length, then cut into batches (pipelines/evaluate.py); counts from the same spread.
+        window = sorted(int(k) + sizes.prompt for k in rng.integers(sizes.trim_k // 2, sizes.trim_k * 3 // 2 + 1,
+                                                                    batch * SORT_WINDOW))
+        groups = [window[i:i + batch] for i in range(0, len(window), batch)]
+        sorted_s = statistics.mean(run.timed(lambda p=p: fast.generate_batch(p, answer, eos_token_id=-1))  # type: ignore[misc]
+                                   for p in [[torch.randn(n, llm.config.hidden_size, device=run.device,
+                                                          dtype=run.dtype) * 0.02 for n in g] for g in groups])
+        slots = sum(fast.bucket_for(max(g)) * len(g) for g in groups)
+        values.update({f"eval_b{batch}_answer_lowlatency_trim_sorted_s": sorted_s,
+                       "eval_sorted_padding_share": 1 - sum(window) / slots, "eval_sort_window": SORT_WINDOW,
+                       "eval_questions_per_s_trim_sorted": batch / (values[f"eval_b{batch}_encode_trim_s"] + sorted_s)})
     values["eval_questions_per_s_ratio"] = values["eval_questions_per_s_trim"] / values["eval_questions_per_s_full"]
     values["eval_questions_per_s_ratio_varied"] = (values["eval_questions_per_s_trim_varied"]
+                                                   / values["eval_questions_per_s_full"])
+    values["eval_questions_per_s_ratio_sorted"] = (values["eval_questions_per_s_trim_sorted"]
                                                    / values["eval_questions_per_s_full"])
     values["eval_questions_per_s_ratio_eager"] = (values["eval_questions_per_s_eager_trim"]
                                                   / values["eval_questions_per_s_eager_full"])

@@ -23,8 +23,10 @@ def test_gpu_check_tiny_runs_every_section_on_cpu(tmp_path):
                 "train_step_trim_packed_s", "step_ratio_padded", "step_ratio_packed", "packed_over_token_ratio",
                 "ttft_b1_eager_ratio", "prefill_b16_ratio", "decode_ms_per_token_full", "decode_ms_per_token_trim",
                 "ttft_b1_eager_ratio_13b", "encoder_stage_over_raw", "cpu_preprocess_images_per_s_per_core",
-                "ttft_b1_lowlatency_ratio", "eval_questions_per_s_ratio", "eval_questions_per_s_ratio_eager"):
+                "ttft_b1_lowlatency_ratio", "eval_questions_per_s_ratio", "eval_questions_per_s_ratio_eager",
+                "eval_questions_per_s_ratio_varied", "eval_questions_per_s_ratio_sorted"):
         assert result[key] > 0, key
+    assert 0 <= result["eval_sorted_padding_share"] < 1 and result["eval_sort_window"] >= 1
     assert 2.0 < result["token_ratio"] < 4.0
     assert result["packed_attn"] == "sdpa_packed"  # the CPU default
     # Packing changes neither the loss nor the tokens; it removes padding.

@@ -36,11 +36,13 @@ class FakeAnswerer:
         self.batches = []
         self.low_latency = []
         self.inputs = []
+        self.batch_sizes = []
 
-    def answer_prepared(self, pixels, questions, max_new_tokens, low_latency=False, inputs=None):
+    def answer_prepared(self, pixels, questions, max_new_tokens, low_latency=False, inputs=None, batch_size=None):
         assert pixels.dtype == np.uint8 and pixels.shape[1:] == (3, 336, 336) and len(pixels) == len(questions)
         self.inputs.append(inputs)
         self.batches.append(len(questions))
+        self.batch_sizes.append(batch_size)
         self.low_latency.append(low_latency)
         return [Answer(text="red", token_ids=[5], num_visual_tokens=3, num_kept=2, kept_indices=[4, 9],
                        scores=np.full(576, 1 / 576, dtype=np.float32), prompt_tokens=40) for _ in questions]
@@ -95,7 +97,13 @@ def test_answer_questions_rejects_unusable_images_and_batches_the_rest(tmp_path)
     assert np.array_equal(pixels_of(prepared[2:3]), host.prepare([Image.open(tmp_path / "0.png").convert("RGB")]).numpy())
     engine = FakeAnswerer()
     rows = answer_questions(engine, prepared, 4, "m", batch_size=2, picture_ids=["1"])
-    assert engine.batches == [2, 2, 1] and engine.low_latency == [False] * 3
+    assert engine.batches == [2, 2, 1] and engine.low_latency == [False] * 3 and engine.batch_sizes == [2] * 3
+    # sort_window batches go to the answerer together, to be batched by prompt length there
+    answer_questions(engine, prepared, 4, "m", batch_size=2, sort_window=2)
+    assert engine.batches[3:] == [4, 1] and engine.batch_sizes[3:] == [2, 2]
+    del engine.batches[3:], engine.inputs[3:], engine.low_latency[3:], engine.batch_sizes[3:]
+    with pytest.raises(ValueError, match="sort_window=0"):
+        answer_questions(engine, prepared, 4, "m", batch_size=2, sort_window=0)
     answer_questions(engine, prepared[2:3], 4, "m", batch_size=2, low_latency=True)
     assert engine.low_latency[-1] is True
     assert engine.inputs[:3] == [None] * 3  # not tokenized: the actor tokenizes

@@ -93,6 +93,37 @@ def test_prepared_pixels_answer_as_their_images(answerer, images):
         answerer.answer_prepared(pixels[:2], QUESTIONS[:2], inputs=inputs[:1])
 
 
+def test_generation_batches_are_formed_by_prompt_length_and_answers_keep_the_questions_order(
+        answerer, images, monkeypatch):
+    """With batch_size, images are encoded batch_size at a time in the order given, and the answers
+    generated batch_size at a time, shortest prompts first (a batch runs every row at its longest
+    prompt); the answers are those of one batch, in the questions' order."""
+    pixels = answerer.encoder.host.prepare(images).numpy()
+    whole = answerer.answer_prepared(pixels, QUESTIONS, max_new_tokens=6)
+    encoded, generated = [], []
+    reduce_prepared, generate = answerer._reduce_prepared, answerer._generate
+
+    def spy_reduce(batch_pixels, inputs):
+        encoded.append(len(batch_pixels))
+        return reduce_prepared(batch_pixels, inputs)
+
+    def spy_generate(batch, *args):  # each row's prompt: its text (image token out) and its visual tokens
+        generated.append([int(n) - 1 + v.shape[0] for n, v in zip(batch.attention_mask.sum(dim=1), batch.visual)])
+        return generate(batch, *args)
+
+    monkeypatch.setattr(answerer, "_reduce_prepared", spy_reduce)
+    monkeypatch.setattr(answerer, "_generate", spy_generate)
+    by_length = answerer.answer_prepared(pixels, QUESTIONS, max_new_tokens=6, batch_size=2)
+    lengths = [a.prompt_tokens for a in whole]
+    assert len(set(lengths)) > 2 and lengths != sorted(lengths), f"the test needs unordered lengths, got {lengths}"
+    assert encoded == [2, 2]
+    assert generated == [sorted(lengths)[:2], sorted(lengths)[2:]]
+    assert [(a.token_ids, a.kept_indices, a.prompt_tokens) for a in by_length] == [
+        (a.token_ids, a.kept_indices, a.prompt_tokens) for a in whole]
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        answerer.answer_prepared(pixels, QUESTIONS, batch_size=0)
+
+
 def test_greedy_generation_is_deterministic(answerer, images):
     first = answerer.answer(images[:2], QUESTIONS[:2], max_new_tokens=5)
     again = answerer.answer(images[:2], QUESTIONS[:2], max_new_tokens=5)
