@@ -45,11 +45,10 @@ def visual_per_sample(root: Path, run_name: str) -> float:
     return max(m.value for m in metric_history(root, run_name, "visual_tokens_per_sample"))
 
 
-def median_step_time(root: Path, run_name: str, skip: int, every: int) -> float:
+def median_step_time(root: Path, run_name: str, skip: int) -> float:
+    """Median step_time_s after `skip` warm-up steps (a step's time leaves out checkpoint saving)."""
     history = metric_history(root, run_name, "step_time_s")
-    # Leave out warm-up steps and checkpoint steps (their time includes saving).
-    times = [m.value for m in history if m.step > skip and m.step % every]
-    return statistics.median(times)
+    return statistics.median(m.value for m in history if m.step > skip)
 
 
 def bare_ratio(root: Path, llm: Path, micro: int, batches: int = 8, repeats: int = 5) -> tuple[float, float, float]:
@@ -112,7 +111,7 @@ def main() -> None:
         for preload in (False, True):
             run_name = f"{kind}-{'preload' if preload else 'loader'}-{int(time.time())}"
             job("finetune", work / kind, *common, f"train.run_name={run_name}", f"train.preload={preload}")
-            results[(kind, preload)] = median_step_time(work / kind, run_name, skip=3, every=10)
+            results[(kind, preload)] = median_step_time(work / kind, run_name, skip=3)
             runs[(kind, preload)] = run_name
     manifest = json.loads((Path(resolve_output(str(work / "trim" / "cache"))) / "manifest.json").read_text())
     bare, full_len, trim_len = bare_ratio(work, models.llm, args.micro)

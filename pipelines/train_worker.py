@@ -33,6 +33,7 @@ SAMPLE_INDEX_KEY = "sample_index"
 class Progress:
     """Running totals for the metrics of the steps since the run (or resume) started."""
 
+    clock: Callable[[], float] = time.time
     started: float = field(default_factory=time.time)
     step_started: float = field(default_factory=time.time)
     tokens: int = 0
@@ -52,13 +53,21 @@ class Progress:
         self.visual += sum(r["visual"].shape[0] for r in chunk)
         self.samples += len(chunk)
 
+    def start_step(self) -> None:
+        """The next step starts now: what was done after the last one (metrics sent, a checkpoint
+        saved) is left out of its step_time_s (tokens_per_s, over all the time since the start,
+        keeps it)."""
+        self.step_started = self.clock()
+
     def eta(self, step: int, total: int) -> str:
         """Time left at the pace of the steps since the start (or resume), as h:mm:ss."""
         seconds = int((time.time() - self.started) / max(self.steps_here, 1) * max(total - step, 0))
         return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
     def step_metrics(self, mean_loss: float, lr: float, world: int) -> dict[str, float]:
-        now = time.time()
+        """This step's metrics; step_time_s runs from the end of the previous step's bookkeeping
+        (start_step) to here."""
+        now = self.clock()
         self.steps_here += 1
         elapsed, step_time, self.step_started = now - self.started, now - self.step_started, now
         self.losses = []
@@ -138,6 +147,7 @@ def fit(built: Built, job: TrainJob, state: TrainState, epoch_batches: EpochBatc
                 state.mlflow_run_id = tracker.run_id or state.mlflow_run_id
                 checkpoints.save(engine, state, {**metrics, "step": state.step, "first_loss": state.first_loss},
                                  job.run_dir, is_master)
+            progress.start_step()
         if seen == 0 and state.micro_in_epoch == 0:
             raise RuntimeError("finetune: the training data is empty (is the cache complete?)")
         state.epoch += 1

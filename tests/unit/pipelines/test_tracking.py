@@ -184,3 +184,18 @@ def test_many_steps_of_metrics_go_in_few_requests_and_keep_their_steps(tmp_path)
     client = mlflow.MlflowClient(uri)
     history = client.get_metric_history(runs_by_name(uri)["batched"].info.run_id, "loss")
     assert sorted((m.step, m.value) for m in history) == [(s, 1.0 / s) for s in range(1, 251)]
+
+
+def test_a_steps_time_leaves_out_the_checkpoint_saved_after_the_step_before():
+    from pipelines.train_worker import Progress
+
+    now = [100.0]
+    progress = Progress(clock=lambda: now[0], started=100.0, step_started=100.0)
+    now[0] = 101.0
+    assert progress.step_metrics(1.0, 0.1, world=2)["step_time_s"] == 1.0
+    now[0] = 131.0  # a checkpoint took 30 s
+    progress.start_step()
+    now[0] = 132.5
+    metrics = progress.step_metrics(1.0, 0.1, world=2)
+    assert metrics["step_time_s"] == 1.5
+    assert progress.steps_here == 2 and progress.started == 100.0  # throughput still counts from the start
