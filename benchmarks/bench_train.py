@@ -1,6 +1,7 @@
 """Training step time fed all 576 visual tokens / fed the TRIM cache: same samples, same batch, through
 the real Ray Train + DeepSpeed (ZeRO-2, 2 CPU workers) loop, in one run. Beside it, the same ratio for
-a bare forward+backward+step of the model on tensors already in memory, and whether the input
+a bare forward+backward+step of the model on tensors already in memory (on as many threads as a
+worker has), and whether the input
 pipeline is the bottleneck: step time with each worker reading and tokenizing its rows from the cache's
 Parquet parts as it trains / step time on samples preloaded into the workers' memory (train.preload).
 
@@ -9,6 +10,7 @@ Parquet parts as it trains / step time on samples preloaded into the workers' me
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -51,13 +53,19 @@ def median_step_time(root: Path, run_name: str, skip: int) -> float:
     return statistics.median(m.value for m in history if m.step > skip)
 
 
-def bare_ratio(root: Path, llm: Path, micro: int, batches: int = 8, repeats: int = 5) -> tuple[float, float, float]:
+def bare_ratio(root: Path, llm: Path, micro: int, threads: int, batches: int = 8,
+               repeats: int = 7) -> tuple[float, float, float]:
     """Mean forward+backward+AdamW step over `batches` micro-batches of the same samples (in id
-    order), full vs TRIM tokens, one process, tensors already in memory, the recipe's attention. The
-    two alternate pass by pass (the machine's drift hits both alike). Returns (ratio of the median
-    passes, mean sequence length full, mean sequence length TRIM)."""
+    order), full vs TRIM tokens, one process on `threads` torch threads (as many as each training
+    worker has), tensors already in memory, the recipe's attention. The two alternate pass by pass
+    (the machine's drift hits both alike). Returns (ratio of the median passes, mean sequence length
+    full, mean sequence length TRIM)."""
     from transformers import AutoTokenizer
 
+    # The ratio depends on the threads: full / TRIM ran 5.3-6.3 on 2 threads and 7.0-7.1 on 1 (the
+    # TRIM step's small matrices gain little from a second thread), and 2 threads beside a busy core
+    # (Ray still stopping the last job) swung it from one to the other between runs.
+    torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(llm)
     attn = load_recipe("tiny").train.attn_implementation
     setups, lengths = {}, {}
@@ -114,7 +122,8 @@ def main() -> None:
             results[(kind, preload)] = median_step_time(work / kind, run_name, skip=3)
             runs[(kind, preload)] = run_name
     manifest = json.loads((Path(resolve_output(str(work / "trim" / "cache"))) / "manifest.json").read_text())
-    bare, full_len, trim_len = bare_ratio(work, models.llm, args.micro)
+    threads = max(1, (os.cpu_count() or 1) // load_recipe("tiny").train.num_workers)  # as a training worker sets them
+    bare, full_len, trim_len = bare_ratio(work, models.llm, args.micro, threads)
     pipeline = results[("full", False)] / results[("trim", False)]
     print(table([[f"{k} {'preloaded' if p else 'read from the cache'}", v * 1000] for (k, p), v in results.items()],
                 [f"step (2 workers, ZeRO-2, micro-batch {args.micro})", "median ms"]))
@@ -124,7 +133,7 @@ def main() -> None:
           f"mean sequence {full_len:.0f} vs {trim_len:.0f} tokens")
     print(f"step time full / TRIM through Ray Train + DeepSpeed: {pipeline:.2f}x (target >= 4.0)")
     print(f"bare forward+backward+step full / TRIM:            {bare:.2f}x; pipeline / bare = {pipeline / bare:.2f} "
-          f"(target >= 0.85)")
+          f"(target >= 0.9)")
     print(f"loader / preloaded step time, TRIM: {results[('trim', False)] / results[('trim', True)]:.3f}, "
           f"full: {results[('full', False)] / results[('full', True)]:.3f} (target <= 1.1)")
     padding = statistics.median(m.value for m in metric_history(work / "trim", runs[("trim", False)], "padding_share"))
