@@ -79,12 +79,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--region-weight", type=float, default=ClipTrainConfig.region_weight)
     parser.add_argument("--position-init", type=float, default=ClipTrainConfig.position_init,
                         help="scale of the sine-cosine position initialisation (0: transformers' default)")
-    parser.add_argument("--shape-texts", action="store_true", help="every shape's text in each step's region term")
     args = parser.parse_args(argv)
     setup_logging()
     cfg = ClipTrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                          region_weight=args.region_weight, position_init=args.position_init,
-                          shape_texts=args.shape_texts)
+                          region_weight=args.region_weight, position_init=args.position_init)
     torch.manual_seed(cfg.seed)
     tokenizer = build_clip_tokenizer()
     model = CLIPModel(tiny_clip_config(tokenizer, args.width, args.depth))

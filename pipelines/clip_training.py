@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import CLIPModel, PreTrainedTokenizerBase
 
-from pipelines.scene_texts import SceneText, Spec, caption, object_phrase, object_question, random_text
-from pipelines.scenes import CLIP_SIZE, SHAPES, Scene, patch_masks, random_scene, render
+from pipelines.scene_texts import SceneText, caption, object_phrase, object_question, random_text
+from pipelines.scenes import CLIP_SIZE, Scene, patch_masks, random_scene, render
 from trim.encoders import expand_to_square, pad_colour
 
 logger = logging.getLogger("pipelines.clip_training")
@@ -72,11 +72,6 @@ class ClipTrainConfig:
     """Seeds the scenes, the texts and the initialisation."""
     threads: int = 0
     """torch threads (0: torch's default)."""
-    shape_texts: bool = False
-    """Add "the circle", "the square", ... (every shape) to each batch's region texts, so every
-    object patch is told apart from all the other shapes in every step, not only from those the
-    batch's texts happen to name (models/tiny-clip was trained without: a linear probe reads an
-    object's shape from its patch features at 0.28, chance 0.17)."""
     position_init: float = 0.0
     """Scale of a 2-D sine-cosine initialisation of the vision position embeddings (0: transformers'
     own, std 0.02, as models/tiny-clip was trained). Left at that, the tiny ViT learns no position (its
@@ -108,17 +103,15 @@ class Batch:
     """One text per object of every scene, in scene then object order, for the per-region term."""
 
 
-def batches(seed: int, batch_size: int, shape_texts: bool = False) -> Iterator[Batch]:
-    """An endless stream of batches, deterministic for a seed (shape_texts: ClipTrainConfig's; the
-    same scenes and texts either way, the shape texts appended)."""
+def batches(seed: int, batch_size: int) -> Iterator[Batch]:
+    """An endless stream of batches, deterministic for a seed."""
     rng = random.Random(seed)
-    every_shape = [SceneText(f"the {shape}", (Spec(shape=shape),)) for shape in SHAPES] if shape_texts else []
     while True:
         scenes = [random_scene(rng) for _ in range(batch_size)]
         texts = [random_text(s, rng) for s in scenes]
         regions = [(object_phrase if rng.random() < 0.5 else object_question)(o, rng)
                    for s in scenes for o in s.objects]
-        yield Batch(scenes, texts, regions + every_shape)
+        yield Batch(scenes, texts, regions)
 
 
 def match_matrix(scenes: list[Scene], texts: list[SceneText]) -> torch.Tensor:
@@ -266,7 +259,7 @@ def train(model: CLIPModel, tokenizer: PreTrainedTokenizerBase, cfg: ClipTrainCo
         return 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
 
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    stream = batches(cfg.seed, cfg.batch_size, cfg.shape_texts)
+    stream = batches(cfg.seed, cfg.batch_size)
     start = time.perf_counter()
     parts = {"global": torch.tensor(0.0), "patch": torch.tensor(0.0), "region": torch.tensor(0.0)}
     model.train()

@@ -95,25 +95,6 @@ def test_batches_are_deterministic_and_name_every_object():
     assert all(t.specs[0].fits(o) for t, o in zip(first.region_texts, objects))
 
 
-def test_shape_texts_add_every_shape_to_the_same_batch():
-    from pipelines.clip_training import region_targets
-    from pipelines.scenes import SHAPES
-
-    plain, with_shapes = next(batches(5, 3)), next(batches(5, 3, shape_texts=True))
-    assert with_shapes.scenes == plain.scenes  # the same scenes and texts, the shapes appended
-    extra = with_shapes.region_texts[len(plain.region_texts):]
-    assert [t.text for t in with_shapes.region_texts[:len(plain.region_texts)]] == [t.text for t in plain.region_texts]
-    assert [t.text for t in extra] == [f"the {shape}" for shape in SHAPES]
-    # every object patch has its own shape's text among its targets, and no other shape's
-    targets, on_object = region_targets(with_shapes.scenes, with_shapes.region_texts)
-    first = len(plain.region_texts)
-    for b, scene in enumerate(with_shapes.scenes):
-        for obj, mask in zip(scene.objects, patch_masks(scene)):
-            if mask.any():
-                fits = targets[b][torch.from_numpy(mask)][:, first:first + len(SHAPES)]
-                assert fits.all(0).tolist() == [shape == obj.shape for shape in SHAPES]
-
-
 def test_sincos_positions_code_row_and_column_apart():
     codes = sincos_positions(24, 64).reshape(24, 24, 64)
     rows, cols = codes[..., :32], codes[..., 32:]
