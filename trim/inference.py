@@ -328,10 +328,10 @@ class Answerer:
                                   for s in range(0, len(questions), size)])
         # what the LLM is prompted with: the text, its image token replaced by the visual tokens
         lengths = [len(q.prompt_ids) - 1 + int(t.shape[0]) for q, t in zip(inputs, reduced.tokens)]
-        order = sorted(range(len(questions)), key=lengths.__getitem__) if size < len(questions) else None
+        order = sorted(range(len(questions)), key=lengths.__getitem__) if size < len(questions) else range(size)
         generated: list[list[int]] = [[] for _ in questions]
         for s in range(0, len(questions), size):
-            rows = order[s:s + size] if order is not None else list(range(s, s + size))
+            rows = order[s:s + size]
             batch = self._batch([questions[i] for i in rows], [reduced.tokens[i] for i in rows],
                                 [inputs[i].prompt_ids for i in rows])
             for i, ids in zip(rows, self._generate(batch, max_new_tokens, low_latency)):
