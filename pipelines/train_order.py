@@ -5,16 +5,19 @@ In the manner of LLaVA's group_by_modality_length sampler (haotian-liu/LLaVA lla
 seeded global shuffle per modality, each optimizer step's micro-batches (workers x accumulation of
 them) all of one modality, the image and text-only steps then shuffled together. The length grouping is
 that of HF's LengthGroupedSampler (samples sorted by length in pools of several steps, cut into
-consecutive micro-batches), which cuts padding where LLaVA's per-step split balances lengths across
-workers but mixes them inside a micro-batch; a step's micro-batches still come from neighbouring
-lengths, so the workers stay balanced. The partial steps left at the end of each modality close the
-epoch, apart (every micro-batch holds one modality). Micro-batch j of the epoch goes to worker
-j % world, so a worker's k-th micro-batch is known from (seed, epoch, k) alone: a resume at
-TrainState.micro_in_epoch continues exactly the uninterrupted sequence.
+steps of neighbouring lengths, so little padding). Packed, each step's samples are split among its
+micro-batches with even totals, as LLaVA's split_to_even_chunks does (the workers wait for the
+slowest every step); padded, they are cut one after the other (a step's padded cost is set by its
+longest samples either way, and the cut keeps each micro-batch's lengths closest). The partial steps
+left at the end of each modality close the epoch, apart (every micro-batch holds one modality).
+Micro-batch j of the epoch goes to worker j % world, so a worker's k-th micro-batch is known from
+(seed, epoch, k) alone: a resume at TrainState.micro_in_epoch continues exactly the uninterrupted
+sequence (under the same rules: order_rules, recorded in each checkpoint).
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 
 import numpy as np
@@ -23,32 +26,64 @@ POOL_STEPS = 8
 """Steps' worth of samples sorted by length together (HF's LengthGroupedSampler sorts 50 batches)."""
 
 
+def order_rules(group: bool, balance: bool) -> int:
+    """The version of the rules an epoch's order follows with these settings, recorded in each
+    checkpoint (train_plan.run_identity): an epoch continues exactly only under the rules it began
+    with. 1: steps cut into consecutive micro-batches (or a plain shuffle); 2: packed steps split
+    into micro-batches of even totals (balanced_split)."""
+    return 2 if group and balance else 1
+
+
 def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
     """The generator of one epoch's order: the same (seed, epoch) gives the same stream everywhere."""
     return np.random.default_rng([seed, epoch])
 
 
 def length_grouped(indices: np.ndarray, lengths: np.ndarray, micro_batch_size: int, chunks_per_step: int,
-                   rng: np.random.Generator) -> list[list[list[int]]]:
+                   rng: np.random.Generator, balance: bool = False) -> list[list[list[int]]]:
     """Steps (lists of chunks_per_step micro-batches) of `indices`, shuffled: pools of POOL_STEPS
-    steps' samples sorted by length, cut into consecutive micro-batches (similar lengths inside, so
-    little padding) and those into steps (similar lengths across a step's workers). The last step may
-    be short."""
+    steps' samples sorted by length, cut into steps of consecutive samples (similar lengths, so little
+    padding), each cut into consecutive micro-batches or, with `balance`, split into micro-batches of
+    even totals (balanced_split). The last step may be short."""
     shuffled = indices[rng.permutation(len(indices))].tolist()
-    pool = micro_batch_size * chunks_per_step * POOL_STEPS
+    step_size = micro_batch_size * chunks_per_step
+    pool = step_size * POOL_STEPS
     steps = []
     for start in range(0, len(shuffled), pool):
         ordered = sorted(shuffled[start:start + pool], key=lambda i: int(lengths[i]))
-        chunks = [ordered[i:i + micro_batch_size] for i in range(0, len(ordered), micro_batch_size)]
-        steps += [chunks[i:i + chunks_per_step] for i in range(0, len(chunks), chunks_per_step)]
+        for i in range(0, len(ordered), step_size):
+            step = ordered[i:i + step_size]
+            steps.append(balanced_split(step, lengths, micro_batch_size) if balance else
+                         [step[j:j + micro_batch_size] for j in range(0, len(step), micro_batch_size)])
     return steps
 
 
+def balanced_split(samples: list[int], lengths: np.ndarray, micro_batch_size: int) -> list[list[int]]:
+    """One step's samples (neighbours in length) as its micro-batches, of the sizes consecutive cuts
+    would give, with totals as even as a greedy split makes them: longest first, each to the lightest
+    micro-batch with room (as LLaVA's split_to_even_chunks). The workers synchronize every step, so a
+    packed step lasts as long as its micro-batch of most tokens: consecutive cuts of the sorted samples
+    gave the last worker the longest one every step (benchmarks/bench_train.py's TRIM cache,
+    micro-batches of 8: 5% over the mean tokens at 2 workers, 8% at 4 and 8; split so, 0.2-0.4%)."""
+    count = -(-len(samples) // micro_batch_size)
+    room = [micro_batch_size] * (count - 1) + [len(samples) - micro_batch_size * (count - 1)]
+    chunks: list[list[int]] = [[] for _ in range(count)]
+    open_chunks = [(0, k) for k in range(count)]  # (total so far, micro-batch) of those with room: a heap
+    for sample in sorted(samples, key=lambda i: -int(lengths[i])):
+        total, k = heapq.heappop(open_chunks)
+        chunks[k].append(sample)
+        if len(chunks[k]) < room[k]:
+            heapq.heappush(open_chunks, (total + int(lengths[sample]), k))
+    return chunks
+
+
 def epoch_micro_batches(lengths: np.ndarray, is_image: np.ndarray, micro_batch_size: int, world: int,
-                        grad_accum_steps: int, seed: int, epoch: int, group: bool = True) -> list[list[int]]:
+                        grad_accum_steps: int, seed: int, epoch: int, group: bool = True,
+                        balance: bool = False) -> list[list[int]]:
     """The epoch's micro-batches (sample numbers) over all workers, in order, padded by repeating its
-    first ones to a multiple of `world` (every worker then runs as many). With `group` False: a plain
-    seeded shuffle cut into consecutive micro-batches (LLaVA's RandomSampler)."""
+    first ones to a multiple of `world` (every worker then runs as many). `balance` (for packed
+    micro-batches): a step's micro-batches of even token totals. With `group` False: a plain seeded
+    shuffle cut into consecutive micro-batches (LLaVA's RandomSampler)."""
     rng = epoch_rng(seed, epoch)
     count = len(lengths)
     if not group:
@@ -59,7 +94,7 @@ def epoch_micro_batches(lengths: np.ndarray, is_image: np.ndarray, micro_batch_s
         full: list[list[list[int]]] = []
         partial: list[list[list[int]]] = []
         for mask in (is_image, ~is_image):  # one modality per mega-batch
-            steps = length_grouped(np.flatnonzero(mask), lengths, micro_batch_size, chunks_per_step, rng)
+            steps = length_grouped(np.flatnonzero(mask), lengths, micro_batch_size, chunks_per_step, rng, balance)
             if steps and sum(len(c) for c in steps[-1]) < micro_batch_size * chunks_per_step:
                 partial.append(steps.pop())
             full += steps

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.config import TrainConfig
-from pipelines.train_order import micro_batches_per_rank
+from pipelines.train_order import micro_batches_per_rank, order_rules
 
 WINDOW_MICRO_BATCHES = 8
 """Micro-batches a worker reads from the cache at a time (train_data.micro_batches)."""
@@ -90,18 +90,24 @@ def run_identity(train: TrainConfig, cache_manifest: dict, llm: str, projector: 
     settings = {k: v for k, v in dataclasses.asdict(train).items() if k not in RESUME_INSENSITIVE}
     cache = {k: cache_manifest.get(k)
              for k in ("version", "encoder", "trim", "samples", "visual_samples", "cache_bytes")}
-    return {"cache": cache, "train": settings, "llm": llm, "projector": projector}
+    return {"cache": cache, "train": settings, "llm": llm, "projector": projector,
+            "order": order_rules(train.group_by_length, train.packing)}
+
+
+RECORDED_SINCE = {"order": 1}
+"""Parts of the identity added later, with the value a checkpoint made before was made under."""
 
 
 def identity_differences(saved: dict | None, current: dict) -> list[str]:
     """The parts of a run's identity that differ (dotted names), [] when they match; a checkpoint
     from before identities were recorded matches anything, and one from before a part's key was
-    recorded (cache.version, a new training setting) matches that key."""
+    recorded (cache.version, a new training setting) matches that key; one from before the order's
+    rules were recorded was made under the first (RECORDED_SINCE)."""
     if saved is None:
         return []
     out = []
     for part in sorted(set(saved) | set(current)):
-        a, b = saved.get(part), current.get(part)
+        a, b = saved.get(part, RECORDED_SINCE.get(part)), current.get(part)
         if isinstance(a, dict) and isinstance(b, dict):
             out += [f"{part}.{k}" for k in sorted(a) if a.get(k) != b.get(k)]
         elif a != b:

@@ -201,7 +201,7 @@ def _epoch_batches(job: TrainJob, index: SampleIndex, rank: int, world: int) -> 
 
     def epoch_batches(epoch: int, skip: int) -> Iterable[tuple[int, list[dict]]]:
         everyone = epoch_micro_batches(index.length, index.is_image, cfg.micro_batch_size, world,
-                                       cfg.grad_accum_steps, cfg.seed, epoch, cfg.group_by_length)
+                                       cfg.grad_accum_steps, cfg.seed, epoch, cfg.group_by_length, cfg.packing)
         mine = rank_micro_batches(everyone, rank, world)
         if len(mine) != job.plan.micro_batches_per_epoch:  # the plan's steps and LR schedule count on it
             raise RuntimeError(f"finetune: worker {rank} has {len(mine)} micro-batches in epoch {epoch}, the plan "

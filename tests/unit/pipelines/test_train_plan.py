@@ -60,3 +60,10 @@ def test_a_resume_must_share_the_cache_the_training_settings_and_the_workers():
     other = run_identity(TrainConfig(lr=0.5, micro_batch_size=8), {**manifest, "samples": 65}, "llm", "")
     assert identity_differences(base, {**other, "workers": 4}) == [
         "cache.samples", "train.lr", "train.micro_batch_size", "workers"]
+    # An epoch continues exactly only under the order's rules it began with: packed steps are now split
+    # with even totals, so a packed run checkpointed before (no "order" recorded) is not continued ...
+    old = {k: v for k, v in base.items() if k != "order"}
+    assert base["order"] == 2 and identity_differences(old, base) == ["order"]
+    # ... while a padded one, whose order did not change, is.
+    padded = {**run_identity(TrainConfig(packing=False), manifest, "llm", ""), "workers": 2}
+    assert identity_differences({k: v for k, v in padded.items() if k != "order"}, padded) == []

@@ -81,3 +81,18 @@ def test_a_complete_run_on_the_same_cache_needs_nothing_and_another_cache_is_ref
         check_resume(_job(tmp_path, V2), last)
     with pytest.raises(RuntimeError, match=r"differ: train.lr\)"):
         check_resume(_job(tmp_path, lr=0.5), last)
+
+
+def test_a_packed_run_checkpointed_under_the_old_order_is_refused_saying_why(tmp_path):
+    def old_checkpoint(job):  # written before the order's rules were recorded
+        folder = Path(_checkpoint(job, 2))
+        state = json.loads((folder / "complete.json").read_text())
+        del state["identity"]["order"]
+        (folder / "complete.json").write_text(json.dumps(state))
+        return str(folder)
+
+    packed = _job(tmp_path / "packed")
+    with pytest.raises(RuntimeError, match=r"differ: order\).*order's rules changed"):
+        check_resume(packed, old_checkpoint(packed))
+    padded = _job(tmp_path / "padded", packing=False)
+    check_resume(padded, old_checkpoint(padded))  # its order is the same as then
