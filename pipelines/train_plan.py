@@ -115,6 +115,17 @@ def identity_differences(saved: dict | None, current: dict) -> list[str]:
     return out
 
 
+def resume_differences(saved: dict | None, current: dict, step: int, micro_in_epoch: int,
+                       total_steps: int) -> list[str]:
+    """identity_differences of a checkpoint at (step, micro_in_epoch) and a job of total_steps, less
+    the order's rules where they decide nothing: at an epoch's start (the next epoch is ordered anew)
+    or at the run's last step."""
+    differs = identity_differences(saved, current)
+    if micro_in_epoch == 0 or step >= total_steps:
+        differs = [d for d in differs if d != "order"]
+    return differs
+
+
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     """LR multiplier: linear warmup to 1, then cosine decay to 0 at total_steps."""
     def factor(step: int) -> float:

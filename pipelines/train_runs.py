@@ -21,7 +21,7 @@ from typing import Any
 from pipelines import checkpoints, storage
 from pipelines.config import PathsConfig, Recipe
 from pipelines.manifests import CacheManifest, read_current, resolve_output
-from pipelines.train_plan import CACHE_VERSION, TrainJob, cache_version_of_run, expand_run_name, identity_differences
+from pipelines.train_plan import CACHE_VERSION, TrainJob, cache_version_of_run, expand_run_name, resume_differences
 from trim.model import SETTINGS_FILE
 
 logger = logging.getLogger(__name__)
@@ -69,13 +69,13 @@ def check_resume(job: TrainJob, checkpoint: str | None) -> None:
     again, after a restart too)."""
     if checkpoint is None or job.train.start_fresh:
         return
-    saved = _saved(checkpoint).get("identity")
-    differs = identity_differences(saved, {**job.identity, "workers": job.train.num_workers})
+    state = _saved(checkpoint)
+    differs = _differences(job, state)
     if not differs:
         return
     hint = ""
     if any(d.startswith("cache.") for d in differs):
-        was = (saved or {}).get("cache", {}).get("version") or "an unversioned cache"
+        was = (state.get("identity") or {}).get("cache", {}).get("version") or "an unversioned cache"
         hint = (f" The checkpoint was trained on {was}, the current cache is {job.identity['cache']['version']}; "
                 f"runs that should follow the cache name themselves after it: train.run_name=<name>-{CACHE_VERSION}.")
     if "order" in differs:
@@ -94,8 +94,13 @@ def already_complete(job: TrainJob, checkpoint: str | None) -> dict[str, Any] | 
     state = _saved(checkpoint)
     if state.get("step", 0) < job.plan.total_steps:
         return None
-    same = not identity_differences(state.get("identity"), {**job.identity, "workers": job.train.num_workers})
-    return state if same else None
+    return None if _differences(job, state) else state
+
+
+def _differences(job: TrainJob, state: dict[str, Any]) -> list[str]:
+    """What keeps the training state of a complete checkpoint from going on as `job`."""
+    return resume_differences(state.get("identity"), {**job.identity, "workers": job.train.num_workers},
+                              state.get("step", 0), state.get("micro_in_epoch", 0), job.plan.total_steps)
 
 
 def remove_superseded_runs(template: str, paths: PathsConfig, trained_on: str) -> list[str]:

@@ -21,7 +21,7 @@ from pipelines.tracking import Tracker
 from pipelines.train_data import CacheReader, SampleIndex, collate, micro_batches, positions
 from pipelines.train_engine import Built
 from pipelines.train_order import epoch_micro_batches, rank_micro_batches
-from pipelines.train_plan import TrainJob, TrainState, identity_differences
+from pipelines.train_plan import TrainJob, TrainState, resume_differences
 from trim.model import Batch
 
 logger = logging.getLogger(__name__)
@@ -180,7 +180,8 @@ def _restore(built: Built, job: TrainJob, world: int) -> TrainState:
     if job.train.start_fresh:
         return TrainState(identity=identity)
     state = checkpoints.restore(built.engine, ray.train.get_checkpoint(), checkpoints.newest_complete(job.run_dir))
-    differs = identity_differences(state.identity, identity) if state.step else []
+    differs = (resume_differences(state.identity, identity, state.step, state.micro_in_epoch, job.plan.total_steps)
+               if state.step else [])
     if differs:
         raise RuntimeError(f"finetune: run {job.train.run_name!r} was checkpointed with other settings "
                            f"(differ: {', '.join(differs)}); resuming would mix them. Use another train.run_name, "

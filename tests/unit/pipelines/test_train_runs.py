@@ -83,16 +83,25 @@ def test_a_complete_run_on_the_same_cache_needs_nothing_and_another_cache_is_ref
         check_resume(_job(tmp_path, lr=0.5), last)
 
 
-def test_a_packed_run_checkpointed_under_the_old_order_is_refused_saying_why(tmp_path):
-    def old_checkpoint(job):  # written before the order's rules were recorded
-        folder = Path(_checkpoint(job, 2))
+def test_a_packed_run_checkpointed_mid_epoch_under_the_old_order_is_refused_saying_why(tmp_path):
+    def old_checkpoint(job, step, micro_in_epoch):  # written before the order's rules were recorded
+        folder = Path(_checkpoint(job, step))
         state = json.loads((folder / "complete.json").read_text())
         del state["identity"]["order"]
-        (folder / "complete.json").write_text(json.dumps(state))
+        (folder / "complete.json").write_text(json.dumps(dict(state, micro_in_epoch=micro_in_epoch)))
         return str(folder)
 
     packed = _job(tmp_path / "packed")
     with pytest.raises(RuntimeError, match=r"differ: order\).*order's rules changed"):
-        check_resume(packed, old_checkpoint(packed))
+        check_resume(packed, old_checkpoint(packed, 2, micro_in_epoch=3))
+    # At an epoch's start the next epoch is ordered anew: nothing to mix.
+    check_resume(_job(tmp_path / "epoch"), old_checkpoint(_job(tmp_path / "epoch"), 2, micro_in_epoch=0))
+    # A finished run is still finished (the scheduled rerun on the same cache trains nothing).
+    done = _job(tmp_path / "done")
+    last = old_checkpoint(done, 4, micro_in_epoch=3)
+    (Path(done.export_dir) / "trim_llava.json").parent.mkdir(parents=True)
+    (Path(done.export_dir) / "trim_llava.json").write_text("{}")
+    assert already_complete(done, last)["step"] == 4
+    check_resume(done, last)
     padded = _job(tmp_path / "padded", packing=False)
-    check_resume(padded, old_checkpoint(padded))  # its order is the same as then
+    check_resume(padded, old_checkpoint(padded, 2, micro_in_epoch=3))  # its order is the same as then
