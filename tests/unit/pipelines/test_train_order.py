@@ -86,10 +86,12 @@ def test_the_planned_count_is_the_orders_for_any_geometry():
         micro, world, accum = int(rng.integers(1, 6)), int(rng.integers(1, 5)), int(rng.integers(1, 4))
         image = np.arange(images + texts) < images
         length = rng.integers(10, 500, images + texts).astype(np.int32)
-        for group in (True, False):
-            batches = epoch_micro_batches(length, image, micro, world, accum, seed=0, epoch=0, group=group)
+        for group, balance in ((True, False), (True, True), (False, False)):
+            batches = epoch_micro_batches(length, image, micro, world, accum, seed=0, epoch=0, group=group,
+                                          balance=balance)
             assert len(batches) == world * micro_batches_per_rank(images, texts, micro, world, group), (
-                images, texts, micro, world, accum, group)
+                images, texts, micro, world, accum, group, balance)
+            assert {k for chunk in batches for k in chunk} == set(range(images + texts))
 
 
 def test_packed_a_steps_micro_batches_carry_even_token_totals_so_no_worker_waits_on_another():
