@@ -116,12 +116,12 @@ def identity_differences(saved: dict | None, current: dict) -> list[str]:
 
 
 def resume_differences(saved: dict | None, current: dict, step: int, micro_in_epoch: int,
-                       total_steps: int) -> list[str]:
-    """identity_differences of a checkpoint at (step, micro_in_epoch) and a job of total_steps, less
-    the order's rules where they decide nothing: at an epoch's start (the next epoch is ordered anew)
-    or at the run's last step."""
+                       plan: StepPlan) -> list[str]:
+    """identity_differences of a checkpoint at (step, micro_in_epoch) and a job of `plan`, less the
+    order's rules where they decide nothing: at an epoch's end (a checkpoint there holds all of the
+    epoch's micro-batches; the next epoch is ordered anew) or at the run's last step."""
     differs = identity_differences(saved, current)
-    if micro_in_epoch == 0 or step >= total_steps:
+    if micro_in_epoch in (0, plan.micro_batches_per_epoch) or step >= plan.total_steps:
         differs = [d for d in differs if d != "order"]
     return differs
 

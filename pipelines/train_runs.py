@@ -100,7 +100,7 @@ def already_complete(job: TrainJob, checkpoint: str | None) -> dict[str, Any] | 
 def _differences(job: TrainJob, state: dict[str, Any]) -> list[str]:
     """What keeps the training state of a complete checkpoint from going on as `job`."""
     return resume_differences(state.get("identity"), {**job.identity, "workers": job.train.num_workers},
-                              state.get("step", 0), state.get("micro_in_epoch", 0), job.plan.total_steps)
+                              state.get("step", 0), state.get("micro_in_epoch", 0), job.plan)
 
 
 def remove_superseded_runs(template: str, paths: PathsConfig, trained_on: str) -> list[str]:

@@ -180,8 +180,9 @@ def _restore(built: Built, job: TrainJob, world: int) -> TrainState:
     if job.train.start_fresh:
         return TrainState(identity=identity)
     state = checkpoints.restore(built.engine, ray.train.get_checkpoint(), checkpoints.newest_complete(job.run_dir))
-    differs = (resume_differences(state.identity, identity, state.step, state.micro_in_epoch, job.plan.total_steps)
-               if state.step else [])
+    differs = []
+    if state.step:
+        differs = resume_differences(state.identity, identity, state.step, state.micro_in_epoch, job.plan)
     if differs:
         raise RuntimeError(f"finetune: run {job.train.run_name!r} was checkpointed with other settings "
                            f"(differ: {', '.join(differs)}); resuming would mix them. Use another train.run_name, "

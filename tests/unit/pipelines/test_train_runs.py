@@ -94,8 +94,10 @@ def test_a_packed_run_checkpointed_mid_epoch_under_the_old_order_is_refused_sayi
     packed = _job(tmp_path / "packed")
     with pytest.raises(RuntimeError, match=r"differ: order\).*order's rules changed"):
         check_resume(packed, old_checkpoint(packed, 2, micro_in_epoch=3))
-    # At an epoch's start the next epoch is ordered anew: nothing to mix.
-    check_resume(_job(tmp_path / "epoch"), old_checkpoint(_job(tmp_path / "epoch"), 2, micro_in_epoch=0))
+    # At an epoch's end (the loop saves it with all of the epoch's micro-batches counted) the next epoch is
+    # ordered anew: nothing to mix.
+    epoch = _job(tmp_path / "epoch")
+    check_resume(epoch, old_checkpoint(epoch, 2, micro_in_epoch=epoch.plan.micro_batches_per_epoch))
     # A finished run is still finished (the scheduled rerun on the same cache trains nothing).
     done = _job(tmp_path / "done")
     last = old_checkpoint(done, 4, micro_in_epoch=3)
