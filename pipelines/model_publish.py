@@ -29,7 +29,7 @@ from pathlib import Path
 import fsspec
 
 from pipelines import storage
-from trim.model import SETTINGS_FILE
+from trim.model_files import SETTINGS_FILE
 from trim.staging import STAGED, staged_dir
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from pipelines import checkpoints, storage
 from pipelines.config import PathsConfig, Recipe
 from pipelines.manifests import CacheManifest, read_current, resolve_output
 from pipelines.train_plan import CACHE_VERSION, TrainJob, cache_version_of_run, expand_run_name, resume_differences
-from trim.model import SETTINGS_FILE
+from trim.model_files import SETTINGS_FILE
 
 logger = logging.getLogger(__name__)
 

@@ -27,11 +27,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from trim import attention  # noqa: F401  (registers "sdpa_packed")
 from trim.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from trim.model_files import PROJECTOR_FILE, SETTINGS_FILE
 
 logger = logging.getLogger(__name__)
 
-PROJECTOR_FILE = "mm_projector.bin"
-SETTINGS_FILE = "trim_llava.json"
 
 
 def build_projector(feature_dim: int, hidden_size: int) -> nn.Sequential:
