@@ -1,8 +1,15 @@
 """Scorers for LLaVA answer files: open-ended VQA, yes/no (POPE) and multiple choice by letter.
 
 Answers are LLaVA's `model_vqa*` records ({question_id, prompt, text, answer_id, model_id,
-metadata}); only `question_id` and `text` are read. Annotations map question_id -> the reference
-answer(s). Question ids are matched by their string form, so 17 and "17" are the same question.
+metadata}); `question_id`, `text` and (for repeated ids) `prompt` are read. Annotations map
+question_id -> the reference answer(s). Question ids are matched by their string form, so 17 and "17"
+are the same question.
+
+Some of LLaVA's question files repeat ids: TextVQA's uses the image's id (several questions per
+image), MME's the image's file (a "yes" and a "no" question each). Their annotations carry the
+question's `text` too, and an answer is matched on (question_id, text) as LLaVA's scorers match them
+(eval_textvqa.py: image id and question; MME: file and prompt): the text equals the answer's prompt,
+or its first line, case aside.
 
 Conventions shared by every scorer:
 - every annotated question counts in the denominator `n`; an annotated question with no answer is
@@ -33,6 +40,8 @@ class Annotation:
     question_id: Any
     answers: tuple[str, ...]
     kind: str | None = None
+    text: str | None = None
+    """The question's text, for ids that several questions share (module doc); None: the id alone."""
 
 
 AnnotationLike = Annotation | Mapping[str, Any] | str | Sequence[str]
@@ -45,6 +54,27 @@ AnnotationLike = Annotation | Mapping[str, Any] | str | Sequence[str]
 
 def _key(question_id: Any) -> str:
     return str(question_id)
+
+
+Ref = tuple[str, str | None]
+"""How an annotation is found: (question_id as a string, its question's text folded, or None)."""
+
+
+def _fold(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def _ref(ann: Annotation) -> Ref:
+    return _key(ann.question_id), None if ann.text is None else _fold(ann.text)
+
+
+def _answer_refs(question_id: Any, prompt: Any) -> list[Ref]:
+    """The annotations an answer may belong to, most specific first: (id, whole prompt), (id, the
+    prompt's first line: LLaVA's prompts put instructions on the lines after the question), (id)."""
+    refs: list[Ref] = []
+    if isinstance(prompt, str) and prompt.strip():
+        refs += [(_key(question_id), _fold(prompt)), (_key(question_id), _fold(prompt.strip().splitlines()[0]))]
+    return refs + [(_key(question_id), None)]
 
 
 def _answers_of(raw: Any, where: str) -> tuple[str, ...]:
@@ -72,14 +102,17 @@ def _as_annotation(question_id: Any, value: AnnotationLike) -> Annotation:
             answers = _answers_of(value["answer"], where)
         else:
             raise ValueError(f"{where}: needs 'answers' or 'answer'")
-        return Annotation(question_id, answers, value.get("kind"))
+        text = value.get("text")
+        if text is not None and (not isinstance(text, str) or not text.strip()):
+            raise ValueError(f"{where}: 'text' must be the question's text, got {text!r}")
+        return Annotation(question_id, answers, value.get("kind"), text)
     return Annotation(question_id, _answers_of(value, where))
 
 
-def iter_question_records(text: str, where: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where:line, record) for each line of a JSONL file keyed by question_id (question, answer
-    and annotation files alike). Blank lines are skipped; a line that is not a JSON object with a
-    question_id, or a repeated id, is an error naming the file and line."""
+def iter_question_records(text: str, where: str, unique: bool = True) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """(line number, where:line, record) for each line of a JSONL file keyed by question_id (question,
+    answer and annotation files alike). Blank lines are skipped; a line that is not a JSON object with
+    a question_id is an error naming the file and line, and so is a repeated id when `unique`."""
     seen: set[str] = set()
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -92,25 +125,35 @@ def iter_question_records(text: str, where: str) -> Iterator[tuple[str, dict[str
         if not isinstance(record, dict) or "question_id" not in record:
             raise ValueError(f"{here}: record has no question_id")
         qid = record["question_id"]
-        if _key(qid) in seen:
+        if unique and _key(qid) in seen:
             raise ValueError(f"{here}: duplicate question_id={qid!r}")
         seen.add(_key(qid))
-        yield here, record
+        yield lineno, here, record
 
 
 def load_annotations(path: str | Path) -> dict[Any, Annotation]:
-    """Read a JSONL file of {question_id, answers: [...] | answer: str, kind?} into a mapping
-    question_id -> Annotation. Blank lines are skipped; a duplicate id is an error."""
+    """Read a JSONL file of {question_id, answers: [...] | answer: str, kind?, text?} into a mapping
+    question_id -> Annotation ((question_id, text) -> Annotation for a record with the question's
+    text). Blank lines are skipped; an id annotated twice is an error unless every record of it has
+    its own text."""
     out: dict[Any, Annotation] = {}
-    for where, record in iter_question_records(Path(path).read_text(encoding="utf-8"), str(path)):
+    seen: dict[str, set[str | None]] = {}
+    for _, where, record in iter_question_records(Path(path).read_text(encoding="utf-8"), str(path), unique=False):
         qid = record["question_id"]
         kind = record.get("kind")
         if kind is not None and kind not in KINDS:
             raise ValueError(f"{where}: question_id={qid!r} has unknown kind {kind!r}")
         try:
-            out[qid] = _as_annotation(qid, record)
+            annotation = _as_annotation(qid, record)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from e
+        key, text = _ref(annotation)
+        texts = seen.setdefault(key, set())
+        if text in texts or (texts and (text is None or None in texts)):
+            raise ValueError(f"{where}: duplicate question_id={qid!r} (an id annotated more than once needs "
+                             "each question's 'text', all different)")
+        texts.add(text)
+        out[qid if annotation.text is None else (qid, annotation.text)] = annotation
     return out
 
 
@@ -120,8 +163,9 @@ def load_answers(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _index_answers(answers: Iterable[Mapping[str, Any]]) -> dict[str, str]:
-    replies: dict[str, str] = {}
+def _index_answers(answers: Iterable[Mapping[str, Any]], refs: Mapping[Ref, Annotation]) -> dict[Ref, str]:
+    """Each answer's text under the annotation it answers (see `_answer_refs`)."""
+    replies: dict[Ref, str] = {}
     for i, record in enumerate(answers):
         if "question_id" not in record:
             raise ValueError(f"answer record #{i} has no question_id")
@@ -129,31 +173,35 @@ def _index_answers(answers: Iterable[Mapping[str, Any]]) -> dict[str, str]:
         text = record.get("text")
         if not isinstance(text, str):
             raise ValueError(f"answer for question_id={qid!r} has no 'text' string")
-        if _key(qid) in replies:
-            raise ValueError(f"two answers for question_id={qid!r}")
-        replies[_key(qid)] = text
+        found = [ref for ref in _answer_refs(qid, record.get("prompt")) if ref in refs]
+        if not found:
+            raise ValueError(f"answer for question_id={qid!r} (prompt {str(record.get('prompt'))[:80]!r}) "
+                             "has no annotation")
+        if found[0] in replies:
+            raise ValueError(f"two answers for question_id={qid!r}"
+                             + ("" if found[0][1] is None else f" and the question {found[0][1][:80]!r}"))
+        replies[found[0]] = text
     return replies
 
 
-def _index_annotations(annotations: Mapping[Any, AnnotationLike]) -> dict[str, Annotation]:
-    out: dict[str, Annotation] = {}
+def _index_annotations(annotations: Mapping[Any, AnnotationLike]) -> dict[Ref, Annotation]:
+    out: dict[Ref, Annotation] = {}
     for qid, value in annotations.items():
-        if _key(qid) in out:
-            raise ValueError(f"question_id={qid!r} is annotated twice (as {qid!r} and its string)")
-        out[_key(qid)] = _as_annotation(qid, value)
+        annotation = _as_annotation(qid, value)
+        ref = _ref(annotation)
+        if ref in out:
+            raise ValueError(f"question_id={annotation.question_id!r} is annotated twice"
+                             + ("" if ref[1] is None else f" for the question {annotation.text!r}"))
+        out[ref] = annotation
     if not out:
         raise ValueError("no annotations to score against")
     return out
 
 
 def _join(answers: Iterable[Mapping[str, Any]], annotations: Mapping[Any, AnnotationLike]
-          ) -> tuple[dict[str, Annotation], dict[str, str]]:
+          ) -> tuple[dict[Ref, Annotation], dict[Ref, str]]:
     refs = _index_annotations(annotations)
-    replies = _index_answers(answers)
-    for key in replies:
-        if key not in refs:
-            raise ValueError(f"answer for question_id={key!r} has no annotation")
-    return refs, replies
+    return refs, _index_answers(answers, refs)
 
 
 def find_missing(answers: Iterable[Mapping[str, Any]],
@@ -244,7 +292,7 @@ def score_choice(answers: Iterable[Mapping[str, Any]],
             "unparsed": unparsed}
 
 
-def _resolve_kind(refs: dict[str, Annotation], kind: str | None) -> str:
+def _resolve_kind(refs: dict[Ref, Annotation], kind: str | None) -> str:
     declared = {ann.kind for ann in refs.values() if ann.kind is not None}
     if kind is None:
         if len(declared) != 1:

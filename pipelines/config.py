@@ -42,7 +42,8 @@ class PathsConfig:
     eval_images: str = "{root}/data/eval/images"
     """Image folder of the evaluation questions."""
     eval_annotations: str = "{root}/data/eval/annotations.jsonl"
-    """Annotations for scoring (JSONL: question_id, answers | answer, kind?); optional."""
+    """Annotations for scoring (JSONL: question_id, answers | answer, kind?, text? (the question, where
+    questions share an id)); optional."""
 
     @property
     def shards(self) -> str:

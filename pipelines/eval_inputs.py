@@ -8,7 +8,7 @@ The questions are tokenized here too (the TRIM scoring text for CLIP, the prompt
 
 Rows handed on: kind "question" (record: the question; pixels: uint8 [3, H, W] bytes; shape: JSON;
 inputs: JSON of trim.inference.QuestionInputs, "" when not tokenized) or kind "reject" (record:
-question_id, reason, detail; a missing or unreadable image).
+question_id, line, reason, detail; a missing or unreadable image).
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from pipelines import storage
 MISSING_IMAGE = "missing image"
 UNREADABLE_IMAGE = "unreadable image"
 PREPARED_COLUMNS = ("kind", "record", "pixels", "shape", "inputs")
+LINE = "_line"
+"""Key under which a question carries its line in the question file through the job (pipelines.evaluate):
+what tells apart questions that share an id."""
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 
 _HOSTS: dict[tuple[str, str, str], tuple[Any, Callable[[list[str]], list]]] = {}
@@ -51,6 +54,11 @@ def decode_image(data: bytes) -> Any:
     return image.convert("RGB")
 
 
+def _reject(question: dict, reason: str, detail: str) -> dict:
+    line = {"line": question[LINE]} if LINE in question else {}
+    return {"question_id": question["question_id"], **line, "reason": reason, "detail": detail}
+
+
 def load_images(questions: Sequence[dict], image_root: str) -> tuple[list[tuple[dict, Any]], list[dict]]:
     """(question, image) pairs for the questions whose image reads, and rejects for the others. The
     images of all the questions are fetched together (one storage call), then decoded."""
@@ -61,18 +69,17 @@ def load_images(questions: Sequence[dict], image_root: str) -> tuple[list[tuple[
         try:
             wanted.append((question, resolve(image_root, question["image"])))
         except OutsideRoot as err:
-            rejects.append({"question_id": question["question_id"], "reason": OUTSIDE_ROOT, "detail": str(err)})
+            rejects.append(_reject(question, OUTSIDE_ROOT, str(err)))
     for (question, uri), data in zip(wanted, fetch_bytes([uri for _, uri in wanted])):
         try:
             if isinstance(data, FileNotFoundError):
-                rejects.append({"question_id": question["question_id"], "reason": MISSING_IMAGE, "detail": uri})
+                rejects.append(_reject(question, MISSING_IMAGE, uri))
                 continue
             if isinstance(data, BaseException):
                 raise data
             ok.append((question, decode_image(data)))
         except Exception as err:  # PIL raises several kinds for a bad file; a directory, a denied read
-            rejects.append({"question_id": question["question_id"], "reason": UNREADABLE_IMAGE,
-                            "detail": f"{uri}: {type(err).__name__}: {err}"[:500]})
+            rejects.append(_reject(question, UNREADABLE_IMAGE, f"{uri}: {type(err).__name__}: {err}"[:500]))
     return ok, rejects
 
 

@@ -3,10 +3,12 @@
 Input: LLaVA's question file (JSONL: question_id, image, text, category?) and its image folder (local
 or s3://). Output, in this evaluation's own folder `eval/<run>-<trim>-<hash12>/` (the hash is of
 everything that changes the answers: pipelines/eval_outputs.py):
-  answers.jsonl   LLaVA's answer-file format, one line per answered question, sorted by question_id:
-                  {question_id, prompt, text, answer_id, model_id, metadata}
+  answers.jsonl   LLaVA's answer-file format, one line per answered question, sorted by question_id
+                  (then by line): {question_id, prompt, text, answer_id, model_id, metadata}; metadata
+                  holds the question's line in the question file (ids may repeat: TextVQA's and MME's
+                  files in LLaVA's format share an id among an image's questions)
   rejects.jsonl   questions set aside (missing or unreadable image, malformed line): question_id,
-                  reason, detail; scored as missing
+                  line, reason, detail; scored as missing
   manifest.json   what produced the answers (model files, TRIM config, generation settings, questions)
                   and the counts and metrics; written last
 
@@ -42,7 +44,7 @@ import numpy as np
 from pipelines import eval_outputs, storage
 from pipelines.answer_scoring import iter_question_records
 from pipelines.config import Recipe
-from pipelines.eval_inputs import PREPARED_COLUMNS, inputs_of, pixels_of, prepare_batch
+from pipelines.eval_inputs import LINE, PREPARED_COLUMNS, inputs_of, pixels_of, prepare_batch
 from pipelines.manifests import EvalManifest
 from pipelines.tracking import Tracker
 from pipelines.tracking_store import default_tracking_uri, experiment_name
@@ -52,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 ANSWER_KEYS = ("question_id", "prompt", "text", "answer_id", "model_id", "metadata")
 MALFORMED = "malformed question"
+DUPLICATE = "duplicate question"
 GENERATIONS = ("auto", "low_latency", "eager")
 
 
@@ -65,10 +68,16 @@ def question_key(question_id: Any) -> tuple:
     return (1, 0, str(question_id))
 
 
-def answer_id(question_id: Any, model_id: str) -> str:
-    """A deterministic 22-character id (the length of LLaVA's shortuuid) of (model, question)."""
-    digest = hashlib.sha256(json.dumps([model_id, question_id]).encode()).hexdigest()
-    return digest[:22]
+def record_key(record: dict) -> tuple:
+    """Order of answer and reject records: by question_id (question_key), then by line."""
+    line = record.get("metadata", {}).get("line", record.get("line", 0))
+    return question_key(record["question_id"]), line
+
+
+def answer_id(question_id: Any, model_id: str, line: int | None = None) -> str:
+    """A deterministic 22-character id (the length of LLaVA's shortuuid) of (model, question[, line])."""
+    digest = hashlib.sha256(json.dumps([model_id, question_id] + ([] if line is None else [line])).encode())
+    return digest.hexdigest()[:22]
 
 
 _PRESET_FIELDS = ("similarity", "keep", "threshold", "iqr_scope", "iqr_multiplier", "aggregate")
@@ -108,40 +117,53 @@ def resolve_trim(spec: str, recipe_trim: TrimConfig, model_trim: dict | None) ->
 
 
 def parse_questions(data: bytes, where: str) -> tuple[list[dict], list[dict]]:
-    """LLaVA question JSONL -> (questions, rejects). A line without a question_id, or a repeated
-    id, is an error (the file is not a question file); a question without an image path or text
-    is set aside as malformed."""
+    """LLaVA question JSONL -> (questions, each with its line under LINE; rejects). A line without a
+    question_id is an error (the file is not a question file); an id may repeat (LLaVA's TextVQA and
+    MME files); a question without an image path or text is set aside as malformed, and one with the
+    id and text of an earlier line (the same question twice: its answers could not be told apart) as
+    a duplicate."""
     questions, rejects = [], []
-    for here, record in iter_question_records(data.decode("utf-8"), where):
+    seen: dict[str, int] = {}
+    for line, here, record in iter_question_records(data.decode("utf-8"), where, unique=False):
         qid = record["question_id"]
         image, text = record.get("image"), record.get("text")
         if not isinstance(image, str) or not image or not isinstance(text, str) or not text.strip():
-            rejects.append({"question_id": qid, "reason": MALFORMED,
+            rejects.append({"question_id": qid, "line": line, "reason": MALFORMED,
                             "detail": f"{here}: needs an 'image' path and a 'text' string"})
             continue
-        questions.append(record)
+        same = json.dumps([str(qid), " ".join(text.split()).casefold()])
+        if same in seen:
+            rejects.append({"question_id": qid, "line": line, "reason": DUPLICATE,
+                            "detail": f"{here}: the question_id and text of line {seen[same]}"})
+            continue
+        seen[same] = line
+        questions.append({**record, LINE: line})
     return questions, rejects
 
 
 def answer_record(question: dict, answer, model_id: str, trim_label: str) -> dict:
     """One line of LLaVA's answer file; metadata adds what TRIM did."""
+    line = question.get(LINE)
     metadata = {"visual_tokens": answer.num_visual_tokens, "kept": answer.num_kept, "trim": trim_label}
+    if line is not None:
+        metadata["line"] = line
     if "category" in question:
         metadata["category"] = question["category"]
     return {"question_id": question["question_id"], "prompt": question["text"], "text": answer.text,
-            "answer_id": answer_id(question["question_id"], model_id), "model_id": model_id, "metadata": metadata}
+            "answer_id": answer_id(question["question_id"], model_id, line), "model_id": model_id,
+            "metadata": metadata}
 
 
 def answer_questions(answerer, rows: Sequence[dict], max_new_tokens: int, model_id: str, batch_size: int,
-                     picture_ids: Iterable[str] = (), low_latency: bool = False, sort_window: int = 1) -> list[dict]:
+                     picture_lines: Iterable[int] = (), low_latency: bool = False, sort_window: int = 1) -> list[dict]:
     """The pure core: prepared rows (pipelines.eval_inputs: questions with their 8-bit pixels and
     token ids, and rejects) -> output rows {kind: "answer" | "reject", record, kept, scores, started, ended}, rejects
-    passed on. kept (JSON list) and scores (fp16 bytes) are filled only for the question ids in
-    picture_ids; started/ended (epoch seconds) bound the answer call of the row's batch (0 on
+    passed on. kept (JSON list) and scores (fp16 bytes) are filled only for the questions of the lines
+    in picture_lines; started/ended (epoch seconds) bound the answer call of the row's batch (0 on
     rejects). Questions are answered batch_size at a time, the batches of each sort_window x batch_size
     questions formed in order of prompt length (Answerer.answer_prepared); low_latency: through
     trim.low_latency."""
-    pictures = set(picture_ids)
+    pictures = set(picture_lines)
     label = trim_name(answerer.trim_cfg)
     out = [{"kind": "reject", "record": r["record"], "kept": "[]", "scores": b"", "started": 0.0, "ended": 0.0}
            for r in rows if r["kind"] == "reject"]
@@ -157,7 +179,7 @@ def answer_questions(answerer, rows: Sequence[dict], max_new_tokens: int, model_
                                            low_latency=low_latency, inputs=inputs_of(chunk), batch_size=batch_size)
         ended = time.time()
         for question, answer in zip(questions, answers):
-            wanted = str(question["question_id"]) in pictures
+            wanted = question.get(LINE) in pictures
             out.append({"kind": "answer", "record": json.dumps(answer_record(question, answer, model_id, label)),
                         "kept": json.dumps(answer.kept_indices if wanted else []),
                         "scores": answer.scores.astype(np.float16).tobytes() if wanted else b"",
@@ -183,7 +205,7 @@ class EvalActor:
     """Ray Data actor: loads the model and the CLIP towers once, answers batches of prepared questions."""
 
     def __init__(self, model_dir: str, clip_path: str, trim_cfg: dict, max_new_tokens: int, model_id: str,
-                 batch_size: int, picture_ids: list[str], generation: str = "auto", sort_window: int = 1):
+                 batch_size: int, picture_lines: list[int], generation: str = "auto", sort_window: int = 1):
         import torch
 
         from trim.inference import Answerer
@@ -195,7 +217,7 @@ class EvalActor:
             if local != uri:  # a temporary copy of an S3 directory: the weights are in memory now
                 shutil.rmtree(local, ignore_errors=True)
         self.max_new_tokens, self.model_id = max_new_tokens, model_id
-        self.batch_size, self.picture_ids, self.sort_window = batch_size, picture_ids, sort_window
+        self.batch_size, self.picture_lines, self.sort_window = batch_size, picture_lines, sort_window
         if generation not in GENERATIONS:
             raise ValueError(f"eval.generation={generation!r}: expected one of {GENERATIONS}")
         self.low_latency = generation == "low_latency" or (generation == "auto" and device == "cuda")
@@ -203,7 +225,7 @@ class EvalActor:
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         rows = [dict(zip(PREPARED_COLUMNS, values)) for values in zip(*(batch[name] for name in PREPARED_COLUMNS))]
         out = answer_questions(self.answerer, rows, self.max_new_tokens, self.model_id, self.batch_size,
-                               self.picture_ids, self.low_latency, self.sort_window)
+                               self.picture_lines, self.low_latency, self.sort_window)
         return {name: [r[name] for r in out] for name in ("kind", "record", "kept", "scores", "started", "ended")}
 
 
@@ -225,16 +247,16 @@ def _score(answers: list[dict], annotations_uri: str, kind: str) -> dict[str, fl
         return score(answers, load_annotations(local), kind=kind)  # type: ignore[arg-type]  # checked there
 
 
-def _infer(questions: list[dict], model_dir: str, trim_cfg: TrimConfig, recipe, picture_ids: list[str], gpus: int
-           ) -> tuple[list[dict], list[dict], dict[str, tuple[list[int], np.ndarray]], float]:
-    """The Ray Data job, gpus (0 or 1) per actor: (answers, rejects, {question_id: (kept, scores)} for
-    the pictures, seconds some actor spent answering)."""
+def _infer(questions: list[dict], model_dir: str, trim_cfg: TrimConfig, recipe, picture_lines: list[int], gpus: int
+           ) -> tuple[list[dict], list[dict], dict[int, tuple[list[int], np.ndarray]], float]:
+    """The Ray Data job, gpus (0 or 1) per actor: (answers, rejects, {question line: (kept, scores)}
+    for the pictures, seconds some actor spent answering)."""
     import ray
 
     cfg, paths = recipe.eval, recipe.paths
     answers: list[dict] = []
     rejects: list[dict] = []
-    pictures: dict[str, tuple[list[int], np.ndarray]] = {}
+    pictures: dict[int, tuple[list[int], np.ndarray]] = {}
     if not questions:
         return answers, rejects, pictures, 0.0
     logger.info("inference actors on %s", "one GPU each" if gpus else "CPUs")
@@ -249,7 +271,7 @@ def _infer(questions: list[dict], model_dir: str, trim_cfg: TrimConfig, recipe, 
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency), num_gpus=gpus,
         fn_constructor_kwargs=dict(model_dir=model_dir, clip_path=paths.clip, trim_cfg=trim_cfg.to_dict(),
                                    max_new_tokens=cfg.max_new_tokens, model_id=recipe.train.run_name,
-                                   batch_size=cfg.batch_size, picture_ids=picture_ids, generation=cfg.generation,
+                                   batch_size=cfg.batch_size, picture_lines=picture_lines, generation=cfg.generation,
                                    sort_window=cfg.sort_window),
         batch_format="default")
     for row in dataset.iter_rows():
@@ -259,7 +281,7 @@ def _infer(questions: list[dict], model_dir: str, trim_cfg: TrimConfig, recipe, 
             intervals.append((float(row["started"]), float(row["ended"])))
         if row["scores"]:
             scores = np.frombuffer(row["scores"], dtype=np.float16).astype(np.float32)
-            pictures[str(record["question_id"])] = (json.loads(row["kept"]), scores)
+            pictures[record["metadata"]["line"]] = (json.loads(row["kept"]), scores)
     return answers, rejects, pictures, busy_seconds(intervals)
 
 
@@ -323,12 +345,12 @@ def run_evaluate(recipe: Recipe, model_dir: str, trim_spec: str = "model",
         logger.info("%d questions (%d malformed) with TRIM %s on %s, %d actor(s), batches of %d (sorted by length "
                     "in windows of %d) -> %s", len(questions), len(malformed), label, accelerator, cfg.concurrency,
                     cfg.batch_size, cfg.sort_window, out_dir)
-        ordered = sorted(questions, key=lambda q: question_key(q["question_id"]))
-        picture_ids = [str(q["question_id"]) for q in ordered[:cfg.num_pictures]]
-        answers, rejects, picture_rows, answering_s = _infer(questions, model_dir, trim_cfg, recipe, picture_ids,
+        ordered = sorted(questions, key=lambda q: (question_key(q["question_id"]), q[LINE]))
+        picture_lines = [q[LINE] for q in ordered[:cfg.num_pictures]]
+        answers, rejects, picture_rows, answering_s = _infer(questions, model_dir, trim_cfg, recipe, picture_lines,
                                                              gpus=int(accelerator == "GPU"))
-        answers.sort(key=lambda r: question_key(r["question_id"]))
-        rejects = sorted(rejects + malformed, key=lambda r: question_key(r["question_id"]))
+        answers.sort(key=record_key)
+        rejects = sorted(rejects + malformed, key=record_key)
         storage.write_bytes(answers_uri, _jsonl(answers))  # whole: a temporary name, then a rename
         storage.write_bytes(rejects_uri, _jsonl(rejects))
         _write_pictures(picture_rows, questions, paths.eval_images, pictures_uri)
@@ -375,18 +397,23 @@ def _count(values: Iterable[str]) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def _write_pictures(picture_rows: dict[str, tuple[list[int], np.ndarray]], questions: list[dict], image_root: str,
+def _write_pictures(picture_rows: dict[int, tuple[list[int], np.ndarray]], questions: list[dict], image_root: str,
                     out_uri: str) -> None:
-    """PNG pictures of the answered questions the actors returned scores for, into out_uri."""
+    """PNG pictures of the answered questions the actors returned scores for (by line), into out_uri:
+    question-<id>.png, or question-<id>-line<line>.png for an id that questions share."""
+    from collections import Counter
+
     from pipelines.images import read_image
     from pipelines.pictures import draw, safe_name
 
     storage.remove(out_uri)
-    by_id = {str(q["question_id"]): q for q in questions}
+    by_line = {q[LINE]: q for q in questions}
+    shared = Counter(str(q["question_id"]) for q in questions)
     with tempfile.TemporaryDirectory() as directory:
-        for qid, (kept, scores) in picture_rows.items():
-            question = by_id[qid]
-            name = f"question-{safe_name(qid)}.png"
+        for line, (kept, scores) in picture_rows.items():
+            question = by_line[line]
+            qid = str(question["question_id"])
+            name = f"question-{safe_name(qid)}{'' if shared[qid] == 1 else f'-line{line}'}.png"
             title = f"{qid}: {' '.join(question['text'].split())[:70]} ({len(kept)}/{len(scores)} kept)"
             path = draw(read_image(image_root, question["image"]), scores, kept, os.path.join(directory, name), title)
             storage.write_bytes(storage.join(out_uri, name), path.read_bytes())

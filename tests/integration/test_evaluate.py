@@ -73,10 +73,13 @@ def test_answers_file_has_one_line_per_question_in_llavas_format(first_run, eval
     assert Path(first_run.answers).parent.parent == eval_root / "eval"  # eval/<run>-<trim>-<hash>/
     assert [a["question_id"] for a in answers] == list(range(GOOD))
     prompts = {q["question_id"]: q["text"] for q in read_jsonl(eval_root / "data" / "eval" / "questions.jsonl")}
+    question_lines = {n: json.loads(line)["question_id"] for n, line in
+                      enumerate((eval_root / "data" / "eval" / "questions.jsonl").read_text().splitlines(), start=1)}
     for a in answers:
         assert tuple(a) == ANSWER_KEYS
         assert isinstance(a["text"], str) and a["prompt"] == prompts[a["question_id"]]
-        assert a["model_id"] == "tiny" and a["answer_id"] == answer_id(a["question_id"], "tiny")
+        assert a["model_id"] == "tiny" and a["answer_id"] == answer_id(a["question_id"], "tiny", a["metadata"]["line"])
+        assert question_lines[a["metadata"]["line"]] == a["question_id"]  # its line in the question file
         assert len(a["answer_id"]) == 22
         meta = a["metadata"]
         assert meta["trim"] == "default" and meta["category"] == "colour"
@@ -196,3 +199,34 @@ def test_an_evaluation_on_s3_answers_as_the_local_one(first_run, eval_root, tiny
     answers = [json.loads(line) for line in storage.read_bytes(f"s3://{written[0]}").decode().splitlines() if line]
     assert [(a["question_id"], a["text"]) for a in answers] == [
         (a["question_id"], a["text"]) for a in read_jsonl(Path(first_run.answers))]
+
+
+def test_questions_sharing_an_id_are_answered_and_scored_each(first_run, eval_root, argv):
+    """LLaVA's TextVQA and MME question files give an image's questions one id (the image's): each is
+    answered, in line order, scored against the annotation naming its text; a question repeated whole
+    is set aside as a duplicate, by line."""
+    data = eval_root / "data" / "eval"
+    image = next(q["image"] for q in read_jsonl(data / "questions.jsonl") if q["question_id"] == 0)
+    texts = ["What is the colour of the square?\nAnswer the question using a single word or phrase.",
+             "What is the shape?\nAnswer the question using a single word or phrase."]
+    questions = [{"question_id": "img-a", "image": image, "text": texts[1]},
+                 {"question_id": "img-a", "image": image, "text": texts[0]},
+                 {"question_id": "img-a", "image": image, "text": texts[1]},  # line 1 again
+                 {"question_id": 3, "image": image, "text": texts[0]}]
+    (data / "shared.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    annotations = [{"question_id": "img-a", "text": "what is the shape?", "answers": ["circle"] * 10},
+                   {"question_id": "img-a", "text": "What is the colour of the square?", "answers": ["red"] * 10},
+                   {"question_id": 3, "answers": ["red"] * 10}]
+    (data / "shared-annotations.jsonl").write_text("".join(json.dumps(a) + "\n" for a in annotations))
+    manifest = load_job("evaluate").main([*argv, "--set", f"paths.eval_questions={data / 'shared.jsonl'}",
+                                          "--set", f"paths.eval_annotations={data / 'shared-annotations.jsonl'}",
+                                          "--set", "eval.num_pictures=3"])
+    answers = read_jsonl(Path(manifest.answers))
+    assert [(a["question_id"], a["metadata"]["line"], a["prompt"]) for a in answers] == [
+        (3, 4, texts[0]), ("img-a", 1, texts[1]), ("img-a", 2, texts[0])]
+    assert len({a["answer_id"] for a in answers}) == 3
+    rejects = read_jsonl(Path(manifest.rejects_file))
+    assert [(r["question_id"], r["line"], r["reason"]) for r in rejects] == [("img-a", 3, "duplicate question")]
+    assert manifest.metrics["n"] == 3 and manifest.metrics["answered"] == 3 and manifest.metrics["missing"] == 0
+    pictures = sorted(p.name for p in (Path(manifest.answers).parent / "pictures").iterdir())
+    assert pictures == ["question-3.png", "question-img-a-line1.png", "question-img-a-line2.png"]

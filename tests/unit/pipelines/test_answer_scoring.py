@@ -17,9 +17,9 @@ from pipelines.answer_scoring import (
 )
 
 
-def answer(qid, text):
+def answer(qid, text, prompt="q"):
     """A LLaVA answer record as model_vqa writes it."""
-    return {"question_id": qid, "prompt": "q", "text": text, "answer_id": "x", "model_id": "m",
+    return {"question_id": qid, "prompt": prompt, "text": text, "answer_id": "x", "model_id": "m",
             "metadata": {}}
 
 
@@ -110,7 +110,7 @@ def test_score_kind_errors():
 
 
 def test_answer_without_annotation_names_the_id():
-    with pytest.raises(ValueError, match="question_id='42'"):
+    with pytest.raises(ValueError, match="question_id=42"):
         score([answer(1, "cat"), answer(42, "dog")], {1: "cat"}, kind="vqa")
 
 
@@ -175,3 +175,48 @@ def test_load_annotations_bad_json_names_the_line(tmp_path):
     path.write_text('{"question_id": 1, "answer": "a"}\n{not json\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"ann\.jsonl:2"):
         load_annotations(path)
+
+
+# --- ids that questions share (LLaVA's TextVQA and MME files) ------------------------------------
+
+
+def test_questions_sharing_an_id_are_scored_by_their_text(tmp_path):
+    # TextVQA in LLaVA's format: the image's id for each of its questions, the OCR tokens on the prompt's
+    # second line; the annotation names the question (LLaVA's eval_textvqa.py matches image id + question).
+    path = write_jsonl(tmp_path / "ann.jsonl", [
+        {"question_id": "img1", "text": "What brand is this?", "answers": ["nike"] * 10},
+        {"question_id": "img1", "text": "what year is it?", "answers": ["1999"] * 10},
+        {"question_id": "img2", "answers": ["red"] * 10},
+    ])
+    annotations = load_annotations(path)
+    assert annotations[("img1", "What brand is this?")].text == "What brand is this?"
+    answers = [answer("img1", "1999", "what year is it?\nReference OCR token: 1999"),
+               answer("img1", "adidas", "what brand is this?\nReference OCR token: nike"),
+               answer("img2", "red", "What colour?")]
+    result = score(answers, annotations, kind="vqa")
+    assert (result["accuracy"], result["n"], result["missing"]) == (pytest.approx(2 / 3), 3, 0)
+    # MME in LLaVA's format: the image file as the id, a yes and a no question, matched on the whole prompt
+    mme = {("a/1.jpg", "Is it red? Please answer yes or no."): "yes",
+           ("a/1.jpg", "Is it blue? Please answer yes or no."): "no"}
+    mme_annotations = {key: Annotation(key[0], (label,), "yesno", key[1]) for key, label in mme.items()}
+    replies = [answer("a/1.jpg", "Yes", "Is it red? Please answer yes or no."),
+               answer("a/1.jpg", "Yes", "Is it blue? Please answer yes or no.")]
+    assert score(replies, mme_annotations)["accuracy"] == pytest.approx(0.5)
+    assert find_missing(replies[:1], mme_annotations) == ["a/1.jpg"]
+
+
+def test_a_shared_id_needs_each_questions_text(tmp_path):
+    with pytest.raises(ValueError, match=r"ann\.jsonl:2: duplicate question_id='img1'"):
+        load_annotations(write_jsonl(tmp_path / "ann.jsonl", [
+            {"question_id": "img1", "text": "What brand?", "answer": "nike"},
+            {"question_id": "img1", "answer": "1999"}]))
+    with pytest.raises(ValueError, match=r"ann\.jsonl:2: duplicate question_id='img1'"):
+        load_annotations(write_jsonl(tmp_path / "ann.jsonl", [
+            {"question_id": "img1", "text": "What brand?", "answer": "nike"},
+            {"question_id": "img1", "text": "what  BRAND?", "answer": "1999"}]))
+    annotations = {("img1", "What brand?"): Annotation("img1", ("nike",), text="What brand?"),
+                   ("img1", "What year?"): Annotation("img1", ("1999",), text="What year?")}
+    with pytest.raises(ValueError, match="question_id='img1' \\(prompt 'What colour\\?'\\) has no annotation"):
+        score([answer("img1", "red", "What colour?")], annotations, kind="vqa")
+    with pytest.raises(ValueError, match="two answers for question_id='img1' and the question 'what year\\?'"):
+        score([answer("img1", "1999", "What year?"), answer("img1", "1998", "what year?")], annotations, kind="vqa")

@@ -9,15 +9,17 @@ import pytest
 from PIL import Image
 
 from pipelines import eval_outputs, storage
-from pipelines.eval_inputs import fetch_bytes, pixels_of, prepare_questions
+from pipelines.eval_inputs import LINE, fetch_bytes, pixels_of, prepare_questions
 from pipelines.evaluate import (
     ANSWER_KEYS,
     _metrics,
     answer_id,
     answer_questions,
+    answer_record,
     busy_seconds,
     parse_questions,
     question_key,
+    record_key,
     resolve_trim,
     trim_name,
 )
@@ -52,13 +54,32 @@ def test_parse_questions_sets_aside_malformed_and_refuses_foreign_files():
     lines = [{"question_id": 1, "image": "a.jpg", "text": "What?"}, {"question_id": 2, "text": "No image"},
              {"question_id": "x", "image": "b.jpg", "text": "  "}]
     questions, rejects = parse_questions("\n".join(json.dumps(x) for x in lines).encode() + b"\n\n", "q.jsonl")
-    assert [q["question_id"] for q in questions] == [1]
-    assert [(r["question_id"], r["reason"]) for r in rejects] == [(2, "malformed question"),
-                                                                  ("x", "malformed question")]
-    with pytest.raises(ValueError, match="q.jsonl:2: duplicate question_id='1'"):
-        parse_questions(b'{"question_id": 1}\n{"question_id": "1"}\n', "q.jsonl")
+    assert [q["question_id"] for q in questions] == [1] and questions[0][LINE] == 1
+    assert [(r["question_id"], r["line"], r["reason"]) for r in rejects] == [(2, 2, "malformed question"),
+                                                                             ("x", 3, "malformed question")]
     with pytest.raises(ValueError, match="q.jsonl:1: record has no question_id"):
         parse_questions(b'{"id": 1}\n', "q.jsonl")
+
+
+def test_questions_may_share_an_id_as_in_llavas_textvqa_and_mme_files():
+    # LLaVA's TextVQA file gives each question its image's id; MME's, its image file (a yes and a no question).
+    lines = [{"question_id": "003a8ae2ef43b901", "image": "a.jpg", "text": "what brand is this?\nReference OCR token: x"},
+             {"question_id": "003a8ae2ef43b901", "image": "a.jpg", "text": "what year is it?\nReference OCR token: x"},
+             {"question_id": "artwork/10002.jpg", "image": "b.jpg", "text": "Is this by Monet? Please answer yes or no."},
+             {"question_id": "artwork/10002.jpg", "image": "b.jpg", "text": "Is this by Monet?  Please answer yes or no."}]
+    questions, rejects = parse_questions("\n".join(json.dumps(x) for x in lines).encode(), "q.jsonl")
+    assert [(q["question_id"], q[LINE]) for q in questions] == [("003a8ae2ef43b901", 1), ("003a8ae2ef43b901", 2),
+                                                                ("artwork/10002.jpg", 3)]
+    # the same id and text again is the same question twice: set aside, naming both lines
+    assert [(r["line"], r["reason"]) for r in rejects] == [(4, "duplicate question")]
+    assert "q.jsonl:4" in rejects[0]["detail"] and "line 3" in rejects[0]["detail"]
+    answers = [answer_record(q, Answer(text="x", token_ids=[], num_visual_tokens=3, num_kept=2, kept_indices=[],
+                                             scores=np.zeros(0, dtype=np.float32), prompt_tokens=9), "m", "default")
+               for q in questions]
+    assert [a["metadata"]["line"] for a in answers] == [1, 2, 3]
+    assert len({a["answer_id"] for a in answers}) == 3
+    shuffled = [answers[2], answers[1], answers[0]]
+    assert sorted(shuffled, key=record_key) == answers
 
 
 def test_ids_sort_numerically_and_answer_ids_are_deterministic():
@@ -87,16 +108,16 @@ def test_answer_questions_rejects_unusable_images_and_batches_the_rest(tmp_path)
     for i in range(5):
         Image.new("RGB", (40, 30), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
     (tmp_path / "bad.png").write_bytes(b"not a png")
-    questions = [{"question_id": i, "image": f"{i}.png", "text": f"Q{i}", "category": "c"} for i in range(5)]
-    questions += [{"question_id": 7, "image": "gone.png", "text": "Q"},
-                  {"question_id": 8, "image": "bad.png", "text": "Q"}]
+    questions = [{"question_id": i, "image": f"{i}.png", "text": f"Q{i}", "category": "c", LINE: i + 1} for i in range(5)]
+    questions += [{"question_id": 7, "image": "gone.png", "text": "Q", LINE: 6},
+                  {"question_id": 8, "image": "bad.png", "text": "Q", LINE: 7}]
     host = ClipHost(shipped_clip())
     prepared = prepare_questions(host, questions, str(tmp_path))  # evaluation's CPU stage
     assert [r["kind"] for r in prepared] == ["reject"] * 2 + ["question"] * 5
     # The pixels handed on are the host's own preprocessing of each image.
     assert np.array_equal(pixels_of(prepared[2:3]), host.prepare([Image.open(tmp_path / "0.png").convert("RGB")]).numpy())
     engine = FakeAnswerer()
-    rows = answer_questions(engine, prepared, 4, "m", batch_size=2, picture_ids=["1"])
+    rows = answer_questions(engine, prepared, 4, "m", batch_size=2, picture_lines=[2])
     assert engine.batches == [2, 2, 1] and engine.low_latency == [False] * 3 and engine.batch_sizes == [2] * 3
     # sort_window batches go to the answerer together, to be batched by prompt length there
     answer_questions(engine, prepared, 4, "m", batch_size=2, sort_window=2)
@@ -115,14 +136,15 @@ def test_answer_questions_rejects_unusable_images_and_batches_the_rest(tmp_path)
     answer_questions(engine, tokenized, 4, "m", batch_size=5)
     assert engine.inputs[-1] == tokenize([q["text"] for q in questions[:5]])
     answers = [json.loads(r["record"]) for r in rows if r["kind"] == "answer"]
-    rejects = {json.loads(r["record"])["question_id"]: json.loads(r["record"])["reason"]
+    rejects = {json.loads(r["record"])["question_id"]: (json.loads(r["record"])["line"], json.loads(r["record"])["reason"])
                for r in rows if r["kind"] == "reject"}
-    assert rejects == {7: "missing image", 8: "unreadable image"}
+    assert rejects == {7: (6, "missing image"), 8: (7, "unreadable image")}
     assert [a["question_id"] for a in answers] == [0, 1, 2, 3, 4]
     assert all(tuple(a) == ANSWER_KEYS for a in answers)
-    assert answers[0]["metadata"] == {"visual_tokens": 3, "kept": 2, "trim": "default", "category": "c"}
+    assert answers[0]["metadata"] == {"visual_tokens": 3, "kept": 2, "trim": "default", "line": 1, "category": "c"}
     with_scores = [r for r in rows if r["scores"]]
     assert len(with_scores) == 1 and json.loads(with_scores[0]["kept"]) == [4, 9]
+    assert json.loads(with_scores[0]["record"])["metadata"]["line"] == 2
     assert len(with_scores[0]["scores"]) == 576 * 2
     # Each answer row carries its batch's answering interval; the rejects none.
     spans = [(r["started"], r["ended"]) for r in rows if r["kind"] == "answer"]
