@@ -60,13 +60,13 @@ def bare_ratio(root: Path, llm: Path, micro: int, threads: int, batches: int = 8
     worker has), tensors already in memory, the recipe's attention. The two alternate pass by pass
     (the machine's drift hits both alike). Returns (ratio of the median passes, mean sequence length
     full, mean sequence length TRIM)."""
-    from transformers import AutoTokenizer
+    from trim.llm_tokenizer import load_llm_tokenizer
 
     # The ratio depends on the threads: full / TRIM ran 5.3-6.3 on 2 threads and 7.0-7.1 on 1 (the
     # TRIM step's small matrices gain little from a second thread), and 2 threads beside a busy core
     # (Ray still stopping the last job) swung it from one to the other between runs.
     torch.set_num_threads(threads)
-    tokenizer = AutoTokenizer.from_pretrained(llm)
+    tokenizer = load_llm_tokenizer(llm)
     attn = load_recipe("tiny").train.attn_implementation
     setups, lengths = {}, {}
     for kind in ("full", "trim"):

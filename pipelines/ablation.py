@@ -210,9 +210,9 @@ def run_row(name: str, cfg: TrimConfig, train: tuple[Encoded, list[Sample]], hel
     """Reduce, fine-tune a fresh tiny LLaVA, score it: one row of the table."""
     torch.manual_seed(ablation.seed)
     model = LlavaTrim.from_llm(llm_path, feature_dim=train[0].features.shape[-1], attn_implementation="sdpa")
-    from transformers import AutoTokenizer
+    from trim.llm_tokenizer import load_llm_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(llm_path))
+    tokenizer = load_llm_tokenizer(llm_path)
     train_tokens = reduce(*train, cfg)
     eval_tokens = reduce(*held_out, cfg)
     logger.info("row %s: %.1f visual tokens per image on average", name,

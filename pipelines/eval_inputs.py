@@ -123,14 +123,13 @@ def prepare_batch(batch: dict[str, Any], clip_path: str, model_dir: str, text_mo
     process (from S3: a local copy of their files but the weights)."""
     key = (clip_path, model_dir, text_mode)
     if key not in _HOSTS:
-        from transformers import AutoTokenizer
-
         from trim.encoders import ClipHost
         from trim.inference import question_inputs
+        from trim.llm_tokenizer import load_llm_tokenizer
 
         clip = storage.local_copy(clip_path, skip_suffixes=WEIGHT_SUFFIXES)
         llm = storage.local_copy(storage.join(model_dir, "llm"), skip_suffixes=WEIGHT_SUFFIXES)
-        host, tokenizer = ClipHost(clip), AutoTokenizer.from_pretrained(llm)
+        host, tokenizer = ClipHost(clip), load_llm_tokenizer(llm)
         for local, uri in ((clip, clip_path), (llm, storage.join(model_dir, "llm"))):
             if local != uri:  # a temporary copy of S3 files, read now
                 shutil.rmtree(local, ignore_errors=True)

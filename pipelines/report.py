@@ -206,11 +206,10 @@ def load_answerer(recipe):
     """The fine-tuned model (paths.checkpoints/<train.run_name>/model) with its CLIP towers, or, when
     there is none yet, the LLM of paths.llm with a fresh projector (timings do not depend on the
     weights' values) and the recipe's TRIM config."""
-    from transformers import AutoTokenizer
-
     from pipelines import storage
     from trim.encoders import ClipEncoder
     from trim.inference import Answerer, default_device, default_dtype
+    from trim.llm_tokenizer import load_llm_tokenizer
     from trim.model import LlavaTrim
 
     paths = recipe.paths
@@ -225,7 +224,7 @@ def load_answerer(recipe):
     encoder = ClipEncoder(paths.clip, device=str(device), dtype=dtype)
     model = LlavaTrim.from_llm(paths.llm, feature_dim=encoder.feature_dim, settings={"trim": recipe.trim.to_dict()},
                                dtype=dtype)
-    return Answerer(model.to(device), AutoTokenizer.from_pretrained(paths.llm), encoder, recipe.trim)
+    return Answerer(model.to(device), load_llm_tokenizer(paths.llm), encoder, recipe.trim)
 
 
 def sample_image(recipe):

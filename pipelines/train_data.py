@@ -86,9 +86,9 @@ class Tokenize:
     the log (LLaVA would train on them with no supervised token at all)."""
 
     def __init__(self, llm_path: str, max_length: int):
-        from transformers import AutoTokenizer
+        from trim.llm_tokenizer import load_llm_tokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(llm_path)
+        self.tokenizer = load_llm_tokenizer(llm_path)
         self.max_length = max_length
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:

@@ -81,9 +81,9 @@ def zero3_init(ds_config: dict) -> Iterator[None]:
 def build(job: TrainJob) -> Built:
     """Model (LLM + projector), AdamW with warmup-cosine, wrapped in a DeepSpeed engine."""
     import deepspeed
-    from transformers import AutoTokenizer
 
     from trim.formats import load_llava_trim, tokenizer_path
+    from trim.llm_tokenizer import load_llm_tokenizer
 
     cfg = job.train
     if cfg.use_gpu and torch.cuda.is_available():
@@ -98,7 +98,7 @@ def build(job: TrainJob) -> Built:
                                 settings=job.model_settings, attn_implementation=cfg.attn_implementation or None,
                                 gradient_checkpointing=cfg.gradient_checkpointing)
     model.set_trainable(cfg.train_llm)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path(job.llm))
+    tokenizer = load_llm_tokenizer(tokenizer_path(job.llm))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(job.plan.warmup_steps,

@@ -19,7 +19,6 @@ import torch
 from huggingface_hub import save_torch_state_dict
 from transformers import (
     AutoConfig,
-    AutoTokenizer,
     CLIPImageProcessorPil,
     CLIPVisionConfig,
     LlavaConfig,
@@ -30,6 +29,7 @@ from transformers import (
 
 from trim.conversation import ASSISTANT_ROLE, IMAGE_TOKEN, SEP, SEP2, SYSTEM_PROMPT, USER_ROLE
 from trim.formats import VisionSettings, load_llm, read_config, read_model_dir, read_state_dict, stored_dtype
+from trim.llm_tokenizer import load_llm_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def write(model_dir: str | Path, out: str | Path, clip_path: str | Path | None =
     if int(vision_config.hidden_size) != int(settings["feature_dim"]):
         raise ValueError(f"the projector takes {settings['feature_dim']}-wide features, the CLIP at {clip} gives "
                          f"{vision_config.hidden_size}")
-    tokenizer = AutoTokenizer.from_pretrained(str(llm_dir))
+    tokenizer = load_llm_tokenizer(llm_dir)
     image_token_id = add_image_token(tokenizer)
     text_config = AutoConfig.from_pretrained(str(llm_dir))
     llm_state = read_state_dict(llm_dir)

@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from trim import attention  # noqa: F401  (registers "sdpa_packed")
 from trim.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from trim.llm_tokenizer import load_llm_tokenizer
 from trim.model_files import PROJECTOR_FILE, SETTINGS_FILE
 
 logger = logging.getLogger(__name__)
@@ -234,7 +235,7 @@ class LlavaTrim(nn.Module):
         llm = AutoModelForCausalLM.from_pretrained(str(directory / "llm"), dtype=dtype, **extra)
         projector = build_projector(settings["feature_dim"], llm.config.hidden_size).to(dtype)
         projector.load_state_dict(torch.load(directory / PROJECTOR_FILE, map_location="cpu", weights_only=True))
-        tokenizer = AutoTokenizer.from_pretrained(str(directory / "llm"))
+        tokenizer = load_llm_tokenizer(directory / "llm")
         return cls(llm, projector, settings).eval(), tokenizer
 
 
