@@ -1,15 +1,18 @@
 """Each epoch's sample order, decided from light columns only (modality and a length estimate per
 sample): pure numpy, no Ray, no tokens, so every worker computes the same order on its own.
 
-In the manner of LLaVA's group_by_modality_length sampler (haotian-liu/LLaVA llava_trainer.py): a
-seeded global shuffle per modality, each optimizer step's micro-batches (workers x accumulation of
-them) all of one modality, the image and text-only steps then shuffled together. The length grouping is
-that of HF's LengthGroupedSampler (samples sorted by length in pools of several steps, cut into
-steps of neighbouring lengths, so little padding). Packed, each step's samples are split among its
-micro-batches with even totals, as LLaVA's split_to_even_chunks does (the workers wait for the
-slowest every step); padded, they are cut one after the other (a step's padded cost is set by its
-longest samples either way, and the cut keeps each micro-batch's lengths closest). The partial steps
-left at the end of each modality close the epoch, apart (every micro-batch holds one modality).
+As LLaVA's group_by_modality_length sampler (haotian-liu/LLaVA llava_trainer.py,
+get_modality_length_grouped_indices): a seeded global shuffle per modality, cut into optimizer steps
+(workers x accumulation micro-batches, a "mega-batch"), so each step is a random draw of one modality;
+the image and text-only steps then shuffled together. Length only decides how a step's samples are
+dealt among its micro-batches: packed, with even token totals, as LLaVA's split_to_even_chunks (the
+workers wait for the slowest every step); padded, the step sorted by length and cut one micro-batch
+after the other (a step's padded cost is set by its longest samples either way, and the cut keeps
+each micro-batch's lengths closest). Steps are not pooled across by length (as HF's
+LengthGroupedSampler pools 50 batches): a step of only short or only long samples would weigh each
+token differently from LLaVA's (the loss is a token mean per micro-batch), and answer length follows
+the data source. The partial steps left at the end of each modality close the epoch, apart (every
+micro-batch holds one modality).
 Micro-batch j of the epoch goes to worker j % world, so a worker's k-th micro-batch is known from
 (seed, epoch, k) alone: a resume at TrainState.micro_in_epoch continues exactly the uninterrupted
 sequence (under the same rules: order_rules, recorded in each checkpoint).
@@ -22,16 +25,17 @@ import math
 
 import numpy as np
 
-POOL_STEPS = 8
-"""Steps' worth of samples sorted by length together (HF's LengthGroupedSampler sorts 50 batches)."""
-
 
 def order_rules(group: bool, balance: bool) -> int:
     """The version of the rules an epoch's order follows with these settings, recorded in each
     checkpoint (train_plan.run_identity): an epoch continues exactly only under the rules it began
-    with. 1: steps cut into consecutive micro-batches (or a plain shuffle); 2: packed steps split
-    into micro-batches of even totals (balanced_split)."""
-    return 2 if group and balance else 1
+    with. 1: a plain shuffle (or, before version 3, steps of neighbouring lengths from pools of 8 steps
+    sorted together, cut into consecutive micro-batches); 2: as 1, packed steps split into
+    micro-batches of even totals; 3: steps drawn at random, as LLaVA's, each cut into consecutive
+    micro-batches of its sorted samples; 4: as 3, packed steps split with even totals (balanced_split)."""
+    if not group:
+        return 1
+    return 4 if balance else 3
 
 
 def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
@@ -41,25 +45,21 @@ def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
 
 def length_grouped(indices: np.ndarray, lengths: np.ndarray, micro_batch_size: int, chunks_per_step: int,
                    rng: np.random.Generator, balance: bool = False) -> list[list[list[int]]]:
-    """Steps (lists of chunks_per_step micro-batches) of `indices`, shuffled: pools of POOL_STEPS
-    steps' samples sorted by length, cut into steps of consecutive samples (similar lengths, so little
-    padding), each cut into consecutive micro-batches or, with `balance`, split into micro-batches of
-    even totals (balanced_split). The last step may be short."""
+    """Steps (lists of chunks_per_step micro-batches) of `indices`: shuffled and cut into steps, each
+    step's samples sorted by length and cut into consecutive micro-batches or, with `balance`, split
+    into micro-batches of even totals (balanced_split). The last step may be short."""
     shuffled = indices[rng.permutation(len(indices))].tolist()
     step_size = micro_batch_size * chunks_per_step
-    pool = step_size * POOL_STEPS
     steps = []
-    for start in range(0, len(shuffled), pool):
-        ordered = sorted(shuffled[start:start + pool], key=lambda i: int(lengths[i]))
-        for i in range(0, len(ordered), step_size):
-            step = ordered[i:i + step_size]
-            steps.append(balanced_split(step, lengths, micro_batch_size) if balance else
-                         [step[j:j + micro_batch_size] for j in range(0, len(step), micro_batch_size)])
+    for start in range(0, len(shuffled), step_size):
+        step = sorted(shuffled[start:start + step_size], key=lambda i: int(lengths[i]))
+        steps.append(balanced_split(step, lengths, micro_batch_size) if balance else
+                     [step[j:j + micro_batch_size] for j in range(0, len(step), micro_batch_size)])
     return steps
 
 
 def balanced_split(samples: list[int], lengths: np.ndarray, micro_batch_size: int) -> list[list[int]]:
-    """One step's samples (neighbours in length) as its micro-batches, of the sizes consecutive cuts
+    """One step's samples as its micro-batches, of the sizes consecutive cuts
     would give, with totals as even as a greedy split makes them: longest first, each to the lightest
     micro-batch with room (as LLaVA's split_to_even_chunks). The workers synchronize every step, so a
     packed step lasts as long as its micro-batch of most tokens: consecutive cuts of the sorted samples
@@ -116,7 +116,7 @@ def micro_batches_per_rank(image_samples: int, text_samples: int, micro_batch_si
                            group: bool = True) -> int:
     """How many micro-batches each worker runs an epoch (the same for every epoch and seed), without
     building the order: len(epoch_micro_batches(...)) // world. Grouped, each modality's samples are
-    cut into micro-batches on their own (a length pool is a whole number of micro-batches, so only the
+    cut into micro-batches on their own (a step is a whole number of micro-batches, so only the
     modality's last one is short); the epoch is then padded to a multiple of `world`."""
     per_modality = (image_samples, text_samples) if group else (image_samples + text_samples,)
     chunks = sum(math.ceil(n / micro_batch_size) for n in per_modality)

@@ -79,8 +79,9 @@ def check_resume(job: TrainJob, checkpoint: str | None) -> None:
         hint = (f" The checkpoint was trained on {was}, the current cache is {job.identity['cache']['version']}; "
                 f"runs that should follow the cache name themselves after it: train.run_name=<name>-{CACHE_VERSION}.")
     if "order" in differs:
-        hint += (" The epoch order's rules changed since that checkpoint (pipelines/train_order.py: packed steps "
-                 "are split into micro-batches of even token totals), so its epoch cannot continue as it began.")
+        hint += (" The epoch order's rules changed since that checkpoint (pipelines/train_order.py, order_rules: "
+                 "steps drawn at random as LLaVA's, packed ones split with even token totals), so its epoch "
+                 "cannot continue as it began.")
     raise RuntimeError(f"finetune: run {job.train.run_name!r} was checkpointed with other settings "
                        f"(differ: {', '.join(differs)}); resuming would mix them. Use another train.run_name, "
                        f"or --set train.start_fresh=true to train it again from step 0.{hint}")

@@ -41,17 +41,16 @@ def test_the_first_64_samples_mix_the_sources_in_about_their_proportions():
             assert 0.5 * expected <= images[name] <= 1.6 * expected + 4, (name, images[name], expected)
 
 
-def test_micro_batches_hold_one_modality_and_similar_lengths():
+def test_micro_batches_hold_one_modality_and_a_steps_are_cut_from_its_sorted_samples():
     source, image, length = mixture()
     batches = epoch_micro_batches(length, image, micro_batch_size=4, world=2, grad_accum_steps=1, seed=3, epoch=0)
     assert all(len(set(image[chunk])) == 1 for chunk in batches)
     assert sorted(k for chunk in batches for k in chunk)[:len(length)] == list(range(len(length)))
-
-    def padding(chunks):
-        return sum(len(c) * max(length[c]) - sum(length[c]) for c in chunks) / sum(len(c) * max(length[c])
-                                                                                     for c in chunks)
-    plain = epoch_micro_batches(length, image, 4, 2, 1, seed=3, epoch=0, group=False)
-    assert padding(batches) < 0.6 * padding(plain)
+    # padded: a step's samples sorted by length, cut one micro-batch after the other (least padding)
+    for start in range(0, len(batches) - 1, 2):
+        first, second = batches[start], batches[start + 1]
+        if len(first) == len(second) == 4:
+            assert max(length[first]) <= min(length[second])
     # image and text-only steps are interleaved over the epoch, not all text-only at the end
     text_steps = [i for i, chunk in enumerate(batches) if not image[chunk[0]]]
     assert text_steps[0] < len(batches) // 4
@@ -73,10 +72,23 @@ def test_every_worker_runs_as_many_micro_batches_and_together_they_cover_the_epo
     assert len({len(s) for s in shares}) == 1
     assert len(shares[0]) == micro_batches_per_rank(int(image.sum()), int((~image).sum()), 4, world)
     assert {k for s in shares for chunk in s for k in chunk} == set(range(len(length)))
-    # a step's micro-batches (one per worker per accumulation step) are of similar total length
-    step = batches[:world * 2]
-    totals = [sum(length[c]) for c in step]
-    assert max(totals) - min(totals) <= max(length)
+
+
+def test_each_step_is_a_random_draw_not_a_band_of_lengths():
+    # LLaVA's mega-batches are random draws of one modality, sorted only within: a mixture of 60% short
+    # and 40% long samples (answer length follows the source) gives steps of both, not steps of one band
+    # (pools of several steps sorted together made 87% of the steps all-short or all-long).
+    rng = np.random.default_rng(0)
+    count = 4000
+    long = rng.random(count) < 0.4
+    length = np.where(long, rng.integers(250, 700, count), rng.integers(40, 80, count)).astype(np.int32)
+    image = np.ones(count, dtype=bool)
+    for balance in (False, True):
+        batches = epoch_micro_batches(length, image, 4, world=4, grad_accum_steps=1, seed=0, epoch=0, balance=balance)
+        steps = [sum(batches[k:k + 4], []) for k in range(0, len(batches) - 3, 4)]
+        shares = np.array([np.mean(long[step]) for step in steps if len(step) == 16])
+        assert np.mean((shares == 0) | (shares == 1)) < 0.02  # 16 draws: all one band ~0.03% of the time
+        assert abs(np.mean(shares) - 0.4) < 0.03 and 0.08 < np.std(shares) < 0.16  # binomial: 0.12
 
 
 def test_the_planned_count_is_the_orders_for_any_geometry():

@@ -60,10 +60,15 @@ def test_a_resume_must_share_the_cache_the_training_settings_and_the_workers():
     other = run_identity(TrainConfig(lr=0.5, micro_batch_size=8), {**manifest, "samples": 65}, "llm", "")
     assert identity_differences(base, {**other, "workers": 4}) == [
         "cache.samples", "train.lr", "train.micro_batch_size", "workers"]
-    # An epoch continues exactly only under the order's rules it began with: packed steps are now split
-    # with even totals, so a packed run checkpointed before (no "order" recorded) is not continued ...
+    # An epoch continues exactly only under the order's rules it began with: steps are now random draws
+    # (and packed ones split with even totals), so a run checkpointed before (no "order" recorded, or
+    # rules 2) is not continued, padded or packed ...
     old = {k: v for k, v in base.items() if k != "order"}
-    assert base["order"] == 2 and identity_differences(old, base) == ["order"]
-    # ... while a padded one, whose order did not change, is.
+    assert base["order"] == 4 and identity_differences(old, base) == ["order"]
+    assert identity_differences({**base, "order": 2}, base) == ["order"]
     padded = {**run_identity(TrainConfig(packing=False), manifest, "llm", ""), "workers": 2}
-    assert identity_differences({k: v for k, v in padded.items() if k != "order"}, padded) == []
+    assert padded["order"] == 3 and identity_differences({k: v for k, v in padded.items() if k != "order"},
+                                                         padded) == ["order"]
+    # ... while a plain shuffle (group_by_length off), whose order never changed, is.
+    plain = {**run_identity(TrainConfig(group_by_length=False), manifest, "llm", ""), "workers": 2}
+    assert identity_differences({k: v for k, v in plain.items() if k != "order"}, plain) == []

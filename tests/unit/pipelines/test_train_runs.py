@@ -105,5 +105,8 @@ def test_a_packed_run_checkpointed_mid_epoch_under_the_old_order_is_refused_sayi
     (Path(done.export_dir) / "trim_llava.json").write_text("{}")
     assert already_complete(done, last)["step"] == 4
     check_resume(done, last)
-    padded = _job(tmp_path / "padded", packing=False)
-    check_resume(padded, old_checkpoint(padded, 2, micro_in_epoch=3))  # its order is the same as then
+    padded = _job(tmp_path / "padded", packing=False)  # its steps are now random draws too
+    with pytest.raises(RuntimeError, match=r"differ: order\).*order's rules changed"):
+        check_resume(padded, old_checkpoint(padded, 2, micro_in_epoch=3))
+    plain = _job(tmp_path / "plain", group_by_length=False)
+    check_resume(plain, old_checkpoint(plain, 2, micro_in_epoch=3))  # a plain shuffle, as then
