@@ -66,7 +66,9 @@ __all__ = ["IMAGE_SCHEMA", "REJECT_SCHEMA", "SAMPLE_SCHEMA", "Reject", "check_re
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 3  # 3: versioned folders, manifests list their files
+MANIFEST_VERSION = 4
+"""In the identity: 3, versioned folders whose manifests list their files; 4, the records LLaVA trains
+on kept (a first turn from gpt dropped, empty turns), so a rerun shards anew."""
 NON_OUTPUT_KNOBS = frozenset({"read_batch_size", "concurrency", "keep_versions"})
 """ShardConfig fields that change neither rows nor files: left out of the identity (every other is in)."""
 

@@ -37,9 +37,19 @@ class Reject:
 # Pure core: records ----------------------------------------------------------------------------
 
 
+def llava_turns(turns: Any) -> Any:
+    """The turns LLaVA trains on: a first turn from gpt is dropped (llava/train/train.py, preprocess:
+    a source that does not begin with the human role loses its first message); anything else as it is.
+    An empty or whitespace-only message stays: LLaVA's template writes it as "ROLE:" and trains on the
+    rest of the conversation."""
+    if isinstance(turns, list) and turns and isinstance(turns[0], dict) and turns[0].get("from") == "gpt":
+        return turns[1:]
+    return turns
+
+
 def check_record(index: int, record: Any) -> Reject | None:
-    """Why a record cannot be used (None if it can): its text, its id, its turns, the <image> tag and
-    the image path."""
+    """Why a record cannot be used (None if it can): its text, its id, its turns (those LLaVA trains
+    on: llava_turns), the <image> tag and the image path."""
     if isinstance(record, UnicodeDecodeError):
         return Reject(index, _id_through(record.object, index), "invalid UTF-8",
                       f"bytes that are not UTF-8 ({record.reason} at byte {record.start} of the record)")
@@ -57,16 +67,14 @@ def check_record(index: int, record: Any) -> Reject | None:
         return Reject(index, f"#{index}" if where == "id" else str(record["id"]), "lone surrogate",
                       f"{where}{shown} holds a lone surrogate (a \\ud800-\\udfff escape without its pair)")
     rid = str(record["id"])
-    turns = record.get("conversations")
+    turns = llava_turns(record.get("conversations"))
     if not isinstance(turns, list) or not turns:
-        return Reject(index, rid, "malformed conversation", "no conversations list")
+        return Reject(index, rid, "malformed conversation", "no conversations list, or only a gpt turn")
     for i, turn in enumerate(turns):
         problem = _turn_problem(i, turn)
         if problem:
             return Reject(index, rid, "malformed conversation", problem)
-        if not turn["value"].replace(IMAGE_TAG, "").strip():
-            return Reject(index, rid, "empty turn", f"turn {i} ({turn['from']}) is empty")
-    if len(turns) % 2:
+    if len(turns) % 2:  # LLaVA masks such a sample whole (its rounds no longer add up: a mismatch)
         return Reject(index, rid, "malformed conversation", "the last human turn has no answer")
     tags = sum(turn["value"].count(IMAGE_TAG) for turn in turns)
     image = record.get("image")
@@ -144,7 +152,7 @@ def infer_source(record: dict) -> str:
     image = record.get("image")
     if not image:
         return "sharegpt"
-    first = record["conversations"][0]["value"]
+    first = llava_turns(record["conversations"])[0]["value"]
     for prefix, source in (("gqa/", "gqa"), ("ocr_vqa/", "ocrvqa"), ("textvqa/", "textcaps"), ("vg/", "vg")):
         if image.startswith(prefix):
             return source
@@ -175,8 +183,9 @@ def samples_file(number: int) -> str:
 
 
 def sample_row(index: int, record: dict, image_key: str | None) -> dict:
+    turns = llava_turns(record["conversations"])  # what LLaVA trains on is what the shards hold
     return {"index": index, "id": str(record["id"]), "source": infer_source(record), "image_path": record.get("image"),
-            "image_key": image_key, "conversations": json.dumps(record["conversations"], ensure_ascii=False)}
+            "image_key": image_key, "conversations": json.dumps(turns, ensure_ascii=False)}
 
 
 def sort_run(mixture: str, chunk: Chunk, key_of: dict[str, str],

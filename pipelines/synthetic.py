@@ -144,7 +144,8 @@ def _faulty_records(image_root: Path, pool: list[DrawnImage]) -> list[dict]:
         {"id": "bad-tag-without-image", "conversations": ok_turns},
         {"id": "bad-image-without-tag", "image": pool[0].relpath,
          "conversations": _turns([("What is this?", "A shape.")])},
-        {"id": "bad-empty-turn", "image": pool[0].relpath, "conversations": _turns([("<image>\nWhat is this?", "  ")])},
+        {"id": "bad-empty-reply", "image": pool[0].relpath,  # merges its round with the next: labels astray
+         "conversations": _turns([("<image>\nWhat is this?", ""), ("And its colour?", "Red.")])},
         {"id": "bad-no-conversations", "image": pool[0].relpath},
     ]
 

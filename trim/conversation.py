@@ -29,7 +29,8 @@ what a Llama tokenizer's `tokenizer(text)` gives and also gives tokenizers witho
 post-processor one; a tokenizer without a `legacy` attribute counts as legacy (LLaVA would fail);
 visual tokens count toward max_length and are never cut (see tokenize_conversation), where LLaVA
 cuts the spliced sequence at model_max_length wherever it falls; records LLaVA would reshape (several
-`<image>` tags, a tag after the first turn, a first turn from gpt) are refused with ValueError.
+`<image>` tags, a tag after the first turn, a first turn from gpt) are refused with ValueError (the
+shard stage drops a first turn from gpt before, as LLaVA's preprocess does: pipelines/shard_records.py).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ EXPECTED_REJECTS = {
     "bad-no-conversations": "malformed conversation",
     "bad-tag-without-image": "<image> tag without image",
     "bad-image-without-tag": "image without <image> tag",
-    "bad-empty-turn": "empty turn",
+    "bad-empty-reply": "template conflict",
 }
 SHARD_CFG = ShardConfig(rows_per_shard=50, images_per_shard=16, read_batch_size=32, concurrency=2)
 PRECOMPUTE_CFG = PrecomputeConfig(batch_size=8, rows_per_file=40)

@@ -229,7 +229,7 @@ CASES = [
          "turn 1 is a str"),
     Case("ends-on-human", records(bad(conversations=TURNS + [{"from": "human", "value": "And?"}])),
          "malformed conversation", "no answer"),
-    Case("empty-answer", records(bad(conversations=[TURNS[0], {"from": "gpt", "value": "  "}])), "empty turn"),
+    Case("empty-answer", records(bad(conversations=[TURNS[0], {"from": "gpt", "value": "  "}])), "kept"),
     Case("missing-image-tag", records(bad(conversations=TEXT_TURNS)), "image without <image> tag"),
     Case("two-image-tags", records(bad(conversations=[{"from": "human", "value": "<image><image>\nhi"},
                                                       TURNS[1]])), "misplaced <image> tag", "2 tag(s)"),

@@ -7,6 +7,7 @@ from PIL import Image
 
 from pipelines import storage
 from pipelines.shard import check_record, infer_source, iter_records, load_image
+from pipelines.shard_records import sample_row
 from pipelines.synthetic import write_mixture
 
 
@@ -30,8 +31,7 @@ def test_a_good_record_passes():
     (_record(conversations=[]), "malformed conversation"),
     (_record(conversations=[{"from": "gpt", "value": "<image>\nx"}, {"from": "human", "value": "y"}]), "malformed conversation"),
     (_record(conversations=[{"from": "human", "value": "<image>\nx"}]), "malformed conversation"),
-    (_record(conversations=[{"from": "human", "value": "<image>\n"}, {"from": "gpt", "value": "y"}]), "empty turn"),
-    (_record(conversations=[{"from": "human", "value": "<image>\nx"}, {"from": "gpt", "value": " "}]), "empty turn"),
+    (_record(conversations=[{"from": "gpt", "value": "Hi!"}]), "malformed conversation"),
     (_record(conversations=[{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]), "image without <image> tag"),
     ({k: v for k, v in _record().items() if k != "image"}, "<image> tag without image"),
     (_record(conversations=[{"from": "human", "value": "<image><image>x"}, {"from": "gpt", "value": "y"}]), "misplaced <image> tag"),
@@ -42,6 +42,27 @@ def test_bad_records_are_named_with_a_reason(record, reason):
     assert reject is not None and reject.reason == reason and reject.index == 5
     assert reject.id == (record["id"] if isinstance(record, dict) and "id" in record else "#5")
     assert reject.detail
+
+
+def test_records_llava_trains_on_are_kept_as_llava_trains_on_them():
+    # A blank message, or a human turn of the image alone: LLaVA's template writes them and trains on the
+    # conversation's replies.
+    for turns in ([{"from": "human", "value": "<image>\n"}, {"from": "gpt", "value": "y"}],
+                  [{"from": "human", "value": "<image>\nx"}, {"from": "gpt", "value": " "},
+                   {"from": "human", "value": "Again?"}, {"from": "gpt", "value": "No."}]):
+        assert check_record(0, _record(conversations=turns)) is None
+        assert json.loads(sample_row(0, _record(conversations=turns), "k")["conversations"]) == turns
+    # An empty reply merges its round with the next ("ASSISTANT:USER: ..."): the labels no longer follow
+    # the turns, set aside by name (LLaVA trains the merged round's reply, or masks all on a mismatch).
+    merged = [{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": ""},
+              {"from": "human", "value": "Again?"}, {"from": "gpt", "value": "No."}]
+    assert check_record(0, _record(conversations=merged)).reason == "template conflict"
+    # A first turn from gpt: LLaVA drops it (preprocess) and trains on the rest; the shards hold the rest.
+    turns = [{"from": "gpt", "value": "Hello! How can I help?"}, {"from": "human", "value": "<image>\nA joke?"},
+             {"from": "gpt", "value": "Why did the chicken cross the road?"}]
+    assert check_record(0, _record(conversations=turns)) is None
+    row = sample_row(0, _record(conversations=turns), "k")
+    assert json.loads(row["conversations"]) == turns[1:] and row["source"] == "llava_instruct"
 
 
 def test_sources_are_inferred_from_folder_and_prompt():
