@@ -1,4 +1,5 @@
-"""Scorers for LLaVA answer files: open-ended VQA, yes/no (POPE) and multiple choice by letter.
+"""Scorers for LLaVA answer files: open-ended VQA, exact match (GQA), yes/no (POPE) and multiple choice
+by letter.
 
 Answers are LLaVA's `model_vqa*` records ({question_id, prompt, text, answer_id, model_id,
 metadata}); `question_id`, `text` and (for repeated ids) `prompt` are read. Annotations map
@@ -22,6 +23,7 @@ Conventions shared by every scorer:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +31,8 @@ from typing import Any, Literal
 
 from pipelines.answer_parsing import DEFAULT_LETTERS, parse_choice, parse_yes_no, vqa_accuracy
 
-Kind = Literal["vqa", "yesno", "choice"]
-KINDS: tuple[str, ...] = ("vqa", "yesno", "choice")
+Kind = Literal["vqa", "exact", "yesno", "choice"]
+KINDS: tuple[str, ...] = ("vqa", "exact", "yesno", "choice")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class Annotation:
     kind: str | None = None
     text: str | None = None
     """The question's text, for ids that several questions share (module doc); None: the id alone."""
+    category: str | None = None
+    """The question's category (POPE: adversarial, popular, random), scored apart by score_yes_no."""
 
 
 AnnotationLike = Annotation | Mapping[str, Any] | str | Sequence[str]
@@ -105,7 +109,8 @@ def _as_annotation(question_id: Any, value: AnnotationLike) -> Annotation:
         text = value.get("text")
         if text is not None and (not isinstance(text, str) or not text.strip()):
             raise ValueError(f"{where}: 'text' must be the question's text, got {text!r}")
-        return Annotation(question_id, answers, value.get("kind"), text)
+        category = value.get("category")
+        return Annotation(question_id, answers, value.get("kind"), text, None if category is None else str(category))
     return Annotation(question_id, _answers_of(value, where))
 
 
@@ -225,6 +230,23 @@ def score_vqa(answers: Iterable[Mapping[str, Any]],
             "missing": len(refs) - len(replies)}
 
 
+def exact_form(text: str) -> str:
+    """A reply or reference as LLaVA's GQA scoring compares them (scripts/convert_gqa_for_eval.py:
+    stripped, a trailing full stop dropped, lower-cased)."""
+    return text.strip().rstrip(".").lower()
+
+
+def score_exact(answers: Iterable[Mapping[str, Any]],
+                annotations: Mapping[Any, AnnotationLike]) -> dict[str, float]:
+    """Exact-match accuracy (GQA): a reply is right when its exact_form is a reference's, wrong otherwise
+    (no article or number-word normalisation: "the man" is not "man", as in GQA's own scorer)."""
+    refs, replies = _join(answers, annotations)
+    correct = sum(exact_form(replies[k]) in {exact_form(a) for a in ann.answers} for k, ann in refs.items()
+                  if k in replies)
+    return {"accuracy": correct / len(refs), "n": len(refs), "answered": len(replies),
+            "missing": len(refs) - len(replies)}
+
+
 def _yes_no_label(ann: Annotation) -> str:
     label = ann.answers[0].strip().lower().rstrip(".")
     if len(ann.answers) != 1 or label not in ("yes", "no"):
@@ -240,26 +262,55 @@ def score_yes_no(answers: Iterable[Mapping[str, Any]],
     A missing answer is wrong: it lowers accuracy (denominator n) and, for a "yes" question, counts
     as a false negative; it predicts nothing, so it is in neither precision nor the yes-ratio
     (which is over the answered questions, as in LLaVA).
+
+    Where the answers name several categories (metadata.category: POPE's adversarial, popular and
+    random), each category's metrics too ("<category>/f1", ...) and `f1_mean`, their mean F1: POPE's
+    figure as LLaVA's eval_pope.py gives it, per category, and papers average them. A missing answer
+    counts in its annotation's `category` (an answered one in its own where the annotation names none).
     """
+    answers = list(answers)
     refs, replies = _join(answers, annotations)
+    category_of = {ref: ann.category for ref, ann in refs.items() if ann.category is not None}
+    for record in answers:
+        category = (record.get("metadata") or {}).get("category")
+        ref = next(r for r in _answer_refs(record["question_id"], record.get("prompt")) if r in refs)
+        if category is not None and ref not in category_of:
+            category_of[ref] = str(category)
+    labelled = [(ref, _yes_no_label(ann)) for ref, ann in refs.items()]
+    metrics = _yes_no_metrics([(label, replies.get(ref)) for ref, label in labelled])
+    categories = sorted(set(category_of.values()))
+    if len(categories) > 1:
+        f1s = []
+        for category in categories:
+            part = _yes_no_metrics([(label, replies.get(ref)) for ref, label in labelled
+                                    if category_of.get(ref) == category])
+            name = re.sub(r"[^\w.\- ]", "_", category)  # a metric name MLflow takes
+            metrics.update({f"{name}/{k}": v for k, v in part.items()
+                            if k in ("accuracy", "precision", "recall", "f1", "yes_ratio", "n")})
+            f1s.append(part["f1"])
+        metrics["f1_mean"] = sum(f1s) / len(f1s)
+    return metrics
+
+
+def _yes_no_metrics(pairs: Sequence[tuple[str, str | None]]) -> dict[str, float]:
+    """(label, reply or None when missing) pairs -> POPE's metrics (score_yes_no)."""
     tp = fp = tn = fn = 0
-    for key, ann in refs.items():
-        label = _yes_no_label(ann)
-        if key not in replies:
+    for label, reply in pairs:
+        if reply is None:
             fn += label == "yes"
             continue
-        pred = parse_yes_no(replies[key])
+        pred = parse_yes_no(reply)
         if pred == "yes":
             tp += label == "yes"
             fp += label == "no"
         else:
             tn += label == "no"
             fn += label == "yes"
-    n, answered = len(refs), len(replies)
+    n, answered = len(pairs), sum(reply is not None for _, reply in pairs)
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"accuracy": (tp + tn) / n, "precision": precision, "recall": recall, "f1": f1,
+    return {"accuracy": (tp + tn) / n if n else 0.0, "precision": precision, "recall": recall, "f1": f1,
             "yes_ratio": (tp + fp) / answered if answered else 0.0,
             "tp": tp, "fp": fp, "tn": tn, "fn": fn,
             "n": n, "answered": answered, "missing": n - answered}
@@ -310,13 +361,15 @@ def _resolve_kind(refs: dict[Ref, Annotation], kind: str | None) -> str:
 
 def score(answers: Iterable[Mapping[str, Any]], annotations: Mapping[Any, AnnotationLike],
           kind: Kind | None = None, letters: str = DEFAULT_LETTERS) -> dict[str, float]:
-    """Score answers against annotations with the scorer for `kind` ("vqa", "yesno", "choice"; None
+    """Score answers against annotations with the scorer for `kind` ("vqa", "exact", "yesno", "choice"; None
     takes the single kind the annotations declare). Returns metrics plus counts n, answered,
     missing (and unparsed for "choice")."""
     answers = list(answers)
     resolved = _resolve_kind(_index_annotations(annotations), kind)
     if resolved == "vqa":
         return score_vqa(answers, annotations)
+    if resolved == "exact":
+        return score_exact(answers, annotations)
     if resolved == "yesno":
         return score_yes_no(answers, annotations)
     return score_choice(answers, annotations, letters)

@@ -226,7 +226,8 @@ class EvalConfig:
     """Inference and scoring on an evaluation split."""
 
     kind: str = "vqa"
-    """Scorer: "vqa" (open-ended), "yesno" (POPE), "choice" (option letter)."""
+    """Scorer: "vqa" (open-ended, VQAv2/TextVQA accuracy), "exact" (GQA: exact match), "yesno" (POPE),
+    "choice" (option letter)."""
     max_new_tokens: int = 16
     """Tokens generated per answer (greedy)."""
     batch_size: int = 8

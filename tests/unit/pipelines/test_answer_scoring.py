@@ -129,6 +129,30 @@ def test_no_annotations_is_an_error():
         score([], {}, kind="vqa")
 
 
+def test_pope_is_scored_per_category_and_their_f1_averaged():
+    # LLaVA's eval_pope.py scores adversarial, popular and random apart; papers report their mean F1.
+    def pope(qid, category, reply):
+        return {**answer(qid, reply), "metadata": {"category": category}}
+    annotations = {1: "yes", 2: "no", 3: "yes", 4: "no", 5: {"answer": "yes", "category": "random"}, 6: "no"}
+    answers = [pope(1, "adversarial", "Yes"), pope(2, "adversarial", "Yes"),   # TP, FP
+               pope(3, "random", "Yes"), pope(4, "random", "No"),              # TP, TN (5: missing yes, FN)
+               pope(6, "popular", "No")]                                       # TN: no positive at all
+    result = score_yes_no(answers, annotations)
+    assert result["adversarial/f1"] == pytest.approx(2 / 3) and result["adversarial/n"] == 2
+    assert result["random/f1"] == pytest.approx(2 / 3) and result["random/n"] == 3  # the missing one counts
+    assert result["popular/f1"] == 0.0 and result["popular/accuracy"] == 1.0
+    assert result["f1_mean"] == pytest.approx((2 / 3 + 2 / 3 + 0) / 3)
+    assert (result["tp"], result["fp"], result["tn"], result["fn"]) == (2, 1, 2, 1)  # pooled, as before
+    assert "f1_mean" not in score_yes_no(answers[:2], {1: "yes", 2: "no"})  # one category: no split
+
+
+def test_exact_match_is_gqas_strict_comparison():
+    annotations = {1: "man", 2: "black and white", 3: "yes", 4: "2"}
+    answers = [answer(1, "The man"), answer(2, "Black and white."), answer(3, " yes"), answer(4, "two")]
+    assert score(answers, annotations, kind="exact")["accuracy"] == pytest.approx(2 / 4)  # 2 and 3 right
+    assert score(answers, annotations, kind="vqa")["accuracy"] > 0.5  # VQA's normalisation forgives 1 and 4
+
+
 def test_find_missing():
     assert find_missing([answer(2, "x")], {1: "a", 2: "b", 3: "c"}) == [1, 3]
 
