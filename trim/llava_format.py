@@ -94,6 +94,30 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32,
     return llm, projector, vision_settings(config)
 
 
+def rope_fields_for_llava(config: dict[str, Any]) -> dict[str, Any]:
+    """The top-level `rope_theta` and `rope_scaling` that LLaVA's transformers (4.37) reads, from the
+    `rope_parameters` transformers 5 writes instead: without them LLaVA's code would run at theta 10000
+    and unscaled, silently (Mistral-7B-v0.2's theta is 1e6). {} when the config has no rope_parameters."""
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict):
+        return {}
+    kind = rope.get("rope_type", "default")
+    scaling = None if kind == "default" else {"type": kind, **{k: v for k, v in rope.items()
+                                                              if k not in ("rope_type", "rope_theta")}}
+    return {"rope_theta": rope.get("rope_theta", 10000.0), "rope_scaling": scaling}
+
+
+def _declare_non_legacy(tokenizer_config: Path) -> None:
+    """Write `legacy: false` into a Llama tokenizer's config where it says nothing: the ids this project
+    trains with are the non-legacy ones (vicuna's own setting), and LLaVA's slow tokenizer takes a
+    config without the key as legacy."""
+    if not tokenizer_config.exists():
+        return
+    settings = json.loads(tokenizer_config.read_text())
+    if str(settings.get("tokenizer_class", "")).startswith("LlamaTokenizer") and "legacy" not in settings:
+        tokenizer_config.write_text(json.dumps({**settings, "legacy": False}, indent=2, sort_keys=True))
+
+
 def write(model_dir: str | Path, out: str | Path, vision_tower: str | None = None) -> Path:
     """Write a model directory (LlavaTrim.save) in LLaVA's layout: the LLM's weights with the projector
     added as model.mm_projector.*, config.json with LLaVA's keys, tokenizer and generation files.
@@ -115,14 +139,18 @@ def write(model_dir: str | Path, out: str | Path, vision_tower: str | None = Non
                   mm_hidden_size=int(settings["feature_dim"]), mm_vision_select_layer=int(encoder.get("layer", -2)),
                   mm_vision_select_feature="patch", mm_projector_type="mlp2x_gelu", mm_patch_merge_type="flat",
                   mm_use_im_start_end=False, mm_use_im_patch_token=False, image_aspect_ratio="pad", use_mm_proj=True)
+    config.update(rope_fields_for_llava(config))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     copy_side_files(llm_dir, out)
+    _declare_non_legacy(out / "tokenizer_config.json")
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     save_torch_state_dict(state, str(out))
     if "llava" not in out.name.lower():
         # LLaVA's load_pretrained_model treats a checkpoint as multimodal only if its name says llava.
         logger.warning("%s: LLaVA's loader wants 'llava' in the directory name to load the vision tower", out)
+    if architecture == "LlavaMistralForCausalLM" and "mistral" not in out.name.lower():
+        logger.warning("%s: LLaVA's loader takes its Mistral class only for a directory named with 'mistral'", out)
     if architecture == "LlavaLlamaForCausalLM" and not (out / "tokenizer.model").exists():
         logger.warning("%s has no tokenizer.model: LLaVA's loader asks for the slow Llama tokenizer; copy it "
                        "from the base LLM", out)

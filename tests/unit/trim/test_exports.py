@@ -121,6 +121,8 @@ def test_llava_export_is_llavas_layout_and_reads_back(model_dir, ours, tmp_path,
     assert (config["mm_projector_type"], config["mm_hidden_size"], config["mm_vision_select_layer"]) == (
         "mlp2x_gelu", 64, -2)
     assert (config["image_aspect_ratio"], config["mm_vision_tower"]) == ("pad", str(tiny_models.clip))
+    # RoPE where LLaVA's transformers (4.37) reads it, beside transformers 5's rope_parameters
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] and config["rope_scaling"] is None
     assert (out / "model.safetensors").exists()
     assert AutoTokenizer.from_pretrained(str(out)).get_vocab() == ours[1].get_vocab()  # training reads it there
     start = load_starting_point(out)
@@ -131,6 +133,29 @@ def test_llava_export_is_llavas_layout_and_reads_back(model_dir, ours, tmp_path,
     for key, value in model.projector.state_dict().items():
         torch.testing.assert_close(start.projector[key], value, rtol=0, atol=0)
     check_vision_settings(start.vision, describe_checkpoint(tiny_models.clip, -2))
+
+
+def test_rope_settings_are_written_where_llavas_transformers_reads_them():
+    from trim.llava_format import rope_fields_for_llava
+
+    assert rope_fields_for_llava({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}) == {
+        "rope_theta": 1e6, "rope_scaling": None}
+    assert rope_fields_for_llava({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}) == {
+        "rope_theta": 1e4, "rope_scaling": {"type": "linear", "factor": 2.0}}
+    assert rope_fields_for_llava({"rope_theta": 1e4}) == {}
+
+
+def test_a_llama_tokenizer_exported_for_llava_says_it_is_not_legacy(tmp_path):
+    from trim.llava_format import _declare_non_legacy
+
+    llama, other, kept = tmp_path / "llama.json", tmp_path / "other.json", tmp_path / "kept.json"
+    llama.write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    other.write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    kept.write_text(json.dumps({"tokenizer_class": "LlamaTokenizerFast", "legacy": True}))
+    for path in (llama, other, kept):
+        _declare_non_legacy(path)
+    assert json.loads(llama.read_text())["legacy"] is False and "legacy" not in json.loads(other.read_text())
+    assert json.loads(kept.read_text())["legacy"] is True  # a setting the LLM states is kept
 
 
 def test_llava_export_records_a_given_tower_name(model_dir, tmp_path):
