@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import logging
 import sys
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -23,7 +24,7 @@ from PIL import Image  # noqa: E402
 from pipelines import storage  # noqa: E402
 from pipelines.cli import recipe_argparser  # noqa: E402
 from pipelines.config import load_recipe  # noqa: E402
-from pipelines.evaluate import parse_questions, question_key  # noqa: E402
+from pipelines.evaluate import parse_questions, picture_stem, question_key  # noqa: E402
 from pipelines.images import ImageStore, read_image  # noqa: E402
 from pipelines.logs import setup_logging  # noqa: E402
 from pipelines.manifests import MANIFEST_FILE, CacheManifest, resolve_output  # noqa: E402
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
                 else questions[:recipe.eval.num_pictures]
         else:
             chosen = []
-        items += [(f"question-{q['question_id']}", read_image(paths.eval_images, q["image"]),
+        shared = Counter(str(q["question_id"]) for q in questions)  # an id several questions share: by line
+        items += [(picture_stem(q, shared), read_image(paths.eval_images, q["image"]),
                    inference_text(q["text"], cfg.text_at_inference)) for q in chosen]
         written = online_pictures(ClipEncoder(paths.clip), items, cfg, out) if items else []
     found = len(written)

@@ -154,6 +154,8 @@ def load_annotations(path: str | Path) -> dict[Any, Annotation]:
             raise ValueError(f"{where}: {e}") from e
         key, text = _ref(annotation)
         texts = seen.setdefault(key, set())
+        if text in texts and annotation in out.values():
+            continue  # the same annotation again: one question, one reference
         if text in texts or (texts and (text is None or None in texts)):
             raise ValueError(f"{where}: duplicate question_id={qid!r} (an id annotated more than once needs "
                              "each question's 'text', all different)")
@@ -255,8 +257,8 @@ def _yes_no_label(ann: Annotation) -> str:
     return label
 
 
-def score_yes_no(answers: Iterable[Mapping[str, Any]],
-                 annotations: Mapping[Any, AnnotationLike]) -> dict[str, float]:
+def score_yes_no(answers: Iterable[Mapping[str, Any]], annotations: Mapping[Any, AnnotationLike],
+                 questions: Iterable[Mapping[str, Any]] = ()) -> dict[str, float]:
     """POPE metrics with "yes" as the positive class: accuracy, precision, recall, F1, yes-ratio.
 
     A missing answer is wrong: it lowers accuracy (denominator n) and, for a "yes" question, counts
@@ -266,11 +268,16 @@ def score_yes_no(answers: Iterable[Mapping[str, Any]],
     Where the answers name several categories (metadata.category: POPE's adversarial, popular and
     random), each category's metrics too ("<category>/f1", ...) and `f1_mean`, their mean F1: POPE's
     figure as LLaVA's eval_pope.py gives it, per category, and papers average them. A missing answer
-    counts in its annotation's `category` (an answered one in its own where the annotation names none).
+    counts in its annotation's `category`, or its question's (questions: the question file's records,
+    {question_id, text, category}); an answered one, failing both, in its answer's.
     """
     answers = list(answers)
     refs, replies = _join(answers, annotations)
     category_of = {ref: ann.category for ref, ann in refs.items() if ann.category is not None}
+    for question in questions:
+        found = [r for r in _answer_refs(question["question_id"], question.get("text")) if r in refs]
+        if question.get("category") is not None and found and found[0] not in category_of:
+            category_of[found[0]] = str(question["category"])
     for record in answers:
         category = (record.get("metadata") or {}).get("category")
         ref = next(r for r in _answer_refs(record["question_id"], record.get("prompt")) if r in refs)
@@ -285,6 +292,9 @@ def score_yes_no(answers: Iterable[Mapping[str, Any]],
             part = _yes_no_metrics([(label, replies.get(ref)) for ref, label in labelled
                                     if category_of.get(ref) == category])
             name = re.sub(r"[^\w.\- ]", "_", category)  # a metric name MLflow takes
+            name = name if name.strip(". ") else "_"
+            while f"{name}/n" in metrics:  # two categories that read the same once cleaned
+                name += "_"
             metrics.update({f"{name}/{k}": v for k, v in part.items()
                             if k in ("accuracy", "precision", "recall", "f1", "yes_ratio", "n")})
             f1s.append(part["f1"])
@@ -360,10 +370,12 @@ def _resolve_kind(refs: dict[Ref, Annotation], kind: str | None) -> str:
 
 
 def score(answers: Iterable[Mapping[str, Any]], annotations: Mapping[Any, AnnotationLike],
-          kind: Kind | None = None, letters: str = DEFAULT_LETTERS) -> dict[str, float]:
+          kind: Kind | None = None, letters: str = DEFAULT_LETTERS,
+          questions: Iterable[Mapping[str, Any]] = ()) -> dict[str, float]:
     """Score answers against annotations with the scorer for `kind` ("vqa", "exact", "yesno", "choice"; None
     takes the single kind the annotations declare). Returns metrics plus counts n, answered,
-    missing (and unparsed for "choice")."""
+    missing (and unparsed for "choice"). questions: the question file's records, whose categories
+    score_yes_no splits POPE by."""
     answers = list(answers)
     resolved = _resolve_kind(_index_annotations(annotations), kind)
     if resolved == "vqa":
@@ -371,5 +383,5 @@ def score(answers: Iterable[Mapping[str, Any]], annotations: Mapping[Any, Annota
     if resolved == "exact":
         return score_exact(answers, annotations)
     if resolved == "yesno":
-        return score_yes_no(answers, annotations)
+        return score_yes_no(answers, annotations, questions)
     return score_choice(answers, annotations, letters)

@@ -203,7 +203,9 @@ class TrainConfig:
     """Pack each micro-batch's samples into rows of up to max_length tokens (attention confined to each
     sample) instead of padding every sample to the longest: no compute on padding."""
     group_by_length: bool = True
-    """Batch samples of similar length together to cut padding."""
+    """LLaVA's group_by_modality_length: each optimizer step a random draw of one modality, its samples
+    dealt to the micro-batches by length (packed: even token totals; padded: sorted, least padding);
+    False: a plain shuffle."""
     checkpoint_every: int = 20
     """Save a checkpoint every this many optimizer steps (and at the end)."""
     seed: int = 0

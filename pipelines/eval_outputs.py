@@ -4,8 +4,9 @@ Each evaluation writes into its own folder under `eval/`, named by the model's r
 setting and a hash of its identity: `eval/<run>-<trim>-<hash12>/` (answers.jsonl, rejects.jsonl,
 pictures/, manifest.json). The identity covers everything that changes the answers: the model's files
 (names, sizes, modification stamps), the CLIP checkpoint's files, the TRIM config used at inference,
-the question file's bytes, the image folder's files, the generation settings and the device kind.
-The manifest is written last; answers are reused only from a folder whose manifest carries the same
+the question file's bytes, the image folder's files, the generation settings, the device kind and the
+version of the LLM tokenization (trim.llm_tokenizer.TOKENIZATION). The manifest is written once the
+answers are (before they are scored); answers are reused only from a folder whose manifest carries the same
 identity, so an evaluation that failed half way, or one of another model or TRIM setting, is never
 scored as this one.
 """
@@ -21,6 +22,7 @@ from pipelines import storage
 from pipelines.config import Recipe
 from pipelines.manifests import MANIFEST_FILE, EvalManifest
 from trim import TrimConfig
+from trim.llm_tokenizer import TOKENIZATION
 
 ANSWERS_FILE = "answers.jsonl"
 REJECTS_FILE = "rejects.jsonl"
@@ -41,6 +43,7 @@ def identity(recipe: Recipe, model_dir: str, trim_cfg: TrimConfig, question_byte
     return {"model_dir": model_dir, "model_files": storage.fingerprint(model_dir), "model_id": recipe.train.run_name,
             "clip": paths.clip, "clip_files": files_digest(paths.clip), "trim": trim_cfg.to_dict(),
             "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "sort_window": cfg.sort_window,
+            "tokenization": TOKENIZATION,
             "accelerator": accelerator,
             "questions": paths.eval_questions, "questions_sha256": hashlib.sha256(question_bytes).hexdigest(),
             "images": paths.eval_images, "images_files": files_digest(paths.eval_images)}

@@ -36,7 +36,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -72,6 +72,13 @@ def record_key(record: dict) -> tuple:
     """Order of answer and reject records: by question_id (question_key), then by line."""
     line = record.get("metadata", {}).get("line", record.get("line", 0))
     return question_key(record["question_id"]), line
+
+
+def picture_stem(question: dict, shared: Mapping[str, int]) -> str:
+    """A question's picture name: question-<id>, or question-<id>-line<line> for an id several questions
+    share (shared: how many questions hold each id, as a string)."""
+    qid = str(question["question_id"])
+    return f"question-{qid}" if shared.get(qid, 1) == 1 else f"question-{qid}-line{question[LINE]}"
 
 
 def answer_id(question_id: Any, model_id: str, line: int | None = None) -> str:
@@ -237,14 +244,14 @@ def _read_jsonl(uri: str) -> list[dict]:
     return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line.strip()]
 
 
-def _score(answers: list[dict], annotations_uri: str, kind: str) -> dict[str, float]:
+def _score(answers: list[dict], annotations_uri: str, kind: str, questions: list[dict]) -> dict[str, float]:
     from pipelines.answer_scoring import load_annotations, score
 
     with tempfile.TemporaryDirectory() as directory:
         local = os.path.join(directory, "annotations.jsonl")
         with open(local, "wb") as f:
             f.write(storage.read_bytes(annotations_uri))
-        return score(answers, load_annotations(local), kind=kind)  # type: ignore[arg-type]  # checked there
+        return score(answers, load_annotations(local), kind=kind, questions=questions)  # type: ignore[arg-type]
 
 
 def _infer(questions: list[dict], model_dir: str, trim_cfg: TrimConfig, recipe, picture_lines: list[int], gpus: int
@@ -357,13 +364,14 @@ def run_evaluate(recipe: Recipe, model_dir: str, trim_spec: str = "model",
         seconds = time.time() - started  # a rerun that only rescores keeps the times of this inference
 
     metrics = _metrics(answers, rejects, len(questions) + len(malformed), seconds, answering_s)
-    if storage.exists(paths.eval_annotations):
-        metrics.update({k: float(v) for k, v in _score(answers, paths.eval_annotations, cfg.kind).items()})
-    else:
-        logger.info("no annotations at %s; answers are not scored", paths.eval_annotations)
     manifest = EvalManifest(identity=identity, trim_name=label, answers=answers_uri, rejects_file=rejects_uri,
                             metrics=metrics, reject_reasons=_count(r["reason"] for r in rejects))
-    manifest.write(out_dir)  # last of the outputs: from here this folder's answers are reused
+    manifest.write(out_dir)  # the answers are complete: reused from here, even if scoring them fails below
+    if storage.exists(paths.eval_annotations):
+        metrics.update({k: float(v) for k, v in _score(answers, paths.eval_annotations, cfg.kind, questions).items()})
+        manifest.write(out_dir)
+    else:
+        logger.info("no annotations at %s; answers are not scored", paths.eval_annotations)
 
     with Tracker(tracking_uri or default_tracking_uri(paths.root), experiment_name(recipe.name)) as tracker:
         manifest.mlflow_run_id = tracker.start(f"{model_id}-eval")
@@ -413,7 +421,7 @@ def _write_pictures(picture_rows: dict[int, tuple[list[int], np.ndarray]], quest
         for line, (kept, scores) in picture_rows.items():
             question = by_line[line]
             qid = str(question["question_id"])
-            name = f"question-{safe_name(qid)}{'' if shared[qid] == 1 else f'-line{line}'}.png"
+            name = f"{safe_name(picture_stem(question, shared))}.png"
             title = f"{qid}: {' '.join(question['text'].split())[:70]} ({len(kept)}/{len(scores)} kept)"
             path = draw(read_image(image_root, question["image"]), scores, kept, os.path.join(directory, name), title)
             storage.write_bytes(storage.join(out_uri, name), path.read_bytes())

@@ -40,8 +40,8 @@ class Reject:
 def llava_turns(turns: Any) -> Any:
     """The turns LLaVA trains on: a first turn from gpt is dropped (llava/train/train.py, preprocess:
     a source that does not begin with the human role loses its first message); anything else as it is.
-    An empty or whitespace-only message stays: LLaVA's template writes it as "ROLE:" and trains on the
-    rest of the conversation."""
+    A blank message stays (LLaVA's template writes it as any other and trains on the reply); an empty one
+    is written "ROLE:" and merges its round with the next (check_record names it a template conflict)."""
     if isinstance(turns, list) and turns and isinstance(turns[0], dict) and turns[0].get("from") == "gpt":
         return turns[1:]
     return turns

@@ -102,15 +102,19 @@ def rope_fields_for_llava(config: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(rope, dict):
         return {}
     kind = rope.get("rope_type", "default")
+    if kind not in ("default", "linear", "dynamic"):
+        logger.warning("RoPE scaling %r: LLaVA's transformers (4.37) knows only linear and dynamic; its loader "
+                       "will refuse this export's rope_scaling", kind)
     scaling = None if kind == "default" else {"type": kind, **{k: v for k, v in rope.items()
                                                               if k not in ("rope_type", "rope_theta")}}
     return {"rope_theta": rope.get("rope_theta", 10000.0), "rope_scaling": scaling}
 
 
 def _declare_non_legacy(tokenizer_config: Path) -> None:
-    """Write `legacy: false` into a Llama tokenizer's config where it says nothing: the ids this project
-    trains with are the non-legacy ones (vicuna's own setting), and LLaVA's slow tokenizer takes a
-    config without the key as legacy."""
+    """Write `legacy: false` into a Llama tokenizer's config where it says nothing (a model saved before
+    LlavaTrim.save recorded it: trim.llm_tokenizer.keep_legacy_setting): transformers 5 tokenizes a
+    Llama tokenizer without the key as non-legacy (vicuna's own setting), and LLaVA's slow tokenizer
+    would take it as legacy."""
     if not tokenizer_config.exists():
         return
     settings = json.loads(tokenizer_config.read_text())

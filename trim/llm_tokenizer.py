@@ -61,6 +61,24 @@ def rank_merges_like_sentencepiece(tokenizer: Any, model_file: str | Path) -> bo
     return True
 
 
+def keep_legacy_setting(tokenizer: Any, directory: str | Path) -> None:
+    """Write a Llama tokenizer's `legacy` into the tokenizer_config.json it was saved with, where
+    transformers 5's save_pretrained leaves it out: the setting decides the ids after a special token,
+    and an export read by LLaVA's slow tokenizer must say which ones training saw."""
+    config = Path(directory) / "tokenizer_config.json"
+    legacy = getattr(tokenizer, "legacy", None)
+    if not isinstance(legacy, bool) or not config.exists():
+        return
+    settings = json.loads(config.read_text())
+    if "legacy" not in settings:
+        config.write_text(json.dumps({**settings, "legacy": legacy}, indent=2, sort_keys=True))
+
+
+TOKENIZATION = 2
+"""The version of how LLM text becomes ids, recorded where outputs depend on it (evaluation answers):
+1, transformers 5's merges as it ranks them; 2, a sentencepiece model's merges ranked by score."""
+
+
 def load_llm_tokenizer(path: str | Path, **kwargs: Any) -> Any:
     """`AutoTokenizer.from_pretrained(path)`; where the folder holds a sentencepiece BPE model, its
     merges ranked as sentencepiece ranks them (rank_merges_like_sentencepiece). Byte-level tokenizers

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from trim import attention  # noqa: F401  (registers "sdpa_packed")
 from trim.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from trim.llm_tokenizer import load_llm_tokenizer
+from trim.llm_tokenizer import keep_legacy_setting, load_llm_tokenizer
 from trim.model_files import PROJECTOR_FILE, SETTINGS_FILE
 
 logger = logging.getLogger(__name__)
@@ -221,6 +221,7 @@ class LlavaTrim(nn.Module):
         self.llm.save_pretrained(directory / "llm", state_dict=llm_state)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory / "llm")
+            keep_legacy_setting(tokenizer, directory / "llm")
         torch.save(projector_state, directory / PROJECTOR_FILE)
         (directory / SETTINGS_FILE).write_text(json.dumps(self.settings, indent=2, sort_keys=True))
         return directory

@@ -201,7 +201,7 @@ def test_an_evaluation_on_s3_answers_as_the_local_one(first_run, eval_root, tiny
         (a["question_id"], a["text"]) for a in read_jsonl(Path(first_run.answers))]
 
 
-def test_questions_sharing_an_id_are_answered_and_scored_each(first_run, eval_root, argv):
+def test_questions_sharing_an_id_are_answered_and_scored_each(first_run, eval_root, argv, tmp_path):
     """LLaVA's TextVQA and MME question files give an image's questions one id (the image's): each is
     answered, in line order, scored against the annotation naming its text; a question repeated whole
     is set aside as a duplicate, by line."""
@@ -218,9 +218,17 @@ def test_questions_sharing_an_id_are_answered_and_scored_each(first_run, eval_ro
                    {"question_id": "img-a", "text": "What is the colour of the square?", "answers": ["red"] * 10},
                    {"question_id": 3, "answers": ["red"] * 10}]
     (data / "shared-annotations.jsonl").write_text("".join(json.dumps(a) + "\n" for a in annotations))
-    manifest = load_job("evaluate").main([*argv, "--set", f"paths.eval_questions={data / 'shared.jsonl'}",
-                                          "--set", f"paths.eval_annotations={data / 'shared-annotations.jsonl'}",
-                                          "--set", "eval.num_pictures=3"])
+    # Annotations that do not tell the shared id's questions apart: scoring fails, naming the id ...
+    (data / "id-only.jsonl").write_text("".join(json.dumps({k: v for k, v in a.items() if k != "text"}) + "\n"
+                                                for a in annotations[1:]))
+    args = [*argv, "--set", f"paths.eval_questions={data / 'shared.jsonl'}", "--set", "eval.num_pictures=3"]
+    with pytest.raises(ValueError, match="two answers for question_id='img-a'"):
+        load_job("evaluate").main([*args, "--set", f"paths.eval_annotations={data / 'id-only.jsonl'}"])
+    (written,) = [p for p in (eval_root / "eval").glob("*/answers.jsonl") if "img-a" in p.read_text()]
+    stamp = written.stat().st_mtime_ns
+    # ... and the answers stay complete: scored against the right annotations without answering again.
+    manifest = load_job("evaluate").main([*args, "--set", f"paths.eval_annotations={data / 'shared-annotations.jsonl'}"])
+    assert manifest.answers == str(written) and written.stat().st_mtime_ns == stamp
     answers = read_jsonl(Path(manifest.answers))
     assert [(a["question_id"], a["metadata"]["line"], a["prompt"]) for a in answers] == [
         (3, 4, texts[0]), ("img-a", 1, texts[1]), ("img-a", 2, texts[0])]
@@ -230,3 +238,6 @@ def test_questions_sharing_an_id_are_answered_and_scored_each(first_run, eval_ro
     assert manifest.metrics["n"] == 3 and manifest.metrics["answered"] == 3 and manifest.metrics["missing"] == 0
     pictures = sorted(p.name for p in (Path(manifest.answers).parent / "pictures").iterdir())
     assert pictures == ["question-3.png", "question-img-a-line1.png", "question-img-a-line2.png"]
+    # The pictures job draws each of them too.
+    drawn = load_job("pictures").main([*args, "--questions", "img-a", "--out", str(tmp_path / "drawn")])
+    assert sorted(p.name for p in drawn) == ["question-img-a-line1.png", "question-img-a-line2.png"]

@@ -144,6 +144,15 @@ def test_pope_is_scored_per_category_and_their_f1_averaged():
     assert result["f1_mean"] == pytest.approx((2 / 3 + 2 / 3 + 0) / 3)
     assert (result["tp"], result["fp"], result["tn"], result["fn"]) == (2, 1, 2, 1)  # pooled, as before
     assert "f1_mean" not in score_yes_no(answers[:2], {1: "yes", 2: "no"})  # one category: no split
+    # A question with no answer (its image unreadable, say) counts in its question's category.
+    annotations[5] = "yes"
+    questions = [{"question_id": 5, "text": "q", "category": "random"}]
+    assert score(answers, annotations, kind="yesno", questions=questions)["random/n"] == 3
+    assert score(answers, annotations, kind="yesno")["random/n"] == 2
+    # Categories are cleaned into names MLflow takes, apart.
+    odd = score_yes_no([pope(1, "", "Yes"), pope(2, "..", "No"), pope(3, "a:b", "Yes"), pope(4, "a?b", "No")],
+                       {1: "yes", 2: "no", 3: "yes", 4: "no"})
+    assert {k.split("/")[0] for k in odd if "/" in k} == {"_", "__", "a_b", "a_b_"}
 
 
 def test_exact_match_is_gqas_strict_comparison():
@@ -227,6 +236,13 @@ def test_questions_sharing_an_id_are_scored_by_their_text(tmp_path):
                answer("a/1.jpg", "Yes", "Is it blue? Please answer yes or no.")]
     assert score(replies, mme_annotations)["accuracy"] == pytest.approx(0.5)
     assert find_missing(replies[:1], mme_annotations) == ["a/1.jpg"]
+
+
+def test_the_same_annotation_twice_is_one(tmp_path):
+    line = {"question_id": "img1", "text": "What brand?", "answers": ["nike"]}
+    annotations = load_annotations(write_jsonl(tmp_path / "ann.jsonl", [line, line, {"question_id": 2, "answer": "x"},
+                                                                        {"question_id": 2, "answer": "x"}]))
+    assert len(annotations) == 2
 
 
 def test_a_shared_id_needs_each_questions_text(tmp_path):

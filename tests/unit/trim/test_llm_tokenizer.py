@@ -13,7 +13,7 @@ import sentencepiece
 from sentencepiece import sentencepiece_model_pb2
 
 from trim.conversation import tokenize_conversation
-from trim.llm_tokenizer import load_llm_tokenizer, rank_merges_like_sentencepiece
+from trim.llm_tokenizer import keep_legacy_setting, load_llm_tokenizer, rank_merges_like_sentencepiece
 
 WORDS = "the world of code hello return value def class print list open file read write data model train".split()
 TEXTS = ["hello  world", "def f():\n    return value", "the  model\n\n  train   data", "print(x)  # the data",
@@ -67,6 +67,8 @@ def test_the_ranking_is_kept_by_save_and_load_and_done_once(llama_style, tmp_pat
     tokenizer = load_llm_tokenizer(folder)
     assert not rank_merges_like_sentencepiece(tokenizer, folder / "tokenizer.model")  # already ranked
     tokenizer.save_pretrained(tmp_path)  # as a checkpoint or an exported model keeps it (tokenizer.json)
+    keep_legacy_setting(tokenizer, tmp_path)  # as LlavaTrim.save does: transformers 5 leaves it out
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["legacy"] is False
     again = load_llm_tokenizer(tmp_path)
     assert [again(t, add_special_tokens=False)["input_ids"] for t in TEXTS] == [reference.encode(t) for t in TEXTS]
 
