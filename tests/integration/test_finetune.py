@@ -27,14 +27,15 @@ def test_overfitting_a_few_samples_drives_the_loss_down_and_is_tracked(tmp_path,
     root = make_cached_root(tmp_path / "overfit", tiny_models, num_samples=8, num_images=4, seed=5)
     with servers.mlflow_server(tmp_path) as uri:
         result = run_job("finetune", *model_overrides(root, tiny_models), "train.micro_batch_size=2",
-                         "train.max_steps=40", "train.lr=3e-3", "train.warmup_ratio=0", "train.checkpoint_every=40",
+                         "train.max_steps=80", "train.lr=3e-3", "train.warmup_ratio=0", "train.checkpoint_every=80",
                          env={"MLFLOW_TRACKING_URI": uri})
         client, runs = _runs(uri)
         assert len(runs) == 1 and runs[0].info.status == "FINISHED"
         run = runs[0]
         losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)]
-        assert len(losses) == 40
-        assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
+        assert len(losses) == 80
+        # each step a random draw of the 8 samples (LLaVA's order), so the loss moves step to step
+        assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:5]) / 5, losses
         for metric in ("lr", "tokens_per_s", "visual_tokens_per_sample"):
             assert client.get_metric_history(run.info.run_id, metric)
         # the tiny recipe's TRIM (the paper's preset: cosine scoring), as logged
