@@ -10,7 +10,9 @@ Some of LLaVA's question files repeat ids: TextVQA's uses the image's id (severa
 image), MME's the image's file (a "yes" and a "no" question each). Their annotations carry the
 question's `text` too, and an answer is matched on (question_id, text) as LLaVA's scorers match them
 (eval_textvqa.py: image id and question; MME: file and prompt): the text equals the answer's prompt,
-or its first line, case aside.
+or one of its lines, case aside (LLaVA's TextVQA prompts hold the question on one line, the OCR tokens
+and the instruction on others). pipelines/annotation_formats.py writes such annotations from
+TextVQA's own file.
 
 Conventions shared by every scorer:
 - every annotated question counts in the denominator `n`; an annotated question with no answer is
@@ -73,11 +75,13 @@ def _ref(ann: Annotation) -> Ref:
 
 
 def _answer_refs(question_id: Any, prompt: Any) -> list[Ref]:
-    """The annotations an answer may belong to, most specific first: (id, whole prompt), (id, the
-    prompt's first line: LLaVA's prompts put instructions on the lines after the question), (id)."""
+    """The annotations an answer may belong to, most specific first: (id, whole prompt), (id, each line
+    of the prompt: LLaVA's prompts put the question on one line, OCR tokens and instructions on others),
+    (id)."""
     refs: list[Ref] = []
     if isinstance(prompt, str) and prompt.strip():
-        refs += [(_key(question_id), _fold(prompt)), (_key(question_id), _fold(prompt.strip().splitlines()[0]))]
+        refs += [(_key(question_id), _fold(prompt))]
+        refs += [(_key(question_id), _fold(line)) for line in prompt.splitlines() if line.strip()]
     return refs + [(_key(question_id), None)]
 
 

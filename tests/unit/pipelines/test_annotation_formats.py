@@ -1,0 +1,74 @@
+"""Benchmarks' answer files become annotations that score LLaVA's answers to LLaVA's question files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipelines.annotation_formats import convert, to_jsonl
+from pipelines.answer_scoring import load_annotations, score
+
+
+def answer(qid, prompt, text):
+    return {"question_id": qid, "prompt": prompt, "text": text, "answer_id": "x", "model_id": "m", "metadata": {}}
+
+
+def test_textvqa_answers_are_matched_on_image_and_question(tmp_path):
+    document = {"dataset_name": "textvqa", "data": [
+        {"image_id": "003a8ae2ef43b901", "question": "what is the brand of this camera?", "question_id": 34602,
+         "answers": ["dakota"] * 9 + ["dakota digital"]},
+        {"image_id": "003a8ae2ef43b901", "question": "what does the small white text spell?", "question_id": 34603,
+         "answers": ["copenhagen"] * 10},
+        {"image_id": "00b0a4b4e0b0e1d6", "question": "what number is on the jersey?", "question_id": 34604,
+         "answers": ["23"] * 10}]}
+    path = tmp_path / "annotations.jsonl"
+    path.write_bytes(to_jsonl(convert("textvqa", document, "TextVQA_0.5.1_val.json")))
+    annotations = load_annotations(path)
+    # LLaVA's question file: the image's id, the question, then the OCR tokens and the instruction
+    suffix = "\nReference OCR token: Dakota, Digital\nAnswer the question using a single word or phrase."
+    answers = [answer("003a8ae2ef43b901", "What is the brand of this camera?" + suffix, "Dakota"),
+               answer("003a8ae2ef43b901", "What does the small white text spell?" + suffix, "London"),
+               answer("00b0a4b4e0b0e1d6", "Reference OCR token: 23\nWhat number is on the jersey?", "23")]
+    result = score(answers, annotations)
+    assert result["n"] == 3 and result["missing"] == 0 and result["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_gqa_answers_are_matched_exactly():
+    document = {"20968379": {"imageId": "n288870", "question": "Do the shorts have dark color?", "answer": "yes"},
+                "20968380": {"imageId": "n288870", "question": "Who is wearing the shorts?", "answer": "man"}}
+    annotations = {a["question_id"]: a for a in convert("gqa", document, "testdev_balanced_questions.json")}
+    result = score([answer("20968379", "q", "Yes."), answer("20968380", "q", "The man")], annotations)
+    assert result["accuracy"] == 0.5  # "the man" is not GQA's "man"
+
+
+@pytest.mark.parametrize("kind, document, message", [
+    ("textvqa", {"questions": []}, "no 'data' list"),
+    ("textvqa", {"data": [{"image_id": "a", "question": "q"}]}, r"data\[0\] lacks"),
+    ("textvqa", {"data": [{"image_id": "a", "question": "q", "answers": []}]}, "list of strings"),
+    ("gqa", {"1": {"question": "q"}}, "question '1' has no answer"),
+    ("gqa", [], "not GQA's questions file"),
+    ("vqav2", {}, "unknown annotation format"),
+])
+def test_files_of_another_kind_are_refused_by_name(kind, document, message):
+    with pytest.raises(ValueError, match=message):
+        convert(kind, document, "file.json")
+
+
+def test_the_job_writes_the_recipes_annotation_file(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("annotations_job",
+                                                  Path(__file__).resolve().parents[3] / "jobs" / "annotations.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    source = tmp_path / "testdev_balanced_questions.json"
+    source.write_text(json.dumps({"7": {"question": "q", "answer": "yes"}}))
+    out = job.main(["--recipe", "tiny", "--from", "gqa", "--input", str(source), "--set", f"paths.root={tmp_path}"])
+    assert out == str(tmp_path / "data" / "eval" / "annotations.jsonl")
+    assert [json.loads(line) for line in Path(out).read_text().splitlines()] == [
+        {"question_id": "7", "answer": "yes", "kind": "exact"}]
+    source.write_text("{not json")
+    with pytest.raises(SystemExit, match="testdev_balanced_questions.json: not JSON"):
+        job.main(["--recipe", "tiny", "--from", "gqa", "--input", str(source), "--set", f"paths.root={tmp_path}"])
