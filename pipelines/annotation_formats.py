@@ -7,6 +7,10 @@ the question files LLaVA ships (llava/eval, scripts/v1_5/eval):
   Where the file holds one (image, question) twice, the last wins, as in LLaVA's dictionary.
 - GQA (`testdev_balanced_questions.json`: {question id: {question, answer, ...}}): one answer each,
   scored "exact" (GQA's strict match).
+- POPE (`coco_pope_<category>.json`, a JSONL of {label, image?, ...} per category): LLaVA's
+  eval_pope.py pairs a category's answers, in the question file's order, with its label file's lines
+  in order; so do we, with LLaVA's question file (its ids and categories), checking the images where
+  both name one; scored "yesno" per category.
 
 Pure functions over parsed JSON; jobs/annotations.py reads and writes the files.
 """
@@ -14,10 +18,12 @@ Pure functions over parsed JSON; jobs/annotations.py reads and writes the files.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+import posixpath
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-FORMATS = ("textvqa", "gqa")
+FORMATS = ("textvqa", "gqa", "pope")
+POPE_PREFIX, POPE_SUFFIX = "coco_pope_", ".json"
 
 
 def textvqa_annotations(document: Mapping[str, Any], where: str = "TextVQA") -> list[dict[str, Any]]:
@@ -51,12 +57,50 @@ def gqa_annotations(document: Mapping[str, Any], where: str = "GQA") -> list[dic
     return out
 
 
+def pope_annotations(questions: Sequence[Mapping[str, Any]], label_files: Mapping[str, str],
+                     where: str = "POPE") -> list[dict[str, Any]]:
+    """POPE's label files ({file name: its text}) -> annotations of LLaVA's POPE questions (their
+    records in file order: question_id, image, text, category), paired by order within a category."""
+    by_category: dict[str, list[Mapping[str, Any]]] = {}
+    for question in questions:
+        by_category.setdefault(str(question.get("category")), []).append(question)
+    out = []
+    for name, text in sorted(label_files.items()):
+        if not (name.startswith(POPE_PREFIX) and name.endswith(POPE_SUFFIX)):
+            raise ValueError(f"{where}/{name}: not a POPE label file ({POPE_PREFIX}<category>{POPE_SUFFIX})")
+        category = name[len(POPE_PREFIX):-len(POPE_SUFFIX)]
+        labels = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    labels.append((lineno, json.loads(line)))
+                except ValueError as e:
+                    raise ValueError(f"{where}/{name}:{lineno}: not JSON ({e})") from e
+        ours = by_category.get(category, [])
+        if len(labels) != len(ours):
+            raise ValueError(f"{where}/{name}: {len(labels)} labels, but the question file has {len(ours)} "
+                             f"questions of category {category!r}")
+        for question, (lineno, label) in zip(ours, labels):
+            here = f"{where}/{name}:{lineno}"
+            if not isinstance(label, Mapping) or label.get("label") not in ("yes", "no"):
+                raise ValueError(f"{here}: needs a 'label' of 'yes' or 'no'")
+            theirs, mine = label.get("image"), question.get("image")
+            if theirs and mine and posixpath.basename(str(theirs)) != posixpath.basename(str(mine)):
+                raise ValueError(f"{here}: image {theirs!r}, but question {question.get('question_id')!r} of that "
+                                 f"place in the question file shows {mine!r}: not the same questions in order")
+            out.append({"question_id": question["question_id"], "answer": label["label"], "kind": "yesno",
+                        "category": category})
+    return out
+
+
 def convert(kind: str, document: Any, where: str) -> list[dict[str, Any]]:
     """The annotations of a benchmark's file of format `kind` (FORMATS)."""
     if kind == "textvqa":
         return textvqa_annotations(document, where)
     if kind == "gqa":
         return gqa_annotations(document, where)
+    if kind == "pope":
+        raise ValueError("POPE's labels are read with the question file: pope_annotations")
     raise ValueError(f"unknown annotation format {kind!r}; expected one of {FORMATS}")
 
 

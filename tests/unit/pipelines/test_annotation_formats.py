@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipelines.annotation_formats import convert, to_jsonl
+from pipelines.annotation_formats import convert, pope_annotations, to_jsonl
 from pipelines.answer_scoring import load_annotations, score
 
 
@@ -42,6 +42,48 @@ def test_gqa_answers_are_matched_exactly():
     assert result["accuracy"] == 0.5  # "the man" is not GQA's "man"
 
 
+POPE_QUESTIONS = [  # LLaVA's llava_pope_test.jsonl: its own ids, the categories interleaved as they may be
+    {"question_id": 1, "image": "COCO_val2014_000000310196.jpg", "text": "Is there a snowboard in the image?",
+     "category": "adversarial"},
+    {"question_id": 2, "image": "COCO_val2014_000000310196.jpg", "text": "Is there a snowboard in the image?",
+     "category": "random"},
+    {"question_id": 3, "image": "COCO_val2014_000000210789.jpg", "text": "Is there a dining table in the image?",
+     "category": "adversarial"}]
+
+
+def pope_labels(*lines):
+    return "".join(json.dumps(line) + "\n" for line in lines)
+
+
+def test_pope_labels_pair_with_the_question_file_in_order_within_a_category():
+    labels = {"coco_pope_adversarial.json": pope_labels(
+                  {"question_id": 1, "image": "COCO_val2014_000000310196.jpg", "label": "yes"},
+                  {"question_id": 2, "image": "COCO_val2014_000000210789.jpg", "label": "no"}),
+              "coco_pope_random.json": pope_labels({"question_id": 1, "image": "COCO_val2014_000000310196.jpg",
+                                                    "label": "no"})}
+    annotations = pope_annotations(POPE_QUESTIONS, labels, "pope/coco")
+    assert sorted((a["question_id"], a["answer"], a["category"]) for a in annotations) == [
+        (1, "yes", "adversarial"), (2, "no", "random"), (3, "no", "adversarial")]
+    answers = [{**answer(1, "q", "Yes"), "metadata": {"category": "adversarial"}},
+               {**answer(2, "q", "Yes"), "metadata": {"category": "random"}},
+               {**answer(3, "q", "No"), "metadata": {"category": "adversarial"}}]
+    result = score(answers, {a["question_id"]: a for a in annotations})
+    assert result["adversarial/f1"] == 1.0 and result["random/f1"] == 0.0 and result["f1_mean"] == 0.5
+
+
+@pytest.mark.parametrize("labels, message", [
+    ({"coco_pope_random.json": pope_labels({"label": "no"}, {"label": "yes"})}, "2 labels, but .* 1 questions"),
+    ({"coco_pope_adversarial.json": pope_labels({"image": "COCO_val2014_000000999999.jpg", "label": "yes"},
+                                                {"label": "no"})}, r"adversarial.json:1: image .* not the same"),
+    ({"coco_pope_random.json": pope_labels({"label": "maybe"})}, r"random.json:1: needs a 'label'"),
+    ({"coco_pope_random.json": "{broken\n"}, r"random.json:1: not JSON"),
+    ({"pope_random.json": ""}, "not a POPE label file"),
+])
+def test_pope_labels_that_do_not_pair_are_refused_by_file_and_line(labels, message):
+    with pytest.raises(ValueError, match=message):
+        pope_annotations(POPE_QUESTIONS, labels, "pope/coco")
+
+
 @pytest.mark.parametrize("kind, document, message", [
     ("textvqa", {"questions": []}, "no 'data' list"),
     ("textvqa", {"data": [{"image_id": "a", "question": "q"}]}, r"data\[0\] lacks"),
@@ -72,3 +114,14 @@ def test_the_job_writes_the_recipes_annotation_file(tmp_path):
     source.write_text("{not json")
     with pytest.raises(SystemExit, match="testdev_balanced_questions.json: not JSON"):
         job.main(["--recipe", "tiny", "--from", "gqa", "--input", str(source), "--set", f"paths.root={tmp_path}"])
+    # POPE: the label files of a folder, paired with the recipe's question file
+    (tmp_path / "data" / "eval" / "questions.jsonl").write_text(pope_labels(*POPE_QUESTIONS))
+    (tmp_path / "coco").mkdir()
+    (tmp_path / "coco" / "coco_pope_random.json").write_text(pope_labels({"label": "yes"}))
+    (tmp_path / "coco" / "coco_pope_adversarial.json").write_text(pope_labels({"label": "no"}, {"label": "yes"}))
+    out = job.main(["--recipe", "tiny", "--from", "pope", "--input", str(tmp_path / "coco"),
+                    "--set", f"paths.root={tmp_path}"])
+    assert [json.loads(line)["answer"] for line in Path(out).read_text().splitlines()] == ["no", "yes", "yes"]
+    with pytest.raises(SystemExit, match="no coco_pope_<category>.json label files"):
+        job.main(["--recipe", "tiny", "--from", "pope", "--input", str(tmp_path / "data"),
+                  "--set", f"paths.root={tmp_path}"])
