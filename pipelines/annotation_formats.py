@@ -22,6 +22,8 @@ import posixpath
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from pipelines.answer_scoring import fold_text
+
 FORMATS = ("textvqa", "gqa", "pope")
 POPE_PREFIX, POPE_SUFFIX = "coco_pope_", ".json"
 
@@ -39,7 +41,7 @@ def textvqa_annotations(document: Mapping[str, Any], where: str = "TextVQA") -> 
             raise ValueError(f"{where}: data[{i}] lacks image_id, question or answers ({e})") from e
         if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
             raise ValueError(f"{where}: data[{i}] ({image}): answers must be a list of strings")
-        out[(str(image), " ".join(str(question).split()).casefold())] = {
+        out[(str(image), fold_text(str(question)))] = {
             "question_id": image, "text": question, "answers": answers, "kind": "vqa"}
     return list(out.values())
 

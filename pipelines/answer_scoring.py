@@ -66,12 +66,13 @@ Ref = tuple[str, str | None]
 """How an annotation is found: (question_id as a string, its question's text folded, or None)."""
 
 
-def _fold(text: str) -> str:
+def fold_text(text: str) -> str:
+    """A question's text as questions are told apart: whitespace runs as one space, case aside."""
     return " ".join(text.split()).casefold()
 
 
 def _ref(ann: Annotation) -> Ref:
-    return _key(ann.question_id), None if ann.text is None else _fold(ann.text)
+    return _key(ann.question_id), None if ann.text is None else fold_text(ann.text)
 
 
 def _answer_refs(question_id: Any, prompt: Any) -> list[Ref]:
@@ -80,8 +81,8 @@ def _answer_refs(question_id: Any, prompt: Any) -> list[Ref]:
     (id)."""
     refs: list[Ref] = []
     if isinstance(prompt, str) and prompt.strip():
-        refs += [(_key(question_id), _fold(prompt))]
-        refs += [(_key(question_id), _fold(line)) for line in prompt.splitlines() if line.strip()]
+        refs += [(_key(question_id), fold_text(prompt))]
+        refs += [(_key(question_id), fold_text(line)) for line in prompt.splitlines() if line.strip()]
     return refs + [(_key(question_id), None)]
 
 

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from pipelines import eval_outputs, storage
-from pipelines.answer_scoring import iter_question_records
+from pipelines.answer_scoring import fold_text, iter_question_records
 from pipelines.config import Recipe
 from pipelines.eval_inputs import LINE, PREPARED_COLUMNS, inputs_of, pixels_of, prepare_batch
 from pipelines.manifests import EvalManifest
@@ -138,7 +138,7 @@ def parse_questions(data: bytes, where: str) -> tuple[list[dict], list[dict]]:
             rejects.append({"question_id": qid, "line": line, "reason": MALFORMED,
                             "detail": f"{here}: needs an 'image' path and a 'text' string"})
             continue
-        same = json.dumps([str(qid), " ".join(text.split()).casefold()])
+        same = json.dumps([str(qid), fold_text(text)])
         if same in seen:
             rejects.append({"question_id": qid, "line": line, "reason": DUPLICATE,
                             "detail": f"{here}: the question_id and text of line {seen[same]}"})
