@@ -42,9 +42,9 @@ PRESET = TrimConfig.paper()
 def child(args: argparse.Namespace) -> None:
     """The measured job, alone in this process: shard (untimed) or precompute (timed)."""
     from pipelines.logs import setup_logging
-    from pipelines.precompute import run_precompute
+    from pipelines.precompute.stage import run_precompute
     from pipelines.runtime import init_ray
-    from pipelines.shard import run_shard
+    from pipelines.shard.stage import run_shard
 
     setup_logging()
     os.environ["TRIM_PROGRESS"] = "0"
@@ -82,7 +82,7 @@ def _warm_up() -> None:
 
     @ray.remote(num_cpus=1)
     def ready() -> int:
-        import pipelines.precompute_prepare  # noqa: F401
+        import pipelines.precompute.prepare  # noqa: F401
 
         return 0
 
@@ -103,7 +103,7 @@ def steady_rate(cache: Path) -> float | None:
 def raw_rates(work: Path, batch: int) -> tuple[float, float, int, int]:
     """(images/s of vision + texts, images/s of vision alone, images, image samples): the encoder's
     batched forward in this process on pixels preprocessed beforehand."""
-    from pipelines.precompute import load_samples
+    from pipelines.precompute.stage import load_samples
     from trim.encoders import ClipEncoder
 
     encoder = ClipEncoder(work / "clip")
@@ -153,8 +153,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args)
-    from pipelines.synthetic import write_mixture
-    from trim.tiny import build_tiny_clip
+    from synthetic.mixture import write_mixture
+    from synthetic.tiny_models import build_tiny_clip
 
     work = Path(args.workdir)
     if not (work / "clip" / "config.json").exists() or json.loads((work / "clip" / "config.json").read_text())[

@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 from common import REPO, run_measured, table, tree_rss
 
-from pipelines.synthetic import write_mixture
+from synthetic.mixture import write_mixture
 
 
 def run_job(args: list[str], poll: float = 0.1) -> tuple[float, int, int, str]:

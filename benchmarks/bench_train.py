@@ -23,10 +23,11 @@ from common import REPO, run_measured, table
 from pipelines.cache_format import decode_tokens, iter_cache
 from pipelines.config import load_recipe
 from pipelines.manifests import resolve_output
-from pipelines.synthetic import write_mixture
+from synthetic.mixture import write_mixture
+from synthetic.tiny_models import build_tiny_models
 from trim.conversation import tokenize_conversation
-from trim.model import LlavaTrim, pack_batch
-from trim.tiny import build_tiny_models
+from trim.formats import load_llava_trim
+from trim.model import pack_batch
 
 
 def job(name, root, *overrides):
@@ -77,7 +78,7 @@ def bare_ratio(root: Path, llm: Path, micro: int, threads: int, batches: int = 8
             samples.append({"input_ids": tok.input_ids, "labels": tok.labels, "visual": decode_tokens(r)})
         # Collated as the training loop does (packed rows of up to max_length), so the ratio compares like with like.
         packed = [pack_batch(samples[i:i + micro], 1024, tokenizer.pad_token_id) for i in range(0, len(samples), micro)]
-        model = LlavaTrim.from_llm(llm, feature_dim=samples[0]["visual"].shape[1], attn_implementation=attn)
+        model = load_llava_trim(llm, feature_dim=samples[0]["visual"].shape[1], attn_implementation=attn)
         setups[kind] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4), packed)
         lengths[kind] = statistics.mean(len(s["input_ids"]) - 1 + s["visual"].shape[0] for s in samples)
     times: dict[str, list[float]] = {"full": [], "trim": []}

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from trim.formats import load_llava_trim
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -42,8 +44,7 @@ def _rank(rank: int, world: int, port: int, llm: str, zero_init: bool, out: str)
     import deepspeed
 
     from pipelines.config import TrainConfig
-    from pipelines.train_engine import deepspeed_config, zero3_init
-    from trim.model import LlavaTrim
+    from pipelines.train.engine import deepspeed_config, zero3_init
 
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo")
@@ -56,9 +57,9 @@ def _rank(rank: int, world: int, port: int, llm: str, zero_init: bool, out: str)
     resource_peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if zero_init:
         with zero3_init(ds_config):
-            model = LlavaTrim.from_llm(llm, feature_dim=1024)
+            model = load_llava_trim(llm, feature_dim=1024)
     else:
-        model = LlavaTrim.from_llm(llm, feature_dim=1024)
+        model = load_llava_trim(llm, feature_dim=1024)
     built_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     partitioned = any(hasattr(p, "ds_numel") for p in model.parameters())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pipelines.shard import IMAGE_SCHEMA, REJECT_SCHEMA, SAMPLE_SCHEMA, check_record, infer_source  # noqa: E402
+from pipelines.shard.stage import IMAGE_SCHEMA, REJECT_SCHEMA, SAMPLE_SCHEMA, check_record, infer_source  # noqa: E402
 
 
 def main(mixture: str, image_root: str, out: str) -> None:

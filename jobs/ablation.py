@@ -19,14 +19,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.ablation import AblationConfig, chance, encode, make_split, run_row, variants  # noqa: E402
 from pipelines.cli import recipe_argparser  # noqa: E402
 from pipelines.config import load_recipe  # noqa: E402
 from pipelines.logs import setup_logging  # noqa: E402
 from pipelines.tracking import Tracker, flatten  # noqa: E402
 from pipelines.tracking_store import default_tracking_uri  # noqa: E402
+from studies.ablation import AblationConfig, chance, encode, make_split, run_row, variants  # noqa: E402
+from synthetic.tiny_models import build_tiny_llm, shipped_clip  # noqa: E402
 from trim.encoders import ClipEncoder  # noqa: E402
-from trim.tiny import build_tiny_llm, shipped_clip  # noqa: E402
 
 logger = logging.getLogger("jobs.ablation")
 QUICK = AblationConfig(train_scenes=48, eval_scenes=24, steps=6, batch_size=8, llm_hidden=32, llm_depth=1)

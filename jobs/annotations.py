@@ -6,7 +6,7 @@
     python jobs/annotations.py --recipe llava-1.5-7b --from pope --input pope/coco   # coco_pope_*.json there,
         # paired with paths.eval_questions (LLaVA's llava_pope_test.jsonl)
 
-Formats and how their answers are matched and scored: pipelines/annotation_formats.py. Writes
+Formats and how their answers are matched and scored: pipelines/evaluate/annotation_formats.py. Writes
 paths.eval_annotations (local or s3://) whole, under a temporary name first.
 """
 
@@ -20,7 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines import storage  # noqa: E402
-from pipelines.annotation_formats import (  # noqa: E402
+from pipelines.cli import recipe_argparser  # noqa: E402
+from pipelines.config import load_recipe  # noqa: E402
+from pipelines.evaluate.annotation_formats import (  # noqa: E402
     FORMATS,
     POPE_PREFIX,
     POPE_SUFFIX,
@@ -28,9 +30,7 @@ from pipelines.annotation_formats import (  # noqa: E402
     pope_annotations,
     to_jsonl,
 )
-from pipelines.answer_scoring import iter_question_records  # noqa: E402
-from pipelines.cli import recipe_argparser  # noqa: E402
-from pipelines.config import load_recipe  # noqa: E402
+from pipelines.evaluate.scoring import iter_question_records  # noqa: E402
 from pipelines.logs import setup_logging  # noqa: E402
 
 logger = logging.getLogger("jobs.annotations")

@@ -22,12 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipelines import storage  # noqa: E402
 from pipelines.cli import recipe_argparser  # noqa: E402
 from pipelines.config import load_recipe  # noqa: E402
-from pipelines.evaluate import run_evaluate  # noqa: E402
+from pipelines.evaluate.stage import run_evaluate  # noqa: E402
 from pipelines.logs import setup_logging  # noqa: E402
 from pipelines.manifests import EvalManifest  # noqa: E402
 from pipelines.runtime import init_ray, redact_uri  # noqa: E402
 from pipelines.tracking_store import default_tracking_uri  # noqa: E402
-from pipelines.train_runs import resolve_run_name  # noqa: E402
+from pipelines.train.runs import resolve_run_name  # noqa: E402
 
 logger = logging.getLogger("jobs.evaluate")
 

@@ -26,7 +26,7 @@ from pipelines import storage  # noqa: E402
 from pipelines.cli import recipe_argparser  # noqa: E402
 from pipelines.config import load_recipe  # noqa: E402
 from pipelines.logs import setup_logging  # noqa: E402
-from pipelines.train_runs import resolve_run_name  # noqa: E402
+from pipelines.train.runs import resolve_run_name  # noqa: E402
 from trim.formats import export_model  # noqa: E402
 
 logger = logging.getLogger("jobs.export")

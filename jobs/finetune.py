@@ -5,7 +5,7 @@
 
 The same train.run_name resumes from its latest checkpoint (step, data position and MLflow run); on
 another cache, recipe or number of workers it is refused unless train.start_fresh. A name holding
-{cache_version} follows the cache (pipelines/train_runs.py): the scheduled retraining passes
+{cache_version} follows the cache (pipelines/train/runs.py): the scheduled retraining passes
 train.run_name=<name>-{cache_version}, so new data starts a new run and a rerun resumes or skips it.
 """
 
@@ -22,13 +22,13 @@ from pipelines.cli import recipe_argparser  # noqa: E402
 from pipelines.config import load_recipe  # noqa: E402
 from pipelines.logs import setup_logging  # noqa: E402
 from pipelines.runtime import init_ray, node_count, redact_uri  # noqa: E402
+from pipelines.tracking import Tracker  # noqa: E402
 from pipelines.tracking_store import (  # noqa: E402
     check_store_reachable,
     default_tracking_uri,
     experiment_name,
-    fail_unfinished_runs,
 )
-from pipelines.train_runs import finetune, resolve_run_name  # noqa: E402
+from pipelines.train.runs import finetune, prepare_run  # noqa: E402
 
 logger = logging.getLogger("jobs.finetune")
 
@@ -44,13 +44,14 @@ def main(argv: list[str] | None = None) -> dict:
     check_store_reachable(tracking_uri, node_count())  # a sqlite file on one node cannot serve rank 0 elsewhere
     run_name = recipe.train.run_name
     try:
-        run_name = resolve_run_name(recipe).train.run_name  # the MLflow run's name, should the job fail
-        outcome = finetune(recipe, tracking_uri)
+        run = prepare_run(recipe, tracking_uri)
+        run_name = run.name  # the MLflow run's name, should the job fail
+        outcome = finetune(run)
         run_name, error = outcome.run_name, outcome.error
     except Exception as exc:
         error, outcome = exc, None
     if error is not None:  # runs whose worker was killed were left RUNNING
-        fail_unfinished_runs(tracking_uri, experiment_name(recipe.name), run_name)
+        Tracker(tracking_uri, experiment_name(recipe.name)).fail_unfinished(run_name)
         raise SystemExit(f"finetune failed: {error}")
     assert outcome is not None
     metrics = outcome.metrics

@@ -1,6 +1,6 @@
 """Does TRIM keep what the question names? The grounding table and pictures (the paper's Fig. 2) for a CLIP
 on held-out synthetic scenes, and what its patch features tell of each object (linear probes of colour,
-shape and grid cell, pipelines/feature_probe.py).
+shape and grid cell, studies/feature_probe.py).
 
     python jobs/grounding.py [--clip models/tiny-clip] [--out runs/grounding] [--cases 200] [--pictures 6]
                              [--probe-scenes 600]
@@ -20,13 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.feature_probe import probe  # noqa: E402
-from pipelines.grounding import cases, markdown, measure, settings  # noqa: E402
 from pipelines.logs import setup_logging  # noqa: E402
 from pipelines.pictures import online_pictures  # noqa: E402
-from pipelines.scenes import render  # noqa: E402
+from studies.feature_probe import probe  # noqa: E402
+from studies.grounding import cases, markdown, measure, settings  # noqa: E402
+from synthetic.scenes import render  # noqa: E402
+from synthetic.tiny_models import shipped_clip  # noqa: E402
 from trim.encoders import ClipEncoder  # noqa: E402
-from trim.tiny import shipped_clip  # noqa: E402
 
 logger = logging.getLogger("jobs.grounding")
 PICTURED = ("released sign, IQR", "paper sign, IQR")

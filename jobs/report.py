@@ -32,7 +32,7 @@ from pipelines.report import (  # noqa: E402
 from pipelines.runtime import redact_uri  # noqa: E402
 from pipelines.tracking import Tracker  # noqa: E402
 from pipelines.tracking_store import default_tracking_uri, experiment_name  # noqa: E402
-from pipelines.train_runs import resolve_run_name  # noqa: E402
+from pipelines.train.runs import resolve_run_name  # noqa: E402
 from trim.efficiency import LlmShape  # noqa: E402
 from trim.timing import device_name, question_of_length, timed_generation  # noqa: E402
 

@@ -20,9 +20,9 @@ from pipelines.cli import recipe_argparser  # noqa: E402
 from pipelines.config import load_recipe  # noqa: E402
 from pipelines.logs import setup_logging  # noqa: E402
 from pipelines.manifests import ShardsManifest  # noqa: E402
-from pipelines.mixture import MixtureError  # noqa: E402
 from pipelines.runtime import init_ray  # noqa: E402
-from pipelines.shard import run_shard  # noqa: E402
+from pipelines.shard.mixture import MixtureError  # noqa: E402
+from pipelines.shard.stage import run_shard  # noqa: E402
 
 REFUSALS = (MixtureError, FileNotFoundError, IsADirectoryError, PermissionError)
 """Whole-input problems the job reports as one line, not a traceback (their messages name the file)."""

@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from transformers import CLIPModel  # noqa: E402
 
-from pipelines.clip_training import ClipTrainConfig, train  # noqa: E402
-from pipelines.grounding import grounding_table  # noqa: E402
 from pipelines.logs import setup_logging  # noqa: E402
-from trim.tiny import build_clip_tokenizer, save_clip, tiny_clip_config  # noqa: E402
+from studies.clip_training import ClipTrainConfig, train  # noqa: E402
+from studies.grounding import grounding_table  # noqa: E402
+from synthetic.tiny_models import build_clip_tokenizer, save_clip, tiny_clip_config  # noqa: E402
 
 logger = logging.getLogger("jobs.train_clip")
 
@@ -38,13 +38,13 @@ def model_card(cfg: ClipTrainConfig, figures: dict, grounding: list[dict], width
 A CLIP with ViT-L/14-336's geometry (336 px, patch 14, 576 patches) and a tiny width ({width}) and depth
 ({depth}), trained from scratch by
 `python jobs/train_clip.py --steps {cfg.steps} --seed {cfg.seed} --position-init {cfg.position_init}` on
-synthetic scenes (pipelines/scenes.py: 1-4 shapes of 8 named colours, 3 sizes, 9 grid positions, on
-muted textured backgrounds, half of them not square) with texts naming them (pipelines/scene_texts.py:
+synthetic scenes (synthetic/scenes.py: 1-4 shapes of 8 named colours, 3 sizes, 9 grid positions, on
+muted textured backgrounds, half of them not square) with texts naming them (synthetic/scene_texts.py:
 captions, phrases, questions). Loss: CLIP's contrastive loss on the pooled embedding, the same loss on
 a smooth maximum over the penultimate layer's patch embeddings (the vectors TRIM scores), both with
 multi-positive targets, and (weight {cfg.region_weight}) a per-region term: every patch an object covers
 is classified among the batch's object texts and a background text, its targets the texts that fit its
-object; other patches' target is the background text (pipelines/clip_training.py).{positions}
+object; other patches' target is the background text (studies/clip_training.py).{positions}
 
 - steps {cfg.steps}, batch {cfg.batch_size} ({cfg.steps * cfg.batch_size} scenes), lr {cfg.lr}, seed {cfg.seed}
 - training time {figures['train_seconds'] / 60:.1f} min on a 2-core CPU

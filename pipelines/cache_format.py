@@ -7,7 +7,6 @@ checked for its rows; the writer's view of an unfinished version is committed_pa
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -15,9 +14,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipelines import storage
-
-if TYPE_CHECKING:  # the encoder stage's module needs no pyarrow (the GPU check imports it alone)
-    from pipelines.precompute_encode import ReducedRows
+from pipelines.reduced_rows import ReducedRows
 
 CACHE_SCHEMA = pa.schema([
     ("id", pa.string()),

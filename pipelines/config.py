@@ -34,7 +34,7 @@ class PathsConfig:
     llm: str = "{root}/models/llm"
     """The starting checkpoint: a causal LM (e.g. vicuna-7b-v1.5, with `projector`), a LLaVA-1.5
     checkpoint as LLaVA saves it, a LlavaForConditionalGeneration checkpoint, or a model directory
-    this project exported (trim/formats.py tells them apart)."""
+    this project exported (trim/formats/__init__.py tells them apart)."""
     projector: str = ""
     """Pretrained projector weights to start from (LLaVA stage-1 mm_projector.bin); "" = random init."""
     eval_questions: str = "{root}/data/eval/questions.jsonl"

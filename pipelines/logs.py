@@ -12,7 +12,7 @@ PROJECT_LOGGERS = ("pipelines", "trim", "jobs", "benchmarks")
 
 
 class _StageName(logging.Filter):
-    """Adds `stage`: the last part of the logger's name (pipelines.precompute -> precompute)."""
+    """Adds `stage`: the last part of the logger's name (pipelines.precompute.stage -> precompute)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.stage = record.name.rsplit(".", 1)[-1]

@@ -85,7 +85,7 @@ class ShardsManifest(Manifest):
     """shards/manifest.json: what the shard stage read and wrote."""
 
     input: dict[str, Any]
-    """The output's identity (pipelines.shard: the mixture's size and SHA-256, the image root, the
+    """The output's identity (pipelines.shard.stage: the mixture's size and SHA-256, the image root, the
     images' digest, the shard knobs that change the output, the layout version): version_of(input)
     names its folder."""
     samples: int

@@ -25,6 +25,7 @@ from trim.efficiency import (
     kv_cache_bytes,
     prefill_flops,
 )
+from trim.formats import load_llava_trim
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +211,6 @@ def load_answerer(recipe):
     from trim.encoders import ClipEncoder
     from trim.inference import Answerer, default_device, default_dtype
     from trim.llm_tokenizer import load_llm_tokenizer
-    from trim.model import LlavaTrim
 
     paths = recipe.paths
     model_dir = paths.model_dir(recipe.train.run_name)
@@ -222,7 +222,7 @@ def load_answerer(recipe):
     device = default_device()
     dtype = default_dtype(device)
     encoder = ClipEncoder(paths.clip, device=str(device), dtype=dtype)
-    model = LlavaTrim.from_llm(paths.llm, feature_dim=encoder.feature_dim, settings={"trim": recipe.trim.to_dict()},
+    model = load_llava_trim(paths.llm, feature_dim=encoder.feature_dim, settings={"trim": recipe.trim.to_dict()},
                                dtype=dtype)
     return Answerer(model.to(device), load_llm_tokenizer(paths.llm), encoder, recipe.trim)
 

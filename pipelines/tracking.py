@@ -15,6 +15,7 @@ logged before it).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -92,6 +93,24 @@ class Tracker:
         self._down_streak = 0  # transient failures since the last call that got through
         self._ended = False
         self._monitor: Any = None  # MLflow's system metrics monitor, while it runs
+
+    def fail_unfinished(self, run_name: str) -> int:
+        """Mark FAILED the runs named `run_name` that are still RUNNING: their process died before its
+        Tracker could end them (a killed Ray Train worker). For the driver, after a failed fit; a
+        resumed run continues the same MLflow run all the same. Returns how many runs it ended."""
+        quoted = run_name.replace("\\", "\\\\").replace("'", "\\'")
+
+        def unfinished() -> list[Any]:
+            found = self._client.get_experiment_by_name(self.experiment)
+            query = f"tags.`mlflow.runName` = '{quoted}' and attributes.status = 'RUNNING'"
+            return self._client.search_runs([found.experiment_id], query) if found else []
+
+        runs = self._with_retries("find unfinished runs", unfinished) or []
+        for run in runs:
+            run_id: str = run.info.run_id
+            self._with_retries("end run", functools.partial(self._client.set_terminated, run_id, "FAILED"))
+            logger.info("MLflow run %s (%s) was left RUNNING: ended FAILED", run_id, run_name)
+        return len(runs)
 
     # --- calling MLflow -----------------------------------------------------------------------
 

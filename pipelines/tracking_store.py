@@ -1,12 +1,10 @@
 """Where MLflow runs live: the experiment's name, the default store, whether a cluster can reach it,
-and cleaning up runs whose process died. The Tracker (pipelines/tracking.py) writes into them."""
+and where artifacts go. The Tracker (pipelines/tracking.py) writes into them."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
-from typing import Any
 from urllib.parse import urlparse
 
 from pipelines.runtime import redact_uri
@@ -44,25 +42,3 @@ def artifact_location(tracking_uri: str) -> str | None:
     if tracking_uri.startswith("sqlite:///"):
         return os.path.join(os.path.dirname(tracking_uri[len("sqlite:///"):]), "mlartifacts")
     return None
-
-
-def fail_unfinished_runs(tracking_uri: str, experiment: str, run_name: str) -> int:
-    """Mark FAILED the runs named `run_name` that are still RUNNING: their process died before its
-    Tracker could end them (a killed Ray Train worker). For the driver, after a failed fit; a resumed
-    run continues the same MLflow run all the same. Returns how many runs it ended."""
-    from pipelines.tracking import Tracker
-
-    tracker = Tracker(tracking_uri, experiment)
-    quoted = run_name.replace("\\", "\\\\").replace("'", "\\'")
-
-    def unfinished() -> list[Any]:
-        found = tracker._client.get_experiment_by_name(experiment)
-        query = f"tags.`mlflow.runName` = '{quoted}' and attributes.status = 'RUNNING'"
-        return tracker._client.search_runs([found.experiment_id], query) if found else []
-
-    runs = tracker._with_retries("find unfinished runs", unfinished) or []
-    for run in runs:
-        run_id: str = run.info.run_id
-        tracker._with_retries("end run", functools.partial(tracker._client.set_terminated, run_id, "FAILED"))
-        logger.info("MLflow run %s (%s) was left RUNNING: ended FAILED", run.info.run_id, run_name)
-    return len(runs)

@@ -30,7 +30,7 @@ post-processor one; a tokenizer without a `legacy` attribute counts as legacy (L
 visual tokens count toward max_length and are never cut (see tokenize_conversation), where LLaVA
 cuts the spliced sequence at model_max_length wherever it falls; records LLaVA would reshape (several
 `<image>` tags, a tag after the first turn, a first turn from gpt) are refused with ValueError (the
-shard stage drops a first turn from gpt before, as LLaVA's preprocess does: pipelines/shard_records.py).
+shard stage drops a first turn from gpt before, as LLaVA's preprocess does: pipelines/shard/records.py).
 """
 
 from __future__ import annotations

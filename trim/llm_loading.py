@@ -1,7 +1,7 @@
 """Loading a checkpoint's causal LM, through one function every layout uses, with a pluggable loader.
 
 transformers' `from_pretrained` is the default. A trainer can put another loader in place for a block
-of code (`using_llm_loader`): under ZeRO-3, pipelines/zero3_load.py builds the model already partitioned
+of code (`using_llm_loader`): under ZeRO-3, pipelines/train/zero3_load.py builds the model already partitioned
 and streams the weights in one file at a time, where `from_pretrained` holds the whole checkpoint in
 rank 0's memory. This module stays free of DeepSpeed: it only knows the loader's signature.
 """

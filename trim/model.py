@@ -86,30 +86,6 @@ class LlavaTrim(nn.Module):
         self.projector = projector
         self.settings = dict(settings or {})
 
-    @classmethod
-    def from_llm(cls, llm_path: str | Path, feature_dim: int, projector_path: str | Path | None = None,
-                 dtype: torch.dtype = torch.float32, settings: dict | None = None,
-                 attn_implementation: str | None = None, gradient_checkpointing: bool = False) -> LlavaTrim:
-        """A new model: the LLM from its checkpoint, the projector from LLaVA's stage-1 weights or fresh.
-        attn_implementation: None (transformers' default), "sdpa", "sdpa_packed" (trim/attention.py),
-        "eager", "flash_attention_2" or "flex_attention"; gradient_checkpointing: recompute each decoder
-        layer in the backward pass."""
-        from trim.formats import load_llm  # formats builds on this module
-
-        extra: dict[str, Any] = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        llm = load_llm(llm_path, None, dtype, **extra)
-        projector = build_projector(feature_dim, llm.config.hidden_size).to(dtype)
-        if projector_path:
-            state = torch.load(projector_path, map_location="cpu", weights_only=True)
-            # LLaVA's file names its keys model.mm_projector.{0,2}.*; ours are {0,2}.*
-            state = {k.split("mm_projector.")[-1]: v for k, v in state.items()}
-            projector.load_state_dict(state)
-        settings = {"feature_dim": feature_dim, **(settings or {})}
-        model = cls(llm, projector, settings)
-        if gradient_checkpointing:
-            model.enable_gradient_checkpointing()
-        return model
-
     def enable_gradient_checkpointing(self) -> None:
         """Recompute decoder layers in backward (non-reentrant: the inputs_embeds need no grad flag)."""
         kwargs = {"use_reentrant": False}

@@ -45,16 +45,16 @@ def vision_until(clip: CLIPModel, pixels: torch.Tensor, layer: int) -> torch.Ten
 
 def encoder_stage(towers, unit) -> list[int]:
     """8-bit pixels on the host to cache rows' arrays on the host: precompute's encoder-actor code
-    (pipelines.precompute_encode.encode_unit: normalize on the device, vision tower to layer -2,
+    (pipelines.precompute.encode.encode_unit: normalize on the device, vision tower to layer -2,
     projection, text tower, TRIM on the device, one pinned copy back). Returns tokens per image."""
-    from pipelines.precompute_encode import encode_unit
+    from pipelines.precompute.encode import encode_unit
 
     reduced = encode_unit(towers, unit, TrimConfig(), batch_size=len(unit.image_of_sample))
     return reduced.num_tokens.tolist()
 
 
 def encoder_section(run: Run) -> None:
-    from pipelines.precompute_encode import UnitArrays
+    from pipelines.precompute.encode import UnitArrays
     from trim.encoders import ClipTowers
 
     clip = build_clip(run)

@@ -182,7 +182,7 @@ def eval_section(run: Run) -> None:
     greedy tokens per question, through transformers' eager generate and through the batched
     low-latency path (trim.low_latency, what evaluation uses on CUDA). Not in it, as not in the
     evaluation actor's time: the image decoding, resizing and tokenizing, which the evaluation job
-    runs in CPU tasks beside the actors (pipelines/eval_inputs.py); nor the projector (a 2-layer MLP)."""
+    runs in CPU tasks beside the actors (pipelines/evaluate/inputs.py); nor the projector (a 2-layer MLP)."""
     from trim.encoders import ClipTowers
     from trim.low_latency import LowLatencyGenerator
 
@@ -234,7 +234,7 @@ def eval_section(run: Run) -> None:
                        "eval_varied_padding_share": 1 - sum(varied) / (bucket * batch),
                        "eval_questions_per_s_trim_varied": batch / (values[f"eval_b{batch}_encode_trim_s"] + varied_s)})
         # As the evaluation job batches them: eval.sort_window batches' questions ordered by prompt
-        # length, then cut into batches (pipelines/evaluate.py); counts from the same spread.
+        # length, then cut into batches (pipelines/evaluate/stage.py); counts from the same spread.
         window = sorted(int(k) + sizes.prompt for k in rng.integers(sizes.trim_k // 2, sizes.trim_k * 3 // 2 + 1,
                                                                     batch * SORT_WINDOW))
         groups = [window[i:i + batch] for i in range(0, len(window), batch)]

@@ -39,7 +39,7 @@ def run_job(job: str, *overrides: str, env: dict | None = None, timeout: float =
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory, tiny_models):
     """A run root with a synthetic mixture that includes one bad record of each kind."""
-    from pipelines.synthetic import write_eval_split, write_mixture
+    from synthetic.mixture import write_eval_split, write_mixture
 
     root = tmp_path_factory.mktemp("run")
     write_mixture(root / "data", num_samples=120, num_images=40, seed=0, faults=True)
@@ -72,7 +72,7 @@ def ray_local():
 
 def make_cached_root(root, tiny_models, num_samples, num_images, seed=0):
     """A run root with shards and a TRIM cache, made by the shard and precompute jobs."""
-    from pipelines.synthetic import write_eval_split, write_mixture
+    from synthetic.mixture import write_eval_split, write_mixture
 
     write_mixture(root / "data", num_samples=num_samples, num_images=num_images, seed=seed)
     write_eval_split(root / "data" / "eval", num_questions=8)

@@ -18,8 +18,8 @@ from pipelines import storage
 from pipelines.cache_format import decode_scores, decode_tokens, iter_cache
 from pipelines.config import PrecomputeConfig, ShardConfig
 from pipelines.manifests import CURRENT_FILE, MANIFEST_FILE, CacheManifest, ShardsManifest, resolve_output
-from pipelines.precompute import run_precompute
-from pipelines.shard import run_shard
+from pipelines.precompute.stage import run_precompute
+from pipelines.shard.stage import run_shard
 from tests.integration.conftest import REPO, job_env, run_job
 from trim import TrimConfig, trim_tokens
 from trim.conversation import trim_text
@@ -232,7 +232,7 @@ def test_shard_and_precompute_on_s3(s3_env, tiny_data, tiny_models):
 def test_a_shrunk_mixture_is_sharded_and_cached_anew_with_exactly_its_samples(tmp_path, tiny_models, ray_local):
     """A scheduled run after the mixture changed: 250 records, then the first 150. The second run writes
     new versions of the shards and of the cache and makes them current; nothing of the 250 is read."""
-    from pipelines.synthetic import write_mixture
+    from synthetic.mixture import write_mixture
 
     mixture = write_mixture(tmp_path / "data", num_samples=250, num_images=30, seed=4)
     records = json.loads(mixture.read_text())
@@ -330,7 +330,7 @@ def test_the_shard_job_sets_aside_a_bad_input_corpus_by_name(tmp_path):
 def test_a_local_copy_of_an_s3_checkpoint_can_leave_the_weights_behind(s3_env, tiny_models, tmp_path):
     """Evaluation's CPU tasks read only a CLIP checkpoint's processor and tokenizer: from S3 they copy
     the files but the weights, and ClipHost loads from that copy."""
-    from pipelines.eval_inputs import WEIGHT_SUFFIXES
+    from pipelines.evaluate.inputs import WEIGHT_SUFFIXES
     from trim.encoders import ClipHost
 
     os.environ.update(s3_env)

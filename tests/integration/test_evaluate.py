@@ -11,11 +11,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from pipelines.evaluate import ANSWER_KEYS, answer_id
+from pipelines.evaluate.stage import ANSWER_KEYS, answer_id
 from tests.integration import servers
 from tests.integration.conftest import REPO
 from trim import TrimConfig
-from trim.model import LlavaTrim
+from trim.formats import load_llava_trim
 
 GOOD = 6
 MISSING_ID, CORRUPT_ID = 100, 101
@@ -32,7 +32,7 @@ def load_job(name: str):
 def eval_root(tmp_path_factory, tiny_models):
     """A run root with an exported model (fresh projector: no training needed) and an evaluation
     split of GOOD questions plus one whose image is missing and one whose image is corrupt."""
-    from pipelines.synthetic import write_eval_split
+    from synthetic.mixture import write_eval_split
 
     root = tmp_path_factory.mktemp("eval-run")
     questions, images, annotations = write_eval_split(root / "data" / "eval", num_questions=GOOD)
@@ -47,7 +47,7 @@ def eval_root(tmp_path_factory, tiny_models):
             f.write(json.dumps({"question_id": q["question_id"], "answers": ["red"] * 10, "kind": "vqa"}) + "\n")
     torch.manual_seed(0)
     settings = {"trim": TrimConfig().to_dict(), "encoder": {"path": str(tiny_models.clip), "layer": -2}}
-    model = LlavaTrim.from_llm(tiny_models.llm, feature_dim=64, settings=settings)
+    model = load_llava_trim(tiny_models.llm, feature_dim=64, settings=settings)
     model.save(root / "checkpoints" / "tiny" / "model", tokenizer=AutoTokenizer.from_pretrained(str(tiny_models.llm)))
     return root
 
@@ -156,14 +156,14 @@ def test_rerun_against_mlflow_server_logs_metrics_answers_and_pictures(first_run
 def test_a_failed_full_evaluation_is_never_scored_as_the_trim_models(first_run, eval_root, argv, monkeypatch):
     """`--trim full` failing after writing its answers, then `--trim model`: the TRIM model's own
     answers are scored, and the full run, done again, answers into its own folder."""
-    import pipelines.evaluate
+    import pipelines.evaluate.stage
 
     def fail(*args, **kwargs):
         raise RuntimeError("scoring crashed")
 
     trim_answers, stamp = Path(first_run.answers).read_bytes(), Path(first_run.answers).stat().st_mtime_ns
     with monkeypatch.context() as patch:
-        patch.setattr(pipelines.evaluate, "_metrics", fail)
+        patch.setattr(pipelines.evaluate.stage, "_metrics", fail)
         with pytest.raises(RuntimeError, match="scoring crashed"):
             load_job("evaluate").main([*argv, "--trim", "full"])
     written = [p for p in (eval_root / "eval").glob("tiny-default-all-*/answers.jsonl")]

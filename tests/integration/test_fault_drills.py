@@ -23,7 +23,7 @@ import pytest
 from pipelines import storage
 from pipelines.cache_format import iter_cache
 from pipelines.manifests import IDENTITY_FILE, MANIFEST_FILE, ShardsManifest, resolve_output
-from pipelines.synthetic import write_mixture
+from synthetic.mixture import write_mixture
 from tests.integration import servers
 from tests.integration.conftest import REPO, job_env, model_overrides
 

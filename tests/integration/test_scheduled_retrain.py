@@ -2,7 +2,7 @@
 RayCronJob carries the same spec; tests/infra keeps the two equal), read from its entrypoint and run
 as its commands are, one `python jobs/<stage>.py` process after the other, on the tiny recipe. A run,
 a change of the mixture, the same run again: the second trains a new run on the new data by itself,
-and the first run's versions stay by the retention rule (tests/unit/pipelines/test_train_runs.py
+and the first run's versions stay by the retention rule (tests/unit/pipelines/train/test_runs.py
 covers what the rule removes, and a rerun on an unchanged cache that trains nothing)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pipelines import storage
 from pipelines.manifests import CacheManifest, EvalManifest, ShardsManifest, read_current, resolve_output
-from pipelines.train_plan import CACHE_VERSION
+from pipelines.train.plan import CACHE_VERSION
 from tests.infra import k8s_entrypoints as ep
 from tests.infra import k8s_support as ks
 from tests.integration.conftest import model_overrides, run_job
@@ -49,7 +49,7 @@ def run_schedule(root: Path, tiny_models) -> dict[str, str]:
 
 
 def test_a_scheduled_run_after_the_mixture_changed_trains_on_the_new_data_and_keeps_the_old(tmp_path, tiny_models):
-    from pipelines.synthetic import write_eval_split, write_mixture
+    from synthetic.mixture import write_eval_split, write_mixture
 
     root = tmp_path / "run"
     mixture = write_mixture(root / "data", num_samples=16, num_images=4, seed=7)

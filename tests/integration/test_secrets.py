@@ -24,7 +24,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from pipelines.synthetic import write_mixture
+from synthetic.mixture import write_mixture
 from tests.integration import servers
 from tests.integration.conftest import REPO, job_env
 

@@ -22,9 +22,9 @@ import pytest
 from PIL import Image
 
 from pipelines.config import ShardConfig
-from pipelines.mixture import MixtureError, scan_chunks
-from pipelines.shard_images import ImageIndex, hash_image_batch
-from pipelines.shard_records import sort_run
+from pipelines.shard.image_index import ImageIndex, hash_image_batch
+from pipelines.shard.mixture import MixtureError, scan_chunks
+from pipelines.shard.records import sort_run
 
 TURNS = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A square."}]
 GOOD = {"id": "good", "image": "ok/good.png", "conversations": TURNS}

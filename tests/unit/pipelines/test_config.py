@@ -3,7 +3,7 @@
 import pytest
 
 from pipelines.config import load_recipe, shipped_recipes
-from pipelines.train_engine import deepspeed_config
+from pipelines.train.engine import deepspeed_config
 
 
 @pytest.mark.parametrize("name", shipped_recipes())

@@ -55,7 +55,7 @@ def test_the_image_store_fetches_one_image_by_its_key_from_the_bucket_layout(tmp
 
     from pipelines.images import IMAGE_LAYOUT, ImageStore, bucket_of
     from pipelines.manifests import ShardsManifest
-    from pipelines.shard_images import ImageIndex, write_bucket_batch
+    from pipelines.shard.image_index import ImageIndex, write_bucket_batch
 
     index = ImageIndex()
     for n in range(7):

@@ -8,7 +8,7 @@ import mlflow
 import pytest
 
 from pipelines.tracking import Tracker
-from pipelines.tracking_store import check_store_reachable, fail_unfinished_runs
+from pipelines.tracking_store import check_store_reachable
 
 EXPERIMENT = "trim-llava-test"
 
@@ -121,9 +121,9 @@ def test_a_run_left_running_by_a_dead_process_is_failed_and_resumed_as_the_same_
     abandoned = tracker(uri)  # its process "dies": the run is never ended
     run_id = abandoned.start("train")
     assert runs_by_name(uri)["train"].info.status == "RUNNING"
-    assert fail_unfinished_runs(uri, EXPERIMENT, "train") == 1
+    assert Tracker(uri, EXPERIMENT).fail_unfinished("train") == 1
     assert runs_by_name(uri)["train"].info.status == "FAILED"
-    assert fail_unfinished_runs(uri, EXPERIMENT, "train") == 0
+    assert Tracker(uri, EXPERIMENT).fail_unfinished("train") == 0
     with tracker(uri) as resumed:
         assert resumed.start("train", run_id) == run_id
         assert runs_by_name(uri)["train"].info.status == "RUNNING"
@@ -170,7 +170,7 @@ def test_a_store_on_one_nodes_disk_is_refused_for_a_run_on_several_nodes(uri, no
 
 
 def test_many_steps_of_metrics_go_in_few_requests_and_keep_their_steps(tmp_path):
-    from pipelines.train_worker import MetricsLog
+    from pipelines.train.worker import MetricsLog
 
     uri = sqlite_uri(tmp_path)
     with tracker(uri) as t:
@@ -187,7 +187,7 @@ def test_many_steps_of_metrics_go_in_few_requests_and_keep_their_steps(tmp_path)
 
 
 def test_a_steps_time_leaves_out_the_checkpoint_saved_after_the_step_before():
-    from pipelines.train_worker import Progress
+    from pipelines.train.worker import Progress
 
     now = [100.0]
     progress = Progress(clock=lambda: now[0], started=100.0, step_started=100.0)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
+from synthetic.tiny_models import build_tiny_models
 from trim.encoders import ClipEncoder, expand_to_square, pad_colour
-from trim.tiny import build_tiny_models
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGenera
 from trim import TrimConfig, trim_tokens
 from trim.conversation import IMAGE_TOKEN_INDEX, conversation_prompt, generation_prompt, tokenize_prompt
 from trim.encoders import ClipEncoder, describe_checkpoint
-from trim.formats import check_vision_settings, detect_layout, export_model, load_starting_point
+from trim.formats import check_vision_settings, detect_layout, export_model, load_llava_trim, load_starting_point
 from trim.model import LlavaTrim, pad_batch
 
 QUESTION = "What is the colour of the circle?"
@@ -27,7 +27,7 @@ def encoder(tiny_models):
 def model_dir(tiny_models, tmp_path_factory):
     torch.manual_seed(0)
     settings = {"trim": TrimConfig(selection="all").to_dict(), "encoder": describe_checkpoint(tiny_models.clip, -2)}
-    model = LlavaTrim.from_llm(tiny_models.llm, feature_dim=64, settings=settings)
+    model = load_llava_trim(tiny_models.llm, feature_dim=64, settings=settings)
     with torch.no_grad():  # a projector far from zero, so a wrong one shows in the logits
         for p in model.projector.parameters():
             p.normal_(0, 0.5)
@@ -136,7 +136,7 @@ def test_llava_export_is_llavas_layout_and_reads_back(model_dir, ours, tmp_path,
 
 
 def test_rope_settings_are_written_where_llavas_transformers_reads_them():
-    from trim.llava_format import rope_fields_for_llava
+    from trim.formats.llava import rope_fields_for_llava
 
     assert rope_fields_for_llava({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}) == {
         "rope_theta": 1e6, "rope_scaling": None}
@@ -146,7 +146,7 @@ def test_rope_settings_are_written_where_llavas_transformers_reads_them():
 
 
 def test_a_llama_tokenizer_exported_for_llava_says_it_is_not_legacy(tmp_path):
-    from trim.llava_format import _declare_non_legacy
+    from trim.formats.llava import _declare_non_legacy
 
     llama, other, kept = tmp_path / "llama.json", tmp_path / "other.json", tmp_path / "kept.json"
     llama.write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))

@@ -17,8 +17,7 @@ from trim.formats import (
     read_vision_settings,
     tokenizer_path,
 )
-from trim.llava_format import llm_config
-from trim.model import LlavaTrim
+from trim.formats.llava import llm_config
 
 IDS = torch.tensor([[1, 5, 9, 42, 7, 3, 11, 60]])
 ENCODER = {"path": "/data/models/clip-vit-large-patch14-336", "layer": -2, "feature_dim": 24, "num_patches": 576,
@@ -96,7 +95,7 @@ def test_layouts_are_detected(tiny_models, llava_checkpoint, hf_checkpoint, tmp_
     assert detect_layout(tiny_models.llm) == "llm"
     assert detect_layout(llava_checkpoint[0]) == "llava"
     assert detect_layout(hf_checkpoint[0]) == "hf-llava"
-    saved = LlavaTrim.from_llm(tiny_models.llm, feature_dim=64).save(tmp_path / "model")
+    saved = load_llava_trim(tiny_models.llm, feature_dim=64).save(tmp_path / "model")
     assert detect_layout(saved) == "trim" and tokenizer_path(saved) == str(saved / "llm")
     with pytest.raises(FileNotFoundError, match="no config.json"):
         detect_layout(tmp_path)

@@ -11,8 +11,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from trim.formats import detect_layout, export_model
-from trim.model import LlavaTrim
+from trim.formats import detect_layout, export_model, load_llava_trim
 from trim.staging import settle, staged_dir
 
 
@@ -87,13 +86,13 @@ def test_a_switch_cut_between_its_renames_is_completed_by_the_next_writer(tmp_pa
 @pytest.fixture(scope="module")
 def model_dir(tiny_models, tmp_path_factory):
     torch.manual_seed(0)
-    model = LlavaTrim.from_llm(tiny_models.llm, feature_dim=64,
+    model = load_llava_trim(tiny_models.llm, feature_dim=64,
                                settings={"encoder": {"path": str(tiny_models.clip), "layer": -2}})
     return model.save(tmp_path_factory.mktemp("model"), tokenizer=AutoTokenizer.from_pretrained(str(tiny_models.llm)))
 
 
 def test_an_export_that_fails_mid_write_leaves_the_previous_export(model_dir, tmp_path, monkeypatch):
-    import trim.llava_format
+    import trim.formats.llava
 
     out = export_model(model_dir, tmp_path / "llava-tiny", "llava")
     before = listing(out)
@@ -103,7 +102,7 @@ def test_an_export_that_fails_mid_write_leaves_the_previous_export(model_dir, tm
         open(f"{directory}/model.safetensors", "wb").write(b"\0" * 10)
         raise OSError("disk full")
 
-    monkeypatch.setattr(trim.llava_format, "save_torch_state_dict", fail_half_way)
+    monkeypatch.setattr(trim.formats.llava, "save_torch_state_dict", fail_half_way)
     with pytest.raises(OSError, match="disk full"):
         export_model(model_dir, out, "llava", clip="another/clip")
     assert (tmp_path / "seen").read_text() != str(out)  # it wrote elsewhere

@@ -11,8 +11,8 @@ from PIL import Image, ImageDraw
 from transformers import AutoTokenizer
 
 from trim import TrimConfig
+from trim.formats import load_llava_trim
 from trim.inference import Answerer, default_dtype, inference_text, reduce_images
-from trim.model import LlavaTrim
 from trim.timing import device_name, question_of_length, timed_generation
 
 QUESTIONS = [
@@ -39,7 +39,7 @@ def drawn(seed: int, size: tuple[int, int]) -> Image.Image:
 def model_dir(tiny_models, tmp_path_factory):
     torch.manual_seed(0)
     settings = {"trim": TrimConfig().to_dict(), "encoder": {"path": str(tiny_models.clip), "layer": -2}}
-    model = LlavaTrim.from_llm(tiny_models.llm, feature_dim=64, settings=settings)
+    model = load_llava_trim(tiny_models.llm, feature_dim=64, settings=settings)
     directory = tmp_path_factory.mktemp("model")
     return model.save(directory, tokenizer=AutoTokenizer.from_pretrained(str(tiny_models.llm)))
 

@@ -5,13 +5,14 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from trim.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from trim.formats import load_llava_trim
 from trim.model import PROJECTOR_FILE, LlavaTrim, build_projector, pack_batch, pad_batch, spliced_length
 
 
 @pytest.fixture(scope="module")
 def model(tiny_models):
     torch.manual_seed(0)
-    return LlavaTrim.from_llm(tiny_models.llm, feature_dim=64, settings={"trim": {"similarity": "dot"}})
+    return load_llava_trim(tiny_models.llm, feature_dim=64, settings={"trim": {"similarity": "dot"}})
 
 
 def _samples():
@@ -83,7 +84,7 @@ def test_save_and_load_round_trip(model, tmp_path, tiny_models):
 def test_projector_loads_llava_stage1_weights(tiny_models, tmp_path):
     source = build_projector(64, 64)
     torch.save({f"model.mm_projector.{k}": v for k, v in source.state_dict().items()}, tmp_path / "mm_projector.bin")
-    model = LlavaTrim.from_llm(tiny_models.llm, feature_dim=64, projector_path=tmp_path / "mm_projector.bin")
+    model = load_llava_trim(tiny_models.llm, feature_dim=64, projector_path=tmp_path / "mm_projector.bin")
     torch.testing.assert_close(model.projector[2].weight, source[2].weight)
 
 
@@ -195,7 +196,7 @@ def test_generate_refuses_a_packed_batch():
 
 
 def test_from_llm_sets_attention_and_gradient_checkpointing(tiny_models, model):
-    checkpointed = LlavaTrim.from_llm(tiny_models.llm, feature_dim=64, attn_implementation="eager",
+    checkpointed = load_llava_trim(tiny_models.llm, feature_dim=64, attn_implementation="eager",
                                       gradient_checkpointing=True)
     assert checkpointed.llm.config._attn_implementation == "eager"
     assert any(getattr(m, "gradient_checkpointing", False) for m in checkpointed.llm.modules())

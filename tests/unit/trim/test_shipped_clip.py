@@ -4,11 +4,11 @@ the right caption well above chance, and TRIM's kept patches land on the object 
 import pytest
 from transformers import CLIPModel
 
-from pipelines.clip_training import retrieval_accuracy
-from pipelines.feature_probe import probe
-from pipelines.grounding import cases, measure, settings
+from studies.clip_training import retrieval_accuracy
+from studies.feature_probe import probe
+from studies.grounding import cases, measure, settings
+from synthetic.tiny_models import shipped_clip
 from trim.encoders import ClipEncoder
-from trim.tiny import shipped_clip
 
 
 @pytest.fixture(scope="module")
