@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import get_cosine_schedule_with_warmup
 
-from pipelines.train.plan import warmup_cosine
 from synthetic.scenes import Scene, random_scene, render
 from trim.config import TrimConfig
 from trim.conversation import IGNORE_INDEX, tokenize_conversation
@@ -173,7 +173,7 @@ def fit(model: LlavaTrim, train: list[dict], cfg: AblationConfig, pad_id: int) -
     """Train in place; return the mean seconds per step."""
     torch.manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(max(1, cfg.steps // 33), cfg.steps))
+    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, cfg.steps // 33), cfg.steps)
     order = random.Random(cfg.seed)
     model.train()
     started = time.perf_counter()

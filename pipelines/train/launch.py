@@ -18,7 +18,8 @@ from pipelines.manifests import CacheManifest
 from pipelines.tracking_store import experiment_name
 from pipelines.train import checkpoints
 from pipelines.train.engine import deepspeed_config
-from pipelines.train.plan import TrainJob, plan_steps, run_identity
+from pipelines.train.identity import run_identity
+from pipelines.train.plan import TrainJob, plan_steps
 from trim.formats import check_vision_settings, read_vision_settings
 
 logger = logging.getLogger(__name__)
