@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     else:
         from pipelines.precompute.stage import load_samples
         from trim.encoders import ClipEncoder
-        from trim.inference import inference_text
+        from trim.questions import inference_text
 
         items = []
         if args.samples:

@@ -24,12 +24,13 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from synthetic.scenes import Scene, random_scene, render
+from trim.batching import pad_batch
 from trim.config import TrimConfig
 from trim.conversation import IGNORE_INDEX, tokenize_conversation
 from trim.core import trim_tokens
 from trim.encoders import ClipEncoder
 from trim.formats import load_llava_trim
-from trim.model import LlavaTrim, pad_batch
+from trim.model import LlavaTrim
 
 logger = logging.getLogger(__name__)
 

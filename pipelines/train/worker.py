@@ -23,7 +23,7 @@ from pipelines.train.engine import Built
 from pipelines.train.identity import resume_differences
 from pipelines.train.order import epoch_micro_batches, rank_micro_batches
 from pipelines.train.plan import TrainJob, TrainState
-from trim.model import Batch
+from trim.batching import Batch
 
 logger = logging.getLogger(__name__)
 SAMPLE_INDEX_KEY = "sample_index"

@@ -25,7 +25,8 @@ from pipelines.evaluate.stage import _metrics
 from synthetic.tiny_models import shipped_clip
 from trim import TrimConfig
 from trim.encoders import ClipHost
-from trim.inference import Answer, QuestionInputs
+from trim.inference import Answer
+from trim.questions import QuestionInputs
 
 
 class FakeAnswerer:
