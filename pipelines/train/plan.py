@@ -13,7 +13,7 @@ from pipelines.config import TrainConfig
 from pipelines.train.order import micro_batches_per_rank
 
 WINDOW_MICRO_BATCHES = 8
-"""Micro-batches a worker reads from the cache at a time (train_data.micro_batches)."""
+"""Micro-batches a worker reads from the cache at a time (pipelines.train.data.micro_batches)."""
 
 
 @dataclass
