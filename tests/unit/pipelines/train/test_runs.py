@@ -85,13 +85,18 @@ def test_a_complete_run_on_the_same_cache_needs_nothing_and_another_cache_is_ref
         check_resume(_job(tmp_path, lr=0.5), last)
 
 
+def _checkpoint_without(part, job, step, micro_in_epoch):
+    """A checkpoint written before `part` of the identity was recorded."""
+    folder = Path(_checkpoint(job, step))
+    state = json.loads((folder / "complete.json").read_text())
+    del state["identity"][part]
+    (folder / "complete.json").write_text(json.dumps(dict(state, micro_in_epoch=micro_in_epoch)))
+    return str(folder)
+
+
 def test_a_packed_run_checkpointed_mid_epoch_under_the_old_order_is_refused_saying_why(tmp_path):
-    def old_checkpoint(job, step, micro_in_epoch):  # written before the order's rules were recorded
-        folder = Path(_checkpoint(job, step))
-        state = json.loads((folder / "complete.json").read_text())
-        del state["identity"]["order"]
-        (folder / "complete.json").write_text(json.dumps(dict(state, micro_in_epoch=micro_in_epoch)))
-        return str(folder)
+    def old_checkpoint(job, step, micro_in_epoch):
+        return _checkpoint_without("order", job, step, micro_in_epoch)
 
     packed = _job(tmp_path / "packed")
     with pytest.raises(RuntimeError, match=r"differ: order\).*order's rules changed"):
@@ -115,12 +120,8 @@ def test_a_packed_run_checkpointed_mid_epoch_under_the_old_order_is_refused_sayi
 
 
 def test_a_run_checkpointed_under_the_old_schedule_is_refused_saying_why_unless_it_is_finished(tmp_path):
-    def old_checkpoint(job, step, micro_in_epoch):  # written before the schedule's rules were recorded
-        folder = Path(_checkpoint(job, step))
-        state = json.loads((folder / "complete.json").read_text())
-        del state["identity"]["schedule"]
-        (folder / "complete.json").write_text(json.dumps(dict(state, micro_in_epoch=micro_in_epoch)))
-        return str(folder)
+    def old_checkpoint(job, step, micro_in_epoch):
+        return _checkpoint_without("schedule", job, step, micro_in_epoch)
 
     job = _job(tmp_path / "mid")
     with pytest.raises(RuntimeError, match=r"differ: schedule\).*learning-rate schedule's rules changed"):
