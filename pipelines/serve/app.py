@@ -65,6 +65,7 @@ class Model:
         batching: Any = self.answer_batch  # serve.batch's wrapper (its setters are not in its type)
         batching.set_max_batch_size(config.max_batch_size)
         batching.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self.batches = self.rows = 0
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="answer")  # one batch on the device at once
 
     async def __call__(self, row: dict) -> dict:
@@ -72,10 +73,15 @@ class Model:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
     async def answer_batch(self, rows: list[dict]) -> list[dict]:
-        return await asyncio.get_running_loop().run_in_executor(self.worker, self.engine.answer, rows)
+        results = await asyncio.get_running_loop().run_in_executor(self.worker, self.engine.answer, rows)
+        self.batches += 1
+        self.rows += len(rows)
+        return results
 
     def health(self) -> dict:
-        return {"device": str(self.engine.answerer.device), "low_latency": self.engine.low_latency}
+        """The device, the generation path, and the batches and rows this replica answered."""
+        return {"device": str(self.engine.answerer.device), "low_latency": self.engine.low_latency,
+                "batches": self.batches, "rows": self.rows}
 
 
 def _error(err: ApiError) -> JSONResponse:
