@@ -13,7 +13,8 @@ class ServeConfig:
     """What the app serves and the limits every request is held to before it reaches the model."""
 
     model_dir: str
-    """The model directory to serve (LlavaTrim.save's layout; local or s3://)."""
+    """The model to serve: a model directory (LlavaTrim.save's layout; local or s3://) or a version of
+    a registered model in MLflow (`models:/<name>/<version>`, `models:/<name>@<alias>`)."""
     clip_path: str = ""
     """The CLIP checkpoint TRIM scores with; empty: the encoder path the model directory records."""
     model_name: str = "trim-llava"

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from pipelines import storage
+from pipelines.serve.source import local_model, recorded_clip_path
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +54,10 @@ class Engine:
     def __init__(self, model_dir: str, clip_path: str = "", device: str = "", generation: str = "auto"):
         from trim.inference import Answerer
 
-        local_model = storage.local_copy(model_dir)
-        local_clip = storage.local_copy(clip_path) if clip_path else None
-        try:
-            self.answerer = Answerer.load(local_model, local_clip, device=device or None)
-        finally:
-            for local, uri in ((local_model, model_dir), (local_clip, clip_path)):
-                if local and local != uri:
-                    shutil.rmtree(local, ignore_errors=True)
+        with local_model(model_dir) as local:
+            clip_path = clip_path or recorded_clip_path(local, model_dir)
+            with local_model(clip_path) as clip:
+                self.answerer = Answerer.load(local, clip, device=device or None)
         cuda = self.answerer.device.type == "cuda"
         self.low_latency = generation == "low_latency" or (generation == "auto" and cuda)
         self.patches = self.answerer.encoder.num_patches
