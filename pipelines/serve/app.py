@@ -79,9 +79,12 @@ class Model:
         return results
 
     def health(self) -> dict:
-        """The device, the generation path, and the batches and rows this replica answered."""
+        """The device, the generation path, torch's CPU threads, and the batches and rows this replica
+        answered."""
+        import torch
+
         return {"device": str(self.engine.answerer.device), "low_latency": self.engine.low_latency,
-                "batches": self.batches, "rows": self.rows}
+                "torch_threads": torch.get_num_threads(), "batches": self.batches, "rows": self.rows}
 
 
 def _error(err: ApiError) -> JSONResponse:
