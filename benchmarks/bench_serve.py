@@ -99,7 +99,8 @@ def start_server(model_dir: str, name: str, batch: int) -> str:
     one = {"ray_actor_options": {"num_cpus": 0}, "autoscaling_config": None, "num_replicas": 1}
     cfg = ServeConfig(model_dir=model_dir, model_name=name, max_batch_size=batch, batch_wait_timeout_s=0.01,
                       max_pending=256)
-    serve.run(build(cfg, {"Frontend": one, "Preparer": {**one, "max_ongoing_requests": 64}, "Model": one}),
+    serve.run(build(cfg, {"Frontend": one, "Preparer": {**one, "num_replicas": 2, "max_ongoing_requests": 16},
+                          "Model": one}),
               name="bench")
     return f"http://127.0.0.1:{port}/v1"
 

@@ -44,9 +44,15 @@ class Preparer:
     def __init__(self, cfg: dict):
         from pipelines.serve.prepare import Preparation
 
-        self.core = Preparation(ServeConfig.from_dict(cfg))
+        config = ServeConfig.from_dict(cfg)
+        self.core = Preparation(config)
+        # Decoding and resizing release the GIL: a few requests are prepared at once per replica.
+        self.workers = ThreadPoolExecutor(max_workers=config.prepare_threads, thread_name_prefix="prepare")
 
-    def __call__(self, request: ChatRequest) -> dict:
+    async def __call__(self, request: ChatRequest) -> dict:
+        return await asyncio.get_running_loop().run_in_executor(self.workers, self._prepare, request)
+
+    def _prepare(self, request: ChatRequest) -> dict:
         try:
             return {"row": self.core.prepare(request)}
         except ApiError as err:  # returned, not raised: the Frontend answers it as it is

@@ -42,6 +42,8 @@ class ServeConfig:
     """Buckets `s3://` image URLs may come from; none by default."""
     fetch_timeout_s: float = 10.0
     """Timeout of one image download."""
+    prepare_threads: int = 4
+    """Requests one Preparer replica decodes and resizes at once (in threads: PIL releases the GIL)."""
     max_batch_size: int = 16
     """Rows the model replica answers together at most."""
     batch_wait_timeout_s: float = 0.02
@@ -65,8 +67,8 @@ class ServeConfig:
                              f"1..{self.max_tokens_limit}")
         if self.generation not in ("auto", "low_latency", "eager"):
             raise ValueError(f"serve: generation {self.generation!r} is not auto, low_latency or eager")
-        if self.max_batch_size < 1 or self.max_pending < 1:
-            raise ValueError("serve: max_batch_size and max_pending must be >= 1")
+        if self.max_batch_size < 1 or self.max_pending < 1 or self.prepare_threads < 1:
+            raise ValueError("serve: max_batch_size, max_pending and prepare_threads must be >= 1")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ServeConfig:
