@@ -13,6 +13,7 @@ import socket
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import openai
@@ -277,3 +278,29 @@ def test_overload_is_answered_503_with_retry_after_and_service_goes_on(server, c
     reply = client.chat.completions.create(model=MODEL, messages=message(QUESTIONS[2], data_url(picture(3))),
                                            max_tokens=4, temperature=0)
     assert reply.choices[0].message.content == answered["choices"][0]["message"]["content"]
+
+
+def test_a_registered_model_in_mlflow_is_served_as_its_directory(model_dir, tmp_path, monkeypatch, answerer):
+    """models:/<name>/<version> resolves through a real MLflow server to the model the fine-tuning job
+    registered (Tracker.log_model's layout: the run's `model` artifact), and answers as the directory."""
+    from mlflow import MlflowClient
+
+    from pipelines.serve.engine import Engine
+    from pipelines.serve.source import local_model
+    from tests.integration import servers
+
+    with servers.mlflow_server(tmp_path) as uri:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        client = MlflowClient(uri)
+        run = client.create_run(client.create_experiment("serve-registry")).info.run_id
+        client.log_artifacts(run, str(model_dir), "model")
+        client.create_registered_model("trim-llava-tiny")
+        version = client.create_model_version("trim-llava-tiny", source=f"runs:/{run}/model", run_id=run).version
+        with local_model(f"models:/trim-llava-tiny/{version}") as local:
+            files = sorted(p.relative_to(local).as_posix() for p in Path(local).rglob("*") if p.is_file())
+            assert files == sorted(p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file())
+        engine = Engine(f"models:/trim-llava-tiny/{version}")
+    image, question = picture(5), QUESTIONS[3]
+    expected = answerer.answer([image], [question], max_new_tokens=4)[0]
+    got = engine.answerer.answer([image], [question], max_new_tokens=4)[0]
+    assert got.text == expected.text and got.num_visual_tokens == expected.num_visual_tokens
