@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="16 questions, 8 clients")
     parser.add_argument("--questions", type=int, default=96)
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=16, help="tokens per answer (as eval.max_new_tokens)")
     args = parser.parse_args(argv)
     count, clients = (16, 8) if args.quick else (args.questions, args.clients)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

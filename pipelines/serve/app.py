@@ -142,6 +142,10 @@ class Frontend:
             result = await self.model.remote(prepared["row"])
         except BackPressureError:
             return _error(self._busy("the model's queue is full"))
+        except Exception as err:  # a replica that died or failed: an error object, and the next request goes on
+            logger.exception("answering a request failed")
+            return _error(ApiError(500, f"the server failed to answer: {type(err).__name__}", None, "internal_error",
+                                   type="server_error"))
         finally:
             self.pending -= 1
         if chat.stream:
