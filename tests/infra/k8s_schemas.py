@@ -28,7 +28,7 @@ K8S_VERSIONS = ("1.31.0", kv_utils.latest_version())
 """Core kinds must validate against an older floor and the newest Kubernetes the validator knows."""
 
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
-             "RayCronJob": "ray.io_raycronjobs.yaml"}
+             "RayCronJob": "ray.io_raycronjobs.yaml", "RayService": "ray.io_rayservices.yaml"}
 
 
 # --- schemas ------------------------------------------------------------------------------------
@@ -125,9 +125,11 @@ def ray_errors(obj: dict) -> list[str]:
 # --- KubeRay's own rules (the operator checks these in Go; the CRD schema cannot) ---------------
 
 DNS1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
-MAX_NAME = {"RayCluster": 53, "RayJob": 47, "RayCronJob": 41}
-"""53 keeps the operator's service names within 63 characters; a RayJob's cluster adds 6, a
-RayCronJob's RayJob another 6."""
+MAX_NAME = {"RayCluster": 53, "RayJob": 47, "RayCronJob": 41, "RayService": 47}
+"""53 keeps the operator's service names within 63 characters; a RayJob's or a RayService's cluster
+adds 6, a RayCronJob's RayJob another 6."""
+UPGRADE_TYPES = ("NewClusterWithIncrementalUpgrade", "NewCluster", "None")
+"""The RayService upgrade strategies KubeRay's operator accepts."""
 RAY_RESOURCE_PARAMS = ("num-cpus", "num-gpus", "memory", "resources")
 CRON_FIELD = re.compile(r"[0-9A-Za-z*/,?-]+")
 
@@ -144,6 +146,8 @@ def job_spec(obj: dict) -> dict | None:
 def cluster_specs(obj: dict) -> list[tuple[str, dict]]:
     if obj.get("kind") == "RayCluster":
         return [("spec", obj.get("spec", {}))]
+    if obj.get("kind") == "RayService":
+        return [("spec.rayClusterConfig", obj.get("spec", {}).get("rayClusterConfig", {}))]
     spec = job_spec(obj)
     prefix = "spec.jobTemplate" if obj.get("kind") == "RayCronJob" else "spec"
     if spec and isinstance(spec.get("rayClusterSpec"), dict):
@@ -209,6 +213,40 @@ def kuberay_rule_errors(obj: dict) -> list[str]:
                 errors.append(f"runtimeEnvYAML does not parse: {err}")
     if kind == "RayCronJob":
         errors += cron_errors(obj.get("spec", {}).get("schedule", ""))
+    if kind == "RayService":
+        errors += service_errors(obj.get("spec", {}))
+    return errors
+
+
+def service_errors(spec: dict) -> list[str]:
+    """What KubeRay's operator refuses in a RayService (ValidateRayServiceSpec), and a Serve config
+    that does not parse or names no application."""
+    errors = []
+    cluster = spec.get("rayClusterConfig", {})
+    if cluster.get("authOptions", {}).get("enableK8sTokenAuth"):
+        errors.append("Kubernetes token auth is not supported for a RayService")
+    if cluster.get("headGroupSpec", {}).get("headService", {}).get("metadata", {}).get("name"):
+        errors.append("rayClusterConfig.headGroupSpec.headService.metadata.name must not be set")
+    strategy = spec.get("upgradeStrategy", {})
+    if "type" in strategy and strategy["type"] not in UPGRADE_TYPES:
+        errors.append(f"upgradeStrategy.type {strategy['type']!r} is not one of {', '.join(UPGRADE_TYPES)}")
+    if strategy.get("type") == "NewClusterWithIncrementalUpgrade":
+        options = strategy.get("clusterUpgradeOptions") or {}
+        if not cluster.get("enableInTreeAutoscaling"):
+            errors.append("NewClusterWithIncrementalUpgrade needs the Ray autoscaler")
+        surge, step = options.get("maxSurgePercent", 100), options.get("stepSizePercent")
+        if step is None or not 0 <= step <= surge <= 100 or options.get("intervalSeconds", 0) <= 0:
+            errors.append("clusterUpgradeOptions: 0 <= stepSizePercent <= maxSurgePercent <= 100 and "
+                          "intervalSeconds > 0 are required")
+    if spec.get("rayClusterDeletionDelaySeconds", 0) < 0:
+        errors.append("rayClusterDeletionDelaySeconds must not be negative")
+    try:
+        serve = yaml.safe_load(spec.get("serveConfigV2", "")) or {}
+    except yaml.YAMLError as err:
+        return errors + [f"serveConfigV2 does not parse: {err}"]
+    apps = serve.get("applications") if isinstance(serve, dict) else None
+    if not apps or not all(isinstance(a, dict) and a.get("import_path") for a in apps):
+        errors.append("serveConfigV2 must list applications, each with an import_path")
     return errors
 
 

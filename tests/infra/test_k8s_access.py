@@ -18,7 +18,7 @@ def test_the_manifests_guard_the_ray_cluster():
     objects = [obj for _, obj in ks.all_objects()]
     assert acc.access_errors(objects) == []
     clusters = [label for label, obj in ks.all_objects() if sch.cluster_specs(obj)]
-    assert len(clusters) == 3  # the RayCluster, the retraining template and the RayCronJob
+    assert len(clusters) == 4  # the RayCluster, the retraining template, the RayCronJob and the RayService
     # KubeRay accepts authOptions.mode token from Ray 2.52 on
     assert tuple(int(n) for n in ks.pyproject_pin("ray").split(".")[:2]) >= (2, 52)
 
