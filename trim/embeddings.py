@@ -64,7 +64,7 @@ def image_embeddings_prepared(answerer: Answerer, pixels: torch.Tensor | np.ndar
     if not len(inputs):
         return []
     with torch.no_grad():
-        reduced = answerer._reduce_prepared(pixels, list(inputs))
+        reduced = answerer.reduce_prepared(pixels, list(inputs))
     return project_tokens(answerer, reduced.tokens)
 
 

@@ -234,7 +234,7 @@ class Answerer:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         inputs = list(inputs) if inputs is not None else self.question_inputs(questions)
         size = min(batch_size or len(questions), len(questions))
-        reduced = concat_outputs([self._reduce_prepared(pixels[s:s + size], inputs[s:s + size])
+        reduced = concat_outputs([self.reduce_prepared(pixels[s:s + size], inputs[s:s + size])
                                   for s in range(0, len(questions), size)])
         # what the LLM is prompted with: the text, its image token replaced by the visual tokens
         lengths = [len(q.prompt_ids) - 1 + int(t.shape[0]) for q, t in zip(inputs, reduced.tokens)]
@@ -253,7 +253,7 @@ class Answerer:
                        prompt_tokens=lengths[b])
                 for b, ids in enumerate(generated)]
 
-    def _reduce_prepared(self, pixels: torch.Tensor, inputs: Sequence[QuestionInputs]) -> TrimOutput:
+    def reduce_prepared(self, pixels: torch.Tensor, inputs: Sequence[QuestionInputs]) -> TrimOutput:
         """CLIP and TRIM over one batch of prepared images, each image alone (reduce_pixels)."""
         pad = self.encoder.tokenizer.pad_token_id
         text_embeds = self.encoder.towers.encode_tokens(*clip_batch(inputs, 0 if pad is None else pad))

@@ -3,7 +3,6 @@ prepared rows in batches sorted by prompt length, and the Ray Data actor around 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -17,6 +16,7 @@ import numpy as np
 from pipelines import storage
 from pipelines.evaluate.inputs import LINE, PREPARED_COLUMNS, inputs_of, pixels_of
 from trim import TrimConfig
+from trim.setting_names import named_setting, setting_name
 
 ANSWER_KEYS = ("question_id", "prompt", "text", "answer_id", "model_id", "metadata")
 GENERATIONS = ("auto", "low_latency", "eager")
@@ -28,40 +28,12 @@ def answer_id(question_id: Any, model_id: str, line: int | None = None) -> str:
     return digest.hexdigest()[:22]
 
 
-_PRESET_FIELDS = ("similarity", "keep", "threshold", "iqr_scope", "iqr_multiplier", "aggregate")
-
-
-def trim_name(cfg: TrimConfig) -> str:
-    """A short name of a TRIM config: its preset ("default", "paper", "official", "ratio:0.05") or
-    "custom", with "/<selection>" when the selection is a baseline ("default/all": no reduction)."""
-    def same(preset: TrimConfig) -> bool:
-        fields = _PRESET_FIELDS + (("ratio",) if preset.threshold == "ratio" else ())
-        return all(getattr(cfg, f) == getattr(preset, f) for f in fields)
-
-    name = "custom"
-    if cfg.threshold == "ratio" and same(TrimConfig.fixed_ratio(cfg.ratio)):
-        name = f"ratio:{cfg.ratio:g}"
-    else:
-        for preset in ("default", "paper", "official"):
-            if same(TrimConfig.preset(preset)):
-                name = preset
-                break
-    return name if cfg.selection == "trim" else f"{name}/{cfg.selection}"
-
-
 def resolve_trim(spec: str, recipe_trim: TrimConfig, model_trim: dict | None) -> TrimConfig:
-    """The TRIM config to evaluate with: "model" (the one the model was trained with, as its
-    directory records; the recipe's if it records none), "recipe", "full" (the model's config with
-    every patch kept: the no-TRIM baseline), or a preset name ("default", "paper", "official",
-    "ratio:<float>"), which keeps the model's text settings."""
-    model_cfg = TrimConfig.from_dict(model_trim) if model_trim else recipe_trim
-    if spec == "model":
-        return model_cfg
+    """The TRIM config to evaluate with: "recipe" (the recipe's), or a name trim.setting_names takes,
+    beside the config the model directory records (the recipe's if it records none)."""
     if spec == "recipe":
         return recipe_trim
-    if spec == "full":
-        return dataclasses.replace(model_cfg, selection="all")
-    return TrimConfig.preset(spec, text=model_cfg.text, text_at_inference=model_cfg.text_at_inference)
+    return named_setting(spec, TrimConfig.from_dict(model_trim) if model_trim else recipe_trim)
 
 
 def answer_record(question: dict, answer, model_id: str, trim_label: str) -> dict:
@@ -87,7 +59,7 @@ def answer_questions(answerer, rows: Sequence[dict], max_new_tokens: int, model_
     questions formed in order of prompt length (Answerer.answer_prepared); low_latency: through
     trim.low_latency."""
     pictures = set(picture_lines)
-    label = trim_name(answerer.trim_cfg)
+    label = setting_name(answerer.trim_cfg)
     out = [{"kind": "reject", "record": r["record"], "kept": "[]", "scores": b"", "started": 0.0, "ended": 0.0}
            for r in rows if r["kind"] == "reject"]
     prepared = [r for r in rows if r["kind"] == "question"]

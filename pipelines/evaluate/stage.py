@@ -40,7 +40,7 @@ import numpy as np
 from pipelines import storage
 from pipelines.config import Recipe
 from pipelines.evaluate import outputs as eval_outputs
-from pipelines.evaluate.answering import GENERATIONS, EvalActor, busy_seconds, resolve_trim, trim_name
+from pipelines.evaluate.answering import GENERATIONS, EvalActor, busy_seconds, resolve_trim
 from pipelines.evaluate.inputs import LINE, prepare_batch
 from pipelines.evaluate.questions import parse_questions, question_key, record_key
 from pipelines.manifests import EvalManifest
@@ -48,6 +48,7 @@ from pipelines.tracking import Tracker
 from pipelines.tracking_store import default_tracking_uri, experiment_name
 from trim import TrimConfig
 from trim.model_files import SETTINGS_FILE
+from trim.setting_names import setting_name
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def run_evaluate(recipe: Recipe, model_dir: str, trim_spec: str = "model",
     model_id = recipe.train.run_name
     settings = storage.read_json(storage.join(model_dir, SETTINGS_FILE))
     trim_cfg = resolve_trim(trim_spec, recipe.trim, settings.get("trim"))
-    label = trim_name(trim_cfg)
+    label = setting_name(trim_cfg)
     question_bytes = storage.read_bytes(paths.eval_questions)
     questions, malformed = parse_questions(question_bytes, paths.eval_questions)
     accelerator = _accelerator()

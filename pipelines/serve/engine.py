@@ -9,7 +9,6 @@ greedy decoding makes the answer it would get alone with that limit.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -17,20 +16,9 @@ from typing import Any
 import numpy as np
 
 from pipelines.serve.source import local_model, recorded_clip_path
+from trim.setting_names import named_setting
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_trim(name: str, model_cfg: Any) -> Any:
-    """The TrimConfig a setting name stands for: "model" the model's own, "full" the model's with
-    every patch kept, else the named preset with the model's text settings."""
-    from trim import TrimConfig
-
-    if name == "model":
-        return model_cfg
-    if name == "full":
-        return dataclasses.replace(model_cfg, selection="all")
-    return TrimConfig.preset(name, text=model_cfg.text, text_at_inference=model_cfg.text_at_inference)
 
 
 def text_pieces(tokenizer: Any, token_ids: Sequence[int], text: str) -> list[str]:
@@ -66,7 +54,7 @@ class Engine:
     def answerer_for(self, name: str) -> Any:
         """The answerer of a TRIM setting name (the same model and generator, another TRIM config)."""
         if name not in self._answerers:
-            self._answerers[name] = self.answerer.with_trim(resolve_trim(name, self.answerer.trim_cfg))
+            self._answerers[name] = self.answerer.with_trim(named_setting(name, self.answerer.trim_cfg))
         return self._answerers[name]
 
     def answer(self, rows: Sequence[dict]) -> list[dict]:

@@ -10,10 +10,10 @@ from PIL import Image, ImageDraw
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 from trim import TrimConfig
+from trim.batching import pad_batch
 from trim.embeddings import expand_image_placeholder, image_embeddings, image_embeddings_prepared
 from trim.formats import export_model, load_llava_trim
 from trim.inference import Answerer
-from trim.model import pad_batch
 
 QUESTIONS = ["What is the colour of the square?", "Where is the red circle?"]
 

@@ -103,7 +103,7 @@ def test_generation_batches_are_formed_by_prompt_length_and_answers_keep_the_que
     pixels = answerer.encoder.host.prepare(images).numpy()
     whole = answerer.answer_prepared(pixels, QUESTIONS, max_new_tokens=6)
     encoded, generated = [], []
-    reduce_prepared, generate = answerer._reduce_prepared, answerer._generate
+    reduce_prepared, generate = answerer.reduce_prepared, answerer._generate
 
     def spy_reduce(batch_pixels, inputs):
         encoded.append(len(batch_pixels))
@@ -113,7 +113,7 @@ def test_generation_batches_are_formed_by_prompt_length_and_answers_keep_the_que
         generated.append([int(n) - 1 + v.shape[0] for n, v in zip(batch.attention_mask.sum(dim=1), batch.visual)])
         return generate(batch, *args)
 
-    monkeypatch.setattr(answerer, "_reduce_prepared", spy_reduce)
+    monkeypatch.setattr(answerer, "reduce_prepared", spy_reduce)
     monkeypatch.setattr(answerer, "_generate", spy_generate)
     by_length = answerer.answer_prepared(pixels, QUESTIONS, max_new_tokens=6, batch_size=2)
     lengths = [a.prompt_tokens for a in whole]

@@ -17,7 +17,6 @@ from pipelines.evaluate.answering import (
     answer_record,
     busy_seconds,
     resolve_trim,
-    trim_name,
 )
 from pipelines.evaluate.inputs import LINE, fetch_bytes, pixels_of, prepare_questions
 from pipelines.evaluate.questions import parse_questions, question_key, record_key
@@ -27,6 +26,7 @@ from trim import TrimConfig
 from trim.encoders import ClipHost
 from trim.inference import Answer
 from trim.questions import QuestionInputs
+from trim.setting_names import setting_name
 
 
 class FakeAnswerer:
@@ -89,11 +89,11 @@ def test_ids_sort_numerically_and_answer_ids_are_deterministic():
 
 
 def test_trim_names_and_resolution():
-    assert trim_name(TrimConfig()) == "default"
-    assert trim_name(TrimConfig.paper()) == "paper" and trim_name(TrimConfig.official()) == "official"
-    assert trim_name(TrimConfig.fixed_ratio(0.05)) == "ratio:0.05"
-    assert trim_name(TrimConfig(selection="all")) == "default/all"
-    assert trim_name(TrimConfig(iqr_multiplier=3.0)) == "custom"
+    assert setting_name(TrimConfig()) == "default"
+    assert setting_name(TrimConfig.paper()) == "paper" and setting_name(TrimConfig.official()) == "official"
+    assert setting_name(TrimConfig.fixed_ratio(0.05)) == "ratio:0.05"
+    assert setting_name(TrimConfig(selection="all")) == "default/all"
+    assert setting_name(TrimConfig(iqr_multiplier=3.0)) == "custom"
     model = {**TrimConfig.paper().to_dict(), "text_at_inference": "questions"}
     recipe = TrimConfig()
     assert resolve_trim("model", recipe, model) == TrimConfig.from_dict(model)
@@ -101,7 +101,7 @@ def test_trim_names_and_resolution():
     assert resolve_trim("recipe", recipe, model) == recipe
     assert resolve_trim("full", recipe, model).selection == "all"
     official = resolve_trim("official", recipe, model)
-    assert trim_name(official) == "official" and official.text_at_inference == "questions"
+    assert setting_name(official) == "official" and official.text_at_inference == "questions"
 
 
 def test_answer_questions_rejects_unusable_images_and_batches_the_rest(tmp_path):
