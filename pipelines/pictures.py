@@ -52,7 +52,7 @@ def cache_pictures(shards: str, cache: str, out_dir: str | Path, ids: Iterable[s
     """Pictures of cached samples (the given ids, else the first `count` samples with an image, in
     cache order) from the cache's kept indices and scores and the shards' image bytes."""
     from pipelines.cache_format import decode_scores, iter_cache
-    from pipelines.images import ImageStore
+    from pipelines.image_store import ImageStore
 
     wanted = None if ids is None else {str(i) for i in ids}
     rows = []

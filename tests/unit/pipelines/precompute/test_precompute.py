@@ -16,7 +16,7 @@ from PIL import Image
 
 from pipelines import storage
 from pipelines.cache_format import committed_parts, decode_tokens, iter_cache, part_table
-from pipelines.images import IMAGE_LAYOUT, images_file
+from pipelines.image_store import IMAGE_LAYOUT, images_file
 from pipelines.manifests import ShardsManifest
 from pipelines.precompute.encode import UnitArrays, batch_grouped, encode_unit, sub_batches
 from pipelines.precompute.prepare import prepare_batch
