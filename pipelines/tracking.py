@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from pipelines.runtime import redact, redact_uri
+from pipelines.redaction import redact, redact_uri
 from pipelines.tracking_store import artifact_location
 
 logger = logging.getLogger(__name__)

@@ -21,6 +21,7 @@ those images again (pipelines.shard.stage), so a changed image is never kept sta
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,8 +180,8 @@ class ImageIndex:
 
 def write_bucket_batch(batch: dict[str, Any], image_root: str, out: str) -> dict[str, list]:
     """Ray Data map_batches function over bucket work items (see ImageIndex.buckets): each file written
-    by the worker; returns (bucket, images, bytes, changed) per file, `changed` the paths whose bytes
-    no longer hash to their key (the file is then not written: the driver reads them again)."""
+    by the worker; returns (bucket, images, bytes, changed) per file, `changed` the paths (a JSON list)
+    whose bytes no longer hash to their key (the file is then not written: the driver reads them again)."""
     summary: dict[str, list] = {"bucket": [], "images": [], "bytes": [], "changed": []}
     for bucket, keys, paths, widths, heights in zip(batch["bucket"], batch["keys"], batch["paths"], batch["widths"],
                                                     batch["heights"]):
@@ -197,7 +198,7 @@ def write_bucket_batch(batch: dict[str, Any], image_root: str, out: str) -> dict
         summary["bucket"].append(int(bucket))
         summary["images"].append(len(keys))
         summary["bytes"].append(sum(len(d or b"") for d in data))
-        summary["changed"].append(changed)
+        summary["changed"].append(json.dumps(changed))  # text: Ray Data keeps a column of empty lists badly
     return summary
 
 

@@ -211,7 +211,7 @@ def _write_images(index: ImageIndex, used: set[str], image_root: str, out: str, 
     for batch in dataset.iter_batches(batch_size=None, batch_format="default"):
         for key in ("bucket", "images", "bytes"):
             written[key] += [int(v) for v in batch[key]]
-        written["changed"] += [str(p) for paths in batch["changed"] for p in paths]
+        written["changed"] += [path for paths in batch["changed"] for path in json.loads(str(paths))]
     return written
 
 
