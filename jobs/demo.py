@@ -39,7 +39,6 @@ def main() -> None:
     recipe = load_recipe(args.recipe, args.overrides)
     argv = ["--recipe", args.recipe] + [a for o in args.overrides for a in ("--set", o)]
     root = Path(recipe.paths.root)
-    os.environ.setdefault("TRIM_PROGRESS", "0")  # stage summaries, not progress bars, in the demo log
 
     banner("tiny models and a synthetic LLaVA-1.5 mixture")
     build_tiny_models(Path(recipe.paths.clip).parent)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -57,13 +58,36 @@ RAY_LOG_LEVEL_ENV = "TRIM_RAY_LOG_LEVEL"
 """The environment variable that asks for Ray's own log lines (e.g. TRIM_RAY_LOG_LEVEL=INFO: cluster
 start, Ray Data's execution plans and statistics); unset, they are kept at WARNING, and the console
 holds the stages' own progress lines. Ray keeps every line in its session logs either way."""
-RAY_LOGGERS = ("ray", "ray.data")
 
 
 def ray_log_level(environ: Mapping[str, str]) -> int:
     """The level of Ray's own loggers: RAY_LOG_LEVEL_ENV's where it names a level, else WARNING."""
     level = logging.getLevelName(environ.get(RAY_LOG_LEVEL_ENV, "WARNING").strip().upper())
     return level if isinstance(level, int) else logging.WARNING
+
+
+def progress_bars(environ: Mapping[str, str]) -> bool:
+    """Whether Ray Data draws progress bars: TRIM_PROGRESS=1 or 0 where set, else where a terminal is
+    attached to stderr (a log file gets the stages' own progress lines only)."""
+    if environ.get("TRIM_PROGRESS") in ("0", "1"):
+        return environ["TRIM_PROGRESS"] == "1"
+    return sys.stderr.isatty()
+
+
+class _NotBarsOff(logging.Filter):
+    """Drops Ray Data's notice that progress bars are off: they are off on purpose (progress_bars)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Progress bars disabled")
+
+
+def quiet_ray_data(level: int) -> None:
+    """Ray Data's console lines at `level` (its execution plans and timings are INFO); its session log
+    file keeps every line."""
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler).__name__ == "PlainRayHandler":  # the console handler of Ray Data's logging config
+            handler.setLevel(max(level, handler.level))
+            handler.addFilter(_NotBarsOff())
 
 
 def quiet_local_ray() -> None:
@@ -74,8 +98,7 @@ def quiet_local_ray() -> None:
 
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
     setup_logging()
-    for name in RAY_LOGGERS:
-        logging.getLogger(name).setLevel(ray_log_level(os.environ))
+    logging.getLogger("ray").setLevel(ray_log_level(os.environ))
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -101,9 +124,10 @@ def init_ray(num_cpus: int | None = None) -> None:
         kwargs["num_cpus"] = num_cpus
         kwargs["include_dashboard"] = False
     ray.init(**kwargs)
-    for name in RAY_LOGGERS:  # Ray Data sets its own logger up at import, at INFO
-        logging.getLogger(name).setLevel(level)
-    ray.data.DataContext.get_current().enable_progress_bars = os.environ.get("TRIM_PROGRESS", "1") == "1"
+    import ray.data  # sets its loggers up at import: adjusted after it
+
+    quiet_ray_data(level)
+    ray.data.DataContext.get_current().enable_progress_bars = progress_bars(os.environ)
 
 
 def node_count() -> int:

@@ -191,12 +191,19 @@ def _hash_images(paths: list[str], image_root: str, cfg: ShardConfig, known: dic
     blocks = -(-len(paths) // cfg.read_batch_size)
     dataset = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=blocks).map_batches(
         hash_image_batch, fn_kwargs={"image_root": image_root, "known": known_ref, "cfg": cfg},  # type: ignore[arg-type]
-        batch_size=cfg.read_batch_size, compute=ray.data.TaskPoolStrategy(size=cfg.concurrency), batch_format="default")
+        batch_size=cfg.read_batch_size, compute=_tasks(cfg, blocks), batch_format="default")
     for batch in dataset.iter_batches(batch_size=None, batch_format="default"):
         for path, key, width, height, size, stamp, error, detail in zip(*(batch[k] for k in HASH_COLUMNS)):
             index.add(str(path), str(key), int(width), int(height), int(size), str(error), str(detail), str(stamp))
     logger.info("%d image paths: %d distinct images, %d unreadable", len(paths), len(index.owner), len(index.error_of))
     return index
+
+
+def _tasks(cfg: ShardConfig, blocks: int) -> Any:
+    """At most cfg.concurrency tasks, and no more than there are blocks of work (Ray Data warns of idle slots)."""
+    import ray
+
+    return ray.data.TaskPoolStrategy(size=max(1, min(cfg.concurrency, blocks)))
 
 
 def _write_images(index: ImageIndex, used: set[str], image_root: str, out: str, cfg: ShardConfig) -> dict[str, list]:
@@ -207,7 +214,7 @@ def _write_images(index: ImageIndex, used: set[str], image_root: str, out: str, 
     buckets = index.buckets(cfg.images_per_shard, used)
     dataset = ray.data.from_items(buckets, override_num_blocks=len(buckets)).map_batches(
         write_bucket_batch, fn_kwargs={"image_root": image_root, "out": out},  # type: ignore[arg-type]
-        batch_size=1, compute=ray.data.TaskPoolStrategy(size=cfg.concurrency), batch_format="default")
+        batch_size=1, compute=_tasks(cfg, len(buckets)), batch_format="default")
     for batch in dataset.iter_batches(batch_size=None, batch_format="default"):
         for key in ("bucket", "images", "bytes"):
             written[key] += [int(v) for v in batch[key]]
@@ -226,7 +233,7 @@ def _write_samples(chunks: list[Chunk], mixture: str, out: str, index: ImageInde
     ref = ray.put((index.key_of, index.error_of))
     dataset = ray.data.from_items([asdict(c) for c in chunks], override_num_blocks=len(chunks)).map_batches(
         write_chunk_batch, fn_kwargs={"mixture": mixture, "out": out, "index_ref": ref},  # type: ignore[arg-type]
-        batch_size=1, compute=ray.data.TaskPoolStrategy(size=cfg.concurrency), batch_format="default")
+        batch_size=1, compute=_tasks(cfg, len(chunks)), batch_format="default")
     for batch in dataset.iter_batches(batch_size=None, batch_format="default"):
         for number, kept, counts, keys in zip(batch["chunk"], batch["kept"], batch["counts"], batch["keys"]):
             totals["files"][samples_file(int(number))] = int(kept)

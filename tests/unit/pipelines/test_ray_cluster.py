@@ -51,3 +51,24 @@ def test_rays_own_lines_are_at_warning_unless_asked_for():
     assert ray_log_level({"TRIM_RAY_LOG_LEVEL": "info"}) == logging.INFO
     assert ray_log_level({"TRIM_RAY_LOG_LEVEL": "DEBUG"}) == logging.DEBUG
     assert ray_log_level({"TRIM_RAY_LOG_LEVEL": "chatty"}) == logging.WARNING  # not a level: the default
+
+
+def test_progress_bars_where_asked_or_where_a_terminal_is_attached(monkeypatch):
+    import io
+    import sys
+
+    from pipelines.ray_cluster import progress_bars
+
+    assert progress_bars({"TRIM_PROGRESS": "1"}) and not progress_bars({"TRIM_PROGRESS": "0"})
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log file, not a terminal
+    assert not progress_bars({})
+
+
+def test_each_line_names_its_stage_once(capsys):
+    from pipelines.logs import setup_logging
+
+    setup_logging()
+    for name in ("pipelines.shard.stage", "pipelines.precompute.stage", "pipelines.shard.image_index"):
+        logging.getLogger(name).info("hello")
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" ", 1)[1] for line in lines] == ["shard: hello", "precompute: hello", "image_index: hello"]
