@@ -66,6 +66,15 @@ def ray_log_level(environ: Mapping[str, str]) -> int:
     return level if isinstance(level, int) else logging.WARNING
 
 
+def train_logging() -> Any:
+    """Ray Train's LoggingConfig at ray_log_level: its controller's and workers' own console lines
+    ("Attempting to start training worker group", ...) at WARNING unless asked for; its log files
+    under the session keep every line."""
+    import ray.train
+
+    return ray.train.LoggingConfig(log_level=logging.getLevelName(ray_log_level(os.environ)))
+
+
 def progress_bars(environ: Mapping[str, str]) -> bool:
     """Whether Ray Data draws progress bars: TRIM_PROGRESS=1 or 0 where set, else where a terminal is
     attached to stderr (a log file gets the stages' own progress lines only)."""
@@ -94,9 +103,16 @@ def quiet_local_ray() -> None:
     """Run in every Ray worker. Ray Train's placement-group cleaner asks the State API (served by the
     dashboard) about the controller every second and warns each time it cannot; without a dashboard
     that is every second of a local run. On a cluster with a dashboard it never warns."""
+    import ray
+
     from pipelines.logs import setup_logging
 
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    # The cleaner finds the cluster from RAY_ADDRESS; without it, where several Ray instances run on one
+    # machine, its monitor thread dies with a traceback ("Found multiple active Ray instances").
+    address = ray.get_runtime_context().gcs_address
+    if address:
+        os.environ.setdefault("RAY_ADDRESS", address)
     setup_logging()
     logging.getLogger("ray").setLevel(ray_log_level(os.environ))
 
