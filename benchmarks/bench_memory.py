@@ -59,8 +59,9 @@ def write_case(root: Path, kind: str) -> None:
     (root / "data" / "llava_v1_5_mix665k.json").write_text(json.dumps(records))
 
 
-def tree_pss(pid: int) -> int:
-    """Summed PSS (else RSS) in bytes of a process and all its descendants."""
+def tree_pss(pid: int, workers: dict[str, int]) -> int:
+    """Summed PSS (else RSS) in bytes of a process and all its descendants; `workers` keeps the peak
+    PSS of each kind of Ray worker (its process title, "ray::<task or actor>")."""
     try:
         parent = psutil.Process(pid)
         procs = [parent, *parent.children(recursive=True)]
@@ -70,14 +71,20 @@ def tree_pss(pid: int) -> int:
     for proc in procs:
         try:
             info = proc.memory_full_info()
-            total += getattr(info, "pss", info.rss)
+            title = proc.cmdline()[0] if proc.cmdline() else ""
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
+        pss = getattr(info, "pss", info.rss)
+        total += pss
+        if title.startswith("ray::") and "IDLE" not in title:
+            name = title.split()[0]
+            workers[name] = max(workers.get(name, 0), pss)
     return total
 
 
-def run_job(job: str, root: Path, clip: Path, cap_gb: float) -> int:
-    """Run one job to its end; returns its tree's peak PSS in bytes. Raises if the job fails."""
+def run_job(job: str, root: Path, clip: Path, cap_gb: float, workers: dict[str, int]) -> int:
+    """Run one job to its end; returns its tree's peak PSS in bytes (and each kind of Ray worker's in
+    `workers`). Raises if the job fails."""
     cmd = [sys.executable, str(REPO / "jobs" / f"{job}.py"), "--set", f"paths.root={root}",
            "--set", f"paths.clip={clip}", "--set", "shard.concurrency=2"]
     env = dict(os.environ, PYTHONPATH=str(REPO), TRIM_PROGRESS="0")
@@ -93,7 +100,7 @@ def run_job(job: str, root: Path, clip: Path, cap_gb: float) -> int:
 
     def sample() -> None:
         while proc.poll() is None:
-            peak[0] = max(peak[0], tree_pss(proc.pid))
+            peak[0] = max(peak[0], tree_pss(proc.pid, workers))
             time.sleep(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -102,7 +109,12 @@ def run_job(job: str, root: Path, clip: Path, cap_gb: float) -> int:
     sampler.join()
     if group is not None:
         failcnt = int((group / "memory.failcnt").read_text())
-        group.rmdir()
+        for _ in range(60):  # Ray's processes may outlive the driver by a few seconds
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(1)
         if failcnt:
             print(f"{job}: the {cap_gb} GB cap was hit {failcnt} times")
     if proc.returncode:
@@ -137,8 +149,11 @@ def main() -> None:
         if not (root / "data").exists():
             write_case(root, kind)
         for job in ("shard", "precompute"):
-            peaks[f"{job}_{kind}_peak_mib"] = round(run_job(job, root, clip, args.cap_gb) / 2**20)
-            print(f"{kind}: {job} peak {peaks[f'{job}_{kind}_peak_mib']} MiB (PSS of the job's process tree)")
+            workers: dict[str, int] = {}
+            peaks[f"{job}_{kind}_peak_mib"] = round(run_job(job, root, clip, args.cap_gb, workers) / 2**20)
+            each = ", ".join(f"{name} {pss / 2**20:.0f} MiB" for name, pss in sorted(workers.items()))
+            print(f"{kind}: {job} peak {peaks[f'{job}_{kind}_peak_mib']} MiB (PSS of the job's process tree); "
+                  f"per Ray worker: {each}")
     result = dict(peaks, cap_gb=args.cap_gb,
                   shard_wide_over_ordinary=round(peaks["shard_wide_peak_mib"] / peaks["shard_ordinary_peak_mib"], 2),
                   precompute_wide_over_ordinary=round(

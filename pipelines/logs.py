@@ -47,3 +47,5 @@ def quiet_libraries() -> None:
         pass
     for name in ("DeepSpeed", "deepspeed", "ray.train"):  # "Setting accelerator to CPU", report dicts
         logging.getLogger(name).setLevel(logging.ERROR)
+    for name in ("mlflow.store.db.utils", "alembic"):  # "Creating initial MLflow database tables..."
+        logging.getLogger(name).setLevel(logging.WARNING)
