@@ -21,6 +21,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -148,6 +149,8 @@ def main() -> None:
         root = base / kind
         if not (root / "data").exists():
             write_case(root, kind)
+        for output in ("shards", "cache"):  # measured from scratch, not a rerun that finds them complete
+            shutil.rmtree(root / output, ignore_errors=True)
         for job in ("shard", "precompute"):
             workers: dict[str, int] = {}
             peaks[f"{job}_{kind}_peak_mib"] = round(run_job(job, root, clip, args.cap_gb, workers) / 2**20)

@@ -114,7 +114,12 @@ def quiet_local_ray() -> None:
     if address:
         os.environ.setdefault("RAY_ADDRESS", address)
     setup_logging()
-    logging.getLogger("ray").setLevel(ray_log_level(os.environ))
+    level = ray_log_level(os.environ)
+    logging.getLogger("ray").setLevel(level)
+    # Ray Train's worker context logs every report ("Reporting training result ...") under a logger named
+    # after its file, outside "ray.train", where LoggingConfig's level does not reach.
+    context = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
+    logging.getLogger(context).setLevel(max(level, logging.WARNING))
 
 
 def init_ray(num_cpus: int | None = None) -> None:
