@@ -47,5 +47,6 @@ def quiet_libraries() -> None:
         pass
     for name in ("DeepSpeed", "deepspeed", "ray.train"):  # "Setting accelerator to CPU", report dicts
         logging.getLogger(name).setLevel(logging.ERROR)
-    for name in ("mlflow.store.db.utils", "alembic"):  # "Creating initial MLflow database tables..."
+    # "Creating initial MLflow database tables...", "Stopping system metrics monitoring..."
+    for name in ("mlflow.store.db.utils", "alembic", "mlflow.system_metrics"):
         logging.getLogger(name).setLevel(logging.WARNING)
