@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 # The raw forward runs in this process: with huge pages for large CPU tensors like the pipeline's
-# workers (pipelines.runtime.WORKER_DEFAULTS). PyTorch reads it at its first allocation.
+# workers (pipelines.ray_cluster.WORKER_DEFAULTS). PyTorch reads it at its first allocation.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch  # noqa: E402
@@ -43,7 +43,7 @@ def child(args: argparse.Namespace) -> None:
     """The measured job, alone in this process: shard (untimed) or precompute (timed)."""
     from pipelines.logs import setup_logging
     from pipelines.precompute.stage import run_precompute
-    from pipelines.runtime import init_ray
+    from pipelines.ray_cluster import init_ray
     from pipelines.shard.stage import run_shard
 
     setup_logging()

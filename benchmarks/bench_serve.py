@@ -86,7 +86,7 @@ def start_server(model_dir: str, name: str, batch: int) -> str:
 
     from ray import serve
 
-    from pipelines.runtime import init_ray
+    from pipelines.ray_cluster import init_ray
     from pipelines.serve.app import build
     from pipelines.serve.config import ServeConfig
 

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-# As the precompute workers run (pipelines.runtime.WORKER_DEFAULTS): PyTorch reads it at its first
+# As the precompute workers run (pipelines.ray_cluster.WORKER_DEFAULTS): PyTorch reads it at its first
 # allocation, so it is set before torch is imported.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 

@@ -22,7 +22,7 @@ from jobs import evaluate, finetune, precompute, report, shard  # noqa: E402
 from pipelines.cli import recipe_argparser  # noqa: E402
 from pipelines.config import load_recipe  # noqa: E402
 from pipelines.logs import setup_logging  # noqa: E402
-from pipelines.runtime import init_ray  # noqa: E402
+from pipelines.ray_cluster import init_ray  # noqa: E402
 from synthetic.mixture import write_eval_split, write_mixture  # noqa: E402
 from synthetic.tiny_models import build_tiny_models  # noqa: E402
 
@@ -39,7 +39,6 @@ def main() -> None:
     recipe = load_recipe(args.recipe, args.overrides)
     argv = ["--recipe", args.recipe] + [a for o in args.overrides for a in ("--set", o)]
     root = Path(recipe.paths.root)
-    os.environ.setdefault("TRIM_PROGRESS", "0")  # stage summaries, not progress bars, in the demo log
 
     banner("tiny models and a synthetic LLaVA-1.5 mixture")
     build_tiny_models(Path(recipe.paths.clip).parent)

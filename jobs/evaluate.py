@@ -25,7 +25,8 @@ from pipelines.config import load_recipe  # noqa: E402
 from pipelines.evaluate.stage import run_evaluate  # noqa: E402
 from pipelines.logs import setup_logging  # noqa: E402
 from pipelines.manifests import EvalManifest  # noqa: E402
-from pipelines.runtime import init_ray, redact_uri  # noqa: E402
+from pipelines.ray_cluster import init_ray  # noqa: E402
+from pipelines.redaction import redact_uri  # noqa: E402
 from pipelines.tracking_store import default_tracking_uri  # noqa: E402
 from pipelines.train.runs import resolve_run_name  # noqa: E402
 from trim.model_files import SETTINGS_FILE  # noqa: E402

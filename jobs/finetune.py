@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipelines.cli import recipe_argparser  # noqa: E402
 from pipelines.config import load_recipe  # noqa: E402
 from pipelines.logs import setup_logging  # noqa: E402
-from pipelines.runtime import init_ray, node_count, redact_uri  # noqa: E402
+from pipelines.ray_cluster import init_ray, node_count  # noqa: E402
+from pipelines.redaction import redact_uri  # noqa: E402
 from pipelines.tracking import Tracker  # noqa: E402
 from pipelines.tracking_store import (  # noqa: E402
     check_store_reachable,

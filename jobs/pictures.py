@@ -26,7 +26,8 @@ from pipelines.cli import recipe_argparser  # noqa: E402
 from pipelines.config import load_recipe  # noqa: E402
 from pipelines.evaluate.questions import parse_questions, question_key  # noqa: E402
 from pipelines.evaluate.stage import picture_stem  # noqa: E402
-from pipelines.images import ImageStore, read_image  # noqa: E402
+from pipelines.image_store import ImageStore  # noqa: E402
+from pipelines.images import read_image  # noqa: E402
 from pipelines.logs import setup_logging  # noqa: E402
 from pipelines.manifests import MANIFEST_FILE, CacheManifest, resolve_output  # noqa: E402
 from pipelines.pictures import cache_pictures, default_out_dir, online_pictures  # noqa: E402

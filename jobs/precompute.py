@@ -19,7 +19,7 @@ from pipelines.config import load_recipe  # noqa: E402
 from pipelines.logs import setup_logging  # noqa: E402
 from pipelines.manifests import CacheManifest  # noqa: E402
 from pipelines.precompute.stage import log_precompute, run_precompute  # noqa: E402
-from pipelines.runtime import init_ray  # noqa: E402
+from pipelines.ray_cluster import init_ray  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> CacheManifest:

@@ -21,6 +21,7 @@ from pipelines.cli import recipe_argparser  # noqa: E402
 from pipelines.config import load_recipe  # noqa: E402
 from pipelines.logs import setup_logging  # noqa: E402
 from pipelines.manifests import CacheManifest  # noqa: E402
+from pipelines.redaction import redact_uri  # noqa: E402
 from pipelines.report import (  # noqa: E402
     PAPER_VISUAL_TOKENS,
     build_report,
@@ -29,7 +30,6 @@ from pipelines.report import (  # noqa: E402
     log_report,
     sample_image,
 )
-from pipelines.runtime import redact_uri  # noqa: E402
 from pipelines.tracking import Tracker  # noqa: E402
 from pipelines.tracking_store import default_tracking_uri, experiment_name  # noqa: E402
 from pipelines.train.runs import resolve_run_name  # noqa: E402

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from ray import serve
 
-    from pipelines.runtime import init_ray
+    from pipelines.ray_cluster import init_ray
     from pipelines.serve.app import build
 
     # A local cluster's workers inherit this environment: they import this checkout's packages.

@@ -20,7 +20,7 @@ from pipelines.cli import recipe_argparser  # noqa: E402
 from pipelines.config import load_recipe  # noqa: E402
 from pipelines.logs import setup_logging  # noqa: E402
 from pipelines.manifests import ShardsManifest  # noqa: E402
-from pipelines.runtime import init_ray  # noqa: E402
+from pipelines.ray_cluster import init_ray  # noqa: E402
 from pipelines.shard.mixture import MixtureError  # noqa: E402
 from pipelines.shard.stage import run_shard  # noqa: E402
 

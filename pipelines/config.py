@@ -126,6 +126,13 @@ class ShardConfig:
     aspect ratio": LLaVA pads each image to a square of its long side before resizing, so a 1 x 30000
     strip would become 900 Mpixel in precompute. With max_image_pixels this bounds the padded square at
     max_image_pixels x max_aspect_ratio pixels."""
+    max_image_bytes: int = 256 * 2**20
+    """The per-image memory budget: an image whose decoded size would exceed it (width x height x the bytes
+    PIL holds per pixel of its mode, plus its RGB copy: pipelines.images.decoded_bytes; read from the header,
+    before decoding) is set aside as "image too large". Every stage holds one decoded image at full
+    resolution per task at a time (precompute pads and resizes it in strips, pictures draw at display
+    resolution), so this bounds an image's share of a worker's memory whatever max_image_pixels allows.
+    256 MiB holds any image within the default max_image_pixels (4096 x 4096 x 8 bytes = 128 MiB)."""
 
 
 @dataclass

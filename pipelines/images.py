@@ -1,15 +1,16 @@
-"""Reading images, in one place for every stage: from an image folder (local or s3://) with the
-checks shard applies, and from the shards' image table by content key (precompute, pictures).
+"""Reading images from an image folder (local or s3://), in one place for every stage, with the checks
+shard applies. (The shards' image tables, read by content key: pipelines.image_store.)
 
-Only regular files are opened (a named pipe would block the reader, a directory is not an image);
-S3 reads that fail for a reason that may pass are retried with backoff, a bounded number of times.
-An image over ShardConfig's caps on pixels or aspect ratio is set aside from its header, before it
-is decoded; PIL's own bomb check (Image.MAX_IMAGE_PIXELS) is left as it is for every other reader.
+Only regular files are opened (a named pipe would block the reader, a directory, a socket or a device
+is not an image); S3 reads that fail for a reason that may pass are retried with backoff, a bounded
+number of times. An image over ShardConfig's caps (pixels, aspect ratio, the memory it takes decoded)
+is set aside from its header, before it is decoded, with the setting named; PIL's own bomb check
+(Image.MAX_IMAGE_PIXELS) is left as it is for every other reader, and where it fires first the image's
+size is still read from its header, so the message names the shard's setting.
 """
 
 from __future__ import annotations
 
-import bisect
 import errno
 import hashlib
 import io
@@ -20,11 +21,9 @@ import re
 import stat
 import time
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from pipelines import storage
@@ -34,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 OUTSIDE_ROOT = "path outside image root"
 """The reason a record whose image path leaves the image root is set aside (it is never opened)."""
+BAD_PATH = "unusable image path"
+"""The reason a record whose image path no file can have (a NUL character) is set aside."""
 S3_TRIES = 4
 """Reads of one S3 object before a failure that may pass (throttling, 5xx, a dropped connection) is
 taken as persistent; s3fs's own retries come on top."""
@@ -44,6 +45,10 @@ _DEFAULT_CAPS = ShardConfig()
 
 class OutsideRoot(ValueError):
     """An image path that leaves its image root ("..", an absolute path, a symlink out)."""
+
+
+class UnusablePath(ValueError):
+    """An image path no file can have (see unusable_path)."""
 
 
 class FileProblem(OSError):
@@ -64,9 +69,19 @@ def escapes_root(relpath: str) -> str | None:
     return None
 
 
+def unusable_path(relpath: str) -> str | None:
+    """Why no file can have this path, or None: a NUL character (the C end of a string) in it."""
+    if "\x00" in relpath:
+        return f"{relpath!r} holds a NUL character (\\u0000), which no file name can"
+    return None
+
+
 def resolve(image_root: str, relpath: str) -> str:
     """The image's URI under image_root; raises OutsideRoot if it would leave the root, symlinks
-    included for a local root."""
+    included for a local root, UnusablePath for a path no file can have."""
+    unusable = unusable_path(relpath)
+    if unusable:
+        raise UnusablePath(unusable)
     problem = escapes_root(relpath)
     if problem:
         raise OutsideRoot(problem)
@@ -99,11 +114,17 @@ def read_file(uri: str) -> bytes:
 def _read_regular(path: str) -> bytes:
     # Opened without blocking and checked on the open descriptor: a named pipe swapped in after a
     # stat could still block a plain open.
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as err:  # a socket cannot be opened at all ("No such device or address"): say what it is
+        mode = _mode(path)
+        if mode is not None and not stat.S_ISREG(mode):
+            raise FileProblem("not a regular file", f"is {describe_mode(mode)}, not a regular file") from err
+        raise
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise FileProblem("not a regular file", f"is {_kind(info.st_mode)}, not a regular file")
+            raise FileProblem("not a regular file", f"is {describe_mode(info.st_mode)}, not a regular file")
         parts = []
         while part := os.read(fd, 2**24):
             parts.append(part)
@@ -112,9 +133,17 @@ def _read_regular(path: str) -> bytes:
         os.close(fd)
 
 
-def _kind(mode: int) -> str:
-    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
-             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+def _mode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_mode
+    except OSError:
+        return None
+
+
+def describe_mode(mode: int) -> str:
+    """What a file of this st_mode is, in words: "a directory", "a socket", "a named pipe"..."""
+    kinds = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
     return next((name for test, name in kinds if test(mode)), "not a file")
 
 
@@ -144,16 +173,17 @@ def read_with_retries(read: Callable[[], bytes], uri: str, tries: int | None = N
     raise AssertionError("unreachable")  # the loop returns or raises
 
 
-def load_image(image_root: str, relpath: str, max_pixels: int = _DEFAULT_CAPS.max_image_pixels,
-               max_aspect_ratio: float = _DEFAULT_CAPS.max_aspect_ratio) -> dict[str, Any]:
-    """Read, check, fully decode and hash one image. Returns its row, or an error reason (the shard
-    stage's reject reasons) with a detail that names the file."""
+def load_image(image_root: str, relpath: str, caps: ShardConfig = _DEFAULT_CAPS) -> dict[str, Any]:
+    """Read, check, fully decode and hash one image, under caps' limits (max_image_pixels,
+    max_aspect_ratio, max_image_bytes). Returns its row, or an error reason (the shard stage's reject
+    reasons) with a detail that names the file and, for a limit, the setting."""
     row: dict[str, Any] = {"path": relpath, "image_key": None, "bytes": None, "width": 0, "height": 0,
                            "error": None, "detail": None}
     try:
         uri = resolve(image_root, relpath)
-    except OutsideRoot as err:
-        row["error"], row["detail"] = OUTSIDE_ROOT, f"image {relpath}: {err}"
+    except (OutsideRoot, UnusablePath) as err:
+        row["error"] = OUTSIDE_ROOT if isinstance(err, OutsideRoot) else BAD_PATH
+        row["detail"] = f"image {relpath!r}: {err}"
         return row
     try:
         data = read_file(uri)
@@ -163,7 +193,7 @@ def load_image(image_root: str, relpath: str, max_pixels: int = _DEFAULT_CAPS.ma
     if not data:
         row["error"], row["detail"] = "empty file", f"image {uri}: 0 bytes"
         return row
-    problem = _decode_checked(data, max_pixels, max_aspect_ratio, row)
+    problem = _decode_checked(data, caps, row)
     if problem:
         row["error"], row["detail"] = problem[0], f"image {uri}: {problem[1]}"
         return row
@@ -172,7 +202,34 @@ def load_image(image_root: str, relpath: str, max_pixels: int = _DEFAULT_CAPS.ma
     return row
 
 
-def _decode_checked(data: bytes, max_pixels: int, max_aspect_ratio: float, row: dict) -> tuple[str, str] | None:
+def decoded_bytes(width: int, height: int, mode: str) -> int:
+    """The memory an image takes decoded as PIL holds it in its own mode (1 byte a pixel for modes 1,
+    L and P, 2 for 16-bit ones, 4 for every other: PIL keeps 3- and 4-band images in 32-bit pixels),
+    plus its RGB copy, which the stages that pad and resize it make."""
+    own = 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
+    return width * height * (own + (0 if mode == "RGB" else 4))
+
+
+def over_caps(width: int, height: int, mode: str, caps: ShardConfig) -> tuple[str, str] | None:
+    """(reason, why) if an image of this size and mode breaks one of caps' limits, naming the setting;
+    else None."""
+    if width * height > caps.max_image_pixels:
+        return "image too large", (f"{width} x {height} = {width * height} pixels, over the cap of "
+                                   f"{caps.max_image_pixels} (shard.max_image_pixels)")
+    if min(width, height) < 1:
+        return "unreadable image", f"{width} x {height} pixels"
+    if max(width, height) > caps.max_aspect_ratio * min(width, height):
+        return "extreme aspect ratio", (f"{width} x {height} pixels, aspect ratio "
+                                        f"{max(width, height) / min(width, height):.0f}, over the cap of "
+                                        f"{caps.max_aspect_ratio:g} (shard.max_aspect_ratio)")
+    need = decoded_bytes(width, height, mode)
+    if need > caps.max_image_bytes:
+        return "image too large", (f"{width} x {height} pixels of mode {mode} take {need} bytes decoded, over "
+                                   f"the per-image memory budget of {caps.max_image_bytes} (shard.max_image_bytes)")
+    return None
+
+
+def _decode_checked(data: bytes, caps: ShardConfig, row: dict) -> tuple[str, str] | None:
     """(reason, why) if the image breaks a cap (judged from its header, before decoding) or does not
     decode in full; else None, with its size in row."""
     try:
@@ -180,25 +237,41 @@ def _decode_checked(data: bytes, max_pixels: int, max_aspect_ratio: float, row: 
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the caps below decide
             image = Image.open(io.BytesIO(data))
         with image:
-            width, height = image.size
-            if width * height > max_pixels:
-                return "image too large", (f"{width} x {height} = {width * height} pixels, over the cap of "
-                                           f"{max_pixels} (shard.max_image_pixels)")
-            if min(width, height) < 1:
-                return "unreadable image", f"{width} x {height} pixels"
-            if max(width, height) > max_aspect_ratio * min(width, height):
-                return "extreme aspect ratio", (f"{width} x {height} pixels, aspect ratio "
-                                                f"{max(width, height) / min(width, height):.0f}, over the cap of "
-                                                f"{max_aspect_ratio:g} (shard.max_aspect_ratio)")
+            problem = over_caps(*image.size, image.mode, caps)
+            if problem:
+                return problem
             image.load()  # decode it all: truncated files fail here, not in precompute
-            row["width"], row["height"] = width, height
-    except Image.DecompressionBombError as err:
-        return "image too large", str(err)
+            row["width"], row["height"] = image.size
+    except Image.DecompressionBombError as err:  # PIL's own limit fired before the caps could
+        return _over_pil_limit(data, caps, err)
     except UnidentifiedImageError:
         return "unreadable image", "cannot identify an image format in its bytes"
     except Exception as err:  # PIL raises many types for bad data
         return "unreadable image", f"{type(err).__name__}: {err}"
     return None
+
+
+def _over_pil_limit(data: bytes, caps: ShardConfig, err: Exception) -> tuple[str, str]:
+    """Why an image PIL refuses as a decompression bomb is set aside: the caps' reason where its header
+    (read by its format's own plugin, without PIL's check) breaks one, else PIL's limit, which bounds
+    a larger shard.max_image_pixels."""
+    Image.init()
+    for format_id in Image.ID:  # the registry Image.open walks, with the same acceptance test
+        factory, accept = Image.OPEN[format_id]
+        if accept is not None and not accept(data[:16]):
+            continue
+        try:
+            with factory(io.BytesIO(data), "") as image:
+                size, mode = image.size, image.mode
+        except Exception:  # not this format: try the next, as Image.open does
+            continue
+        problem = over_caps(*size, mode, caps)
+        if problem:
+            return problem
+        return "image too large", (f"{size[0]} x {size[1]} pixels, over PIL's limit of "
+                                   f"{2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels, which bounds "
+                                   f"shard.max_image_pixels ({caps.max_image_pixels})")
+    return "image too large", f"{err} (shard.max_image_pixels is {caps.max_image_pixels})"
 
 
 def read_image(image_root: str, relpath: str) -> Image.Image:
@@ -211,79 +284,3 @@ def read_image(image_root: str, relpath: str) -> Image.Image:
         raise FileProblem(err.reason, f"image {uri}: {err}") from err
     image.load()
     return image.convert("RGB")
-
-
-IMAGE_LAYOUT = "hash-bucket"
-"""The images tables' layout (ShardsManifest.image_layout): image `key` is in images-NNNNN.parquet with
-NNNNN = bucket_of(key, files), rows sorted by key, one image per row group (fetched alone by key)."""
-
-
-def bucket_of(key: str, files: int) -> int:
-    """The images file holding the image of content key `key` (a sha256 hex digest) among `files`."""
-    return int(key[:15], 16) % files
-
-
-def images_file(number: int) -> str:
-    return f"images-{number:05d}.parquet"
-
-
-class ImageStore:
-    """Images of the shards fetched by content key: the file from the key, the row group from the
-    file's footer statistics (keys sorted, one image per row group), so one image costs one small
-    read. Shards written before that layout are indexed by reading every file's keys once."""
-
-    def __init__(self, shards: str, cached_files: int = 64):
-        from pipelines.manifests import ShardsManifest
-
-        self.shards = shards
-        manifest = ShardsManifest.read_if_exists(shards)
-        self.files = manifest.image_files if manifest and manifest.image_layout == IMAGE_LAYOUT else 0
-        self._where: dict[str, tuple[str, int]] | None = None if self.files else self._scan()
-        self._footers: OrderedDict[str, tuple[pq.ParquetFile, list[str]]] = OrderedDict()
-        self._cached = cached_files
-
-    def _scan(self) -> dict[str, tuple[str, int]]:
-        where = {}
-        for name in storage.listdir(self.shards, ".parquet"):
-            if name.startswith("images-"):
-                uri = storage.join(self.shards, name)
-                for group, keys in enumerate(_row_group_keys(self._open(uri))):
-                    where.update({key: (uri, group) for key in keys})
-        return where
-
-    def _open(self, uri: str) -> pq.ParquetFile:
-        fs, path = storage.arrow_fs(uri)
-        return pq.ParquetFile(fs.open_input_file(path))
-
-    def _footer(self, uri: str) -> tuple[pq.ParquetFile, list[str]]:
-        """The open file and the first key of each of its row groups (kept for a few files)."""
-        if uri not in self._footers:
-            handle = self._open(uri)
-            column = handle.schema_arrow.get_field_index("image_key")
-            meta = handle.metadata
-            mins = [str(meta.row_group(g).column(column).statistics.min) for g in range(meta.num_row_groups)]
-            self._footers[uri] = (handle, mins)
-            if len(self._footers) > self._cached:
-                self._footers.popitem(last=False)
-        return self._footers[uri]
-
-    def get(self, key: str) -> bytes:
-        """The stored bytes of the image with content key `key`."""
-        if self._where is not None:
-            uri, group = self._where.get(key, ("", -1))
-            handle = self._open(uri) if uri else None
-        else:
-            uri = storage.join(self.shards, images_file(bucket_of(key, self.files)))
-            handle, mins = self._footer(uri)
-            group = bisect.bisect_right(mins, key) - 1
-        if handle is not None and group >= 0:
-            table = handle.read_row_group(group, columns=["image_key", "bytes"])
-            for stored, data in zip(table.column(0).to_pylist(), table.column(1).to_pylist()):
-                if stored == key:
-                    return data
-        raise KeyError(f"image {key} is not in the shards at {self.shards}")
-
-
-def _row_group_keys(handle: pq.ParquetFile) -> list[list[str]]:
-    return [handle.read_row_group(g, columns=["image_key"]).column(0).to_pylist()
-            for g in range(handle.metadata.num_row_groups)]

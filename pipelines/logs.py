@@ -12,10 +12,12 @@ PROJECT_LOGGERS = ("pipelines", "trim", "jobs", "benchmarks")
 
 
 class _StageName(logging.Filter):
-    """Adds `stage`: the last part of the logger's name (pipelines.precompute.stage -> precompute)."""
+    """Adds `stage`: the last part of the logger's name, or the package's for a stage's driver module
+    (pipelines.shard.image_index -> image_index, pipelines.precompute.stage -> precompute)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.stage = record.name.rsplit(".", 1)[-1]
+        parts = record.name.split(".")
+        record.stage = parts[-2] if parts[-1] == "stage" and len(parts) > 2 else parts[-1]
         return True
 
 
@@ -45,3 +47,6 @@ def quiet_libraries() -> None:
         pass
     for name in ("DeepSpeed", "deepspeed", "ray.train"):  # "Setting accelerator to CPU", report dicts
         logging.getLogger(name).setLevel(logging.ERROR)
+    # "Creating initial MLflow database tables...", "Stopping system metrics monitoring..."
+    for name in ("mlflow.store.db.utils", "alembic", "mlflow.system_metrics"):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -105,7 +105,7 @@ class ShardsManifest(Manifest):
     seconds: float = 0.0
     """Wall time of the run that wrote the shards."""
     image_layout: str = ""
-    """How the images tables are laid out: "hash-bucket" (pipelines.images.IMAGE_LAYOUT: an image is in
+    """How the images tables are laid out: "hash-bucket" (pipelines.image_store.IMAGE_LAYOUT: an image is in
     the file its content key hashes to, rows sorted by key, one image per row group); "" for shards
     written before it (readers then index the files by reading their keys)."""
     sample_files: int = 0

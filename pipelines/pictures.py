@@ -2,7 +2,8 @@
 heatmap, for cached samples, shard samples, evaluation questions or answers, and as MLflow artifacts.
 
 Cached samples are drawn from what the cache holds (kept indices, scores), so the picture shows what
-training saw; shard samples and evaluation questions are scored online with the CLIP towers.
+training saw; shard samples and evaluation questions are scored online with the CLIP towers. Every
+picture is drawn at display resolution (DISPLAY_SIDE), one image at a time.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from pipelines import storage
 from trim import TrimConfig
 from trim.visualize import save_trim_picture
 
+DISPLAY_SIDE = 672
+"""Pictures draw an image at most this many pixels on its long side (two of CLIP's 336 px: the patch
+grid and its outlines stay sharp in the figure, whose image panel is about 400 px wide)."""
+
 
 def safe_name(value: Any) -> str:
     """A file-name-safe form of a sample or question id."""
@@ -34,9 +39,21 @@ def keep_mask(kept_indices: Sequence[int], num_patches: int) -> np.ndarray:
     return mask
 
 
+def for_display(image: Image.Image, side: int = DISPLAY_SIDE) -> Image.Image:
+    """The image at most `side` pixels on its long side: a smaller copy, or the image itself if it fits."""
+    width, height = image.size
+    if max(width, height) <= side:
+        return image
+    scale = side / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+
+
 def draw(image: Image.Image, scores: np.ndarray, kept_indices: Sequence[int], path: str | Path,
          title: str | None = None, background: tuple[int, int, int] | None = None) -> Path:
-    """One picture from an image, its [N] scores and kept patch indices."""
+    """One picture from an image, its [N] scores and kept patch indices, drawn at display resolution
+    (for_display): the picture of an 18000 x 900 image takes as little memory as any other's."""
+    image = for_display(image)
     scores = np.asarray(scores, dtype=np.float32)
     kwargs: dict[str, Any] = {"background": background} if background else {}
     return save_trim_picture(image, scores, keep_mask(kept_indices, len(scores)), path, title=title, **kwargs)
@@ -52,7 +69,7 @@ def cache_pictures(shards: str, cache: str, out_dir: str | Path, ids: Iterable[s
     """Pictures of cached samples (the given ids, else the first `count` samples with an image, in
     cache order) from the cache's kept indices and scores and the shards' image bytes."""
     from pipelines.cache_format import decode_scores, iter_cache
-    from pipelines.images import ImageStore
+    from pipelines.image_store import ImageStore
 
     wanted = None if ids is None else {str(i) for i in ids}
     rows = []

@@ -81,11 +81,13 @@ def size(uri: str) -> int:
 
 
 def stat(uri: str) -> tuple[int, str]:
-    """(size, modification stamp) of a file: locally its mtime in ns, on S3 its ETag (else LastModified).
-    Raises OSError (FileNotFoundError among them) when there is no such file."""
+    """(size, modification stamp) of a file: locally "<mtime ns>:<ctime ns>" (the inode change time
+    moves with every write and cannot be set back, as mtime can), on S3 its ETag (a digest of the
+    content; else LastModified). Raises OSError (FileNotFoundError among them) when there is no such
+    file."""
     if not is_s3(uri):
         info = os.stat(uri)
-        return int(info.st_size), str(info.st_mtime_ns)
+        return int(info.st_size), f"{info.st_mtime_ns}:{info.st_ctime_ns}"
     fs, path = fsspec_fs(uri)
     fs.invalidate_cache(path)  # a listing cached earlier in this process would hide a rewrite
     info = fs.info(path)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from pipelines.runtime import redact, redact_uri
+from pipelines.redaction import redact, redact_uri
 from pipelines.tracking_client import RetryingClient, refused
 from pipelines.tracking_store import artifact_location
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.runtime import redact, redact_uri
+from pipelines.redaction import redact, redact_uri
 
 logger = logging.getLogger(__name__)
 

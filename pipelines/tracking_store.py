@@ -7,7 +7,7 @@ import logging
 import os
 from urllib.parse import urlparse
 
-from pipelines.runtime import redact_uri
+from pipelines.redaction import redact_uri
 
 logger = logging.getLogger(__name__)
 

@@ -22,6 +22,8 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
+from trim.square import padded_resize
+
 
 def pad_colour(image_mean: Sequence[float]) -> tuple[int, int, int]:
     """LLaVA's padding colour: `int(x * 255)` of each channel's mean, truncated, not rounded
@@ -240,11 +242,10 @@ class ClipHost:
     def prepare(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """uint8 [B, 3, H, W]: each image padded to square with the mean colour (LLaVA's expand2square)
         and resized and cropped as the CLIP processor does, before its rescaling and normalization."""
-        squared = [expand_to_square(image, self.background) for image in images]
-        if self._side:  # what the processor does to a square image, without its array round trips
-            side = (self._side, self._side)
-            arrays = [np.asarray(s if s.size == side else s.resize(side, self._resample)) for s in squared]
+        if self._side:  # what the processor does to a square image, without the padded square (trim.square)
+            arrays = [np.asarray(padded_resize(image, self.background, self._side, self._resample)) for image in images]
             return torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())
+        squared = [expand_to_square(image, self.background) for image in images]
         out = self.processor(images=squared, do_rescale=False, do_normalize=False, return_tensors="np")
         return torch.from_numpy(np.asarray(out["pixel_values"], dtype=np.uint8))
 

@@ -1,6 +1,8 @@
 """Precompute's CPU stage: a unit's image bytes decoded, padded to square and resized to 8-bit pixels
 (LLaVA's preprocessing up to the CLIP processor's rescale and normalize, which the device does), its
-samples' TRIM texts tokenized. Many of these tasks run beside each encoder (as many as the cluster
+samples' TRIM texts tokenized. Images are decoded one at a time and never padded at full resolution
+(trim.square), so a task holds one decoded image (within shard.max_image_bytes) beside the unit's
+compressed bytes and its 336 x 336 results. Many of these tasks run beside each encoder (as many as the cluster
 has CPUs); what they hand on is arrays as bytes, so the encoder only copies them to the device.
 
 `decode_unit` is the inverse the encoder actor applies: the row back into a UnitArrays.
@@ -41,8 +43,8 @@ def prepare_unit(host: ClipHost, samples: list[dict], images: list[bytes], text_
                  grouped: bool) -> dict[str, Any]:
     """One unit's pixels and token ids (see the module doc). Texts are tokenized when some sample is
     encoded: every sample with an image, and with groups the text-only ones too."""
-    if images:
-        pixels = host.prepare([Image.open(io.BytesIO(data)) for data in images]).numpy()
+    if images:  # one image decoded at a time, padded and resized in strips (trim.square): bounded memory
+        pixels = np.stack([host.prepare([Image.open(io.BytesIO(data))]).numpy()[0] for data in images])
     else:
         side = int(host.processor.crop_size.get("height") or 0)
         pixels = np.zeros((0, 3, side, side), dtype=np.uint8)

@@ -40,7 +40,7 @@ import torch
 
 from pipelines import storage
 from pipelines.cache_format import CACHE_SCHEMA, committed_parts, part_table, read_parts, write_part
-from pipelines.config import PrecomputeConfig, Recipe
+from pipelines.config import PrecomputeConfig, Recipe, ShardConfig
 from pipelines.manifests import (
     CacheManifest,
     KeptStats,
@@ -158,7 +158,8 @@ def run_precompute(shards: str, cache: str, clip_path: str, trim_cfg: TrimConfig
     logger.info("%d samples of %s -> %s; parts: %d already written, the rest is computed now",
                 shards_manifest.samples, shards_dir, folder, len(done))
     units = _units(shards_dir, shards_manifest, trim_cfg, cfg, done)
-    _encode(units, folder, clip_path, trim_cfg, cfg, info)
+    image_bytes = int(shards_manifest.input.get("config", {}).get("max_image_bytes") or ShardConfig().max_image_bytes)
+    _encode(units, folder, clip_path, trim_cfg, cfg, info, image_bytes)
     manifest = summarize(folder, identity_info=info, trim_cfg=trim_cfg, seconds=time.time() - started)
     if manifest.samples != shards_manifest.samples:
         raise RuntimeError(f"precompute: {folder} holds {manifest.samples} samples, the shards "
@@ -199,17 +200,19 @@ def _units(shards: str, manifest: ShardsManifest, trim_cfg: TrimConfig, cfg: Pre
                                  "done": done}, batch_format="pyarrow")
 
 
-def _encode(units: Any, cache: str, clip_path: str, trim_cfg: TrimConfig, cfg: PrecomputeConfig, info: dict) -> None:
-    """Prepare (CPU tasks) and encode (actors) the units; log each part as its summary comes back."""
+def _encode(units: Any, cache: str, clip_path: str, trim_cfg: TrimConfig, cfg: PrecomputeConfig, info: dict,
+            image_bytes: int) -> None:
+    """Prepare (CPU tasks) and encode (actors) the units; log each part as its summary comes back.
+    image_bytes: the shards' per-image memory budget (one decoded image per task at a time)."""
     import ray
 
     if units is None:
         return
     gpu = cfg.num_gpus_per_actor > 0
-    # The memory a task needs (a unit's bytes, PIL's images, its pixels): also what keeps Ray Data
+    # The memory a task needs (a unit's bytes and pixels, one decoded image): also what keeps Ray Data
     # from fusing these CPU tasks into the encoder actors when both ask for one CPU and no GPU.
     side = int(info["image_size"])
-    memory = 512 * 2**20 + cfg.rows_per_file * 4 * side * side
+    memory = 512 * 2**20 + cfg.rows_per_file * 4 * side * side + image_bytes
     prepared = units.map_batches(prepare_batch, batch_size=1, batch_format="pyarrow", memory=memory,
                                  fn_kwargs={"clip_path": clip_path, "text_mode": trim_cfg.text,  # type: ignore[arg-type]
                                             "grouped": batch_grouped(trim_cfg)})

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines import storage
-from pipelines.images import IMAGE_LAYOUT, ImageStore, bucket_of, images_file
+from pipelines.image_store import IMAGE_LAYOUT, ImageStore, bucket_of, images_file
 from pipelines.manifests import ShardsManifest, check_files, resolve_output
 
 TEXT_SPAN = 8

@@ -1,5 +1,5 @@
 """Shard's images: every distinct path read, checked and hashed by workers; identical bytes stored once,
-each in the file its content key hashes to (pipelines.images.IMAGE_LAYOUT), written by workers.
+each in the file its content key hashes to (pipelines.image_store.IMAGE_LAYOUT), written by workers.
 
 Two passes over the image folder, both in workers: the first stats each distinct path (size and
 modification stamp), reads, fully decodes and hashes it and returns small rows (no bytes) from which
@@ -11,11 +11,17 @@ The first pass also gives the images' part of the shards' identity (ImageIndex.d
 index written beside the shards (path, key, size, stamp): a later run takes the key of a path whose
 size and stamp are unchanged from there instead of reading the image again, so a rerun over the same
 images costs a stat per image, and one after a mixture change reads only the images that are new.
+The stamp (pipelines.storage.stat) is, locally, the modification and the inode change times: bytes
+replaced with the size and mtime put back still change the second, which no user call can set; on
+S3 it is the object's ETag (a digest of its content). Should a stale key slip through anyway (a file
+system with coarse times), the second pass finds the bytes no longer hash to it and the driver reads
+those images again (pipelines.shard.stage), so a changed image is never kept stale nor an error forever.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +31,8 @@ import pyarrow.parquet as pq
 
 from pipelines import storage
 from pipelines.config import ShardConfig
-from pipelines.images import FileProblem, bucket_of, images_file, load_image, read_file, resolve
+from pipelines.image_store import bucket_of, images_file
+from pipelines.images import FileProblem, load_image, over_caps, read_file, resolve
 
 IMAGE_SCHEMA = pa.schema([("image_key", pa.string()), ("bytes", pa.binary()), ("width", pa.int32()),
                           ("height", pa.int32())])
@@ -59,14 +66,16 @@ def hash_image_batch(batch: dict[str, Any], image_root: str, known: Any = None,
             rows.append({"path": path, "image_key": seen[2], "width": seen[3], "height": seen[4], "error": None,
                          "detail": None, "size": size, "stamp": stamp})
             continue
-        row = load_image(image_root, path, caps.max_image_pixels, caps.max_aspect_ratio)
-        rows.append(row | {"size": len(row["bytes"] or b""), "stamp": stamp if row["image_key"] else ""})
+        row = load_image(image_root, path, caps)
+        size = len(row.pop("bytes") or b"")  # the batch keeps rows, not bytes
+        rows.append(row | {"size": size, "stamp": stamp if row["image_key"] else ""})
     return {k: [r[k] if r[k] is not None else "" for r in rows] for k in HASH_COLUMNS}
 
 
 def _within(caps: ShardConfig, width: int, height: int) -> bool:
-    """Whether a known image's size is within the caps (they may have been lowered since)."""
-    return width * height <= caps.max_image_pixels and max(width, height) <= caps.max_aspect_ratio * min(width, height)
+    """Whether a known image's size is within the caps (they may have been lowered since); the memory
+    budget is judged for the mode that takes the most (the image is read again where it may not hold)."""
+    return over_caps(width, height, "F", caps) is None
 
 
 def _stat(image_root: str, path: str) -> tuple[int, str]:
@@ -171,32 +180,35 @@ class ImageIndex:
 
 def write_bucket_batch(batch: dict[str, Any], image_root: str, out: str) -> dict[str, list]:
     """Ray Data map_batches function over bucket work items (see ImageIndex.buckets): each file written
-    by the worker; returns (bucket, images, bytes) per file."""
-    summary: dict[str, list] = {"bucket": [], "images": [], "bytes": []}
+    by the worker; returns (bucket, images, bytes, changed) per file, `changed` the paths (a JSON list)
+    whose bytes no longer hash to their key (the file is then not written: the driver reads them again)."""
+    summary: dict[str, list] = {"bucket": [], "images": [], "bytes": [], "changed": []}
     for bucket, keys, paths, widths, heights in zip(batch["bucket"], batch["keys"], batch["paths"], batch["widths"],
                                                     batch["heights"]):
         data = [_read_checked(image_root, str(p), str(k)) for k, p in zip(keys, paths)]
-        table = pa.table({"image_key": list(keys), "bytes": data, "width": list(widths), "height": list(heights)},
-                         schema=IMAGE_SCHEMA)
-        sink = pa.BufferOutputStream()
-        # Images are compressed already: compressing their bytes again costs time and saves nothing.
-        pq.write_table(table, sink, row_group_size=IMAGE_ROW_GROUP,
-                       compression={"image_key": "zstd", "bytes": "none", "width": "zstd", "height": "zstd"})
-        storage.write_bytes(storage.join(out, images_file(int(bucket))), sink.getvalue().to_pybytes())
+        changed = [str(p) for p, d in zip(paths, data) if d is None]
+        if not changed:
+            table = pa.table({"image_key": list(keys), "bytes": data, "width": list(widths), "height": list(heights)},
+                             schema=IMAGE_SCHEMA)
+            sink = pa.BufferOutputStream()
+            # Images are compressed already: compressing their bytes again costs time and saves nothing.
+            pq.write_table(table, sink, row_group_size=IMAGE_ROW_GROUP,
+                           compression={"image_key": "zstd", "bytes": "none", "width": "zstd", "height": "zstd"})
+            storage.write_bytes(storage.join(out, images_file(int(bucket))), sink.getvalue().to_pybytes())
         summary["bucket"].append(int(bucket))
         summary["images"].append(len(keys))
-        summary["bytes"].append(sum(len(d) for d in data))
+        summary["bytes"].append(sum(len(d or b"") for d in data))
+        summary["changed"].append(json.dumps(changed))  # text: Ray Data keeps a column of empty lists badly
     return summary
 
 
-def _read_checked(image_root: str, path: str, key: str) -> bytes:
+def _read_checked(image_root: str, path: str, key: str) -> bytes | None:
+    """The image's bytes, or None where they no longer hash to the key the first pass gave it (its
+    content changed since it was read or indexed)."""
     uri = resolve(image_root, path)
     try:
         data = read_file(uri)  # only regular files; S3 reads retried
     except FileProblem as err:  # it read in the first pass: the folder changed under the job
         raise RuntimeError(f"image {uri} read in the first pass but not now ({err.reason}: {err}); run shard "
                            f"again") from err
-    if hashlib.sha256(data).hexdigest() != key:
-        raise RuntimeError(f"image {path} changed while shard was running (its bytes no longer hash to {key}); "
-                           f"run shard again")
-    return data
+    return data if hashlib.sha256(data).hexdigest() == key else None

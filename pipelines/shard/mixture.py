@@ -8,10 +8,13 @@ decodes bytes as latin-1, one character per byte, so its character offsets are b
 structure is ASCII and UTF-8 continuation bytes never look like quotes or brackets, so records
 split the same way; the workers decode their run as UTF-8.
 
-A file that cannot be a mixture as a whole (empty, not JSON, a JSON object, UTF-16, an array that
-is not closed) is refused by the scan, before any work, with a MixtureError naming the file and the
-line. A record that cannot be read (bad UTF-8, a JSONL line that does not parse) is handed on as its
-exception, so that it alone is set aside. A UTF-8 byte order mark at the start is skipped.
+A file that cannot be a mixture as a whole (empty, not JSON, a JSON object, UTF-16, compressed, an
+array that is not closed) is refused by the scan, before any work, with a MixtureError naming the file
+and the line. A record that cannot be read (bad UTF-8, a line that does not parse, JSON nested too deep
+or with an integer too long for Python) is handed on as its exception, so that it alone is set aside,
+wherever it stands: a JSONL file whose first line is not a record is still JSONL when its next record
+line is one. A UTF-8 byte order mark at the start is skipped. The JSON text itself is read by
+pipelines.shard.json_text.
 """
 
 from __future__ import annotations
@@ -20,26 +23,29 @@ import json
 import os
 import re
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from pipelines import storage
+from pipelines.images import describe_mode, unusable_path
+from pipelines.shard.json_text import (
+    BOM,
+    MixtureError,
+    array_records,
+    decode_lenient,
+    decode_record,
+    json_type,
+    sniff,
+)
+
+__all__ = ["BOM", "Chunk", "MixtureError", "array_records", "decode_record", "iter_records", "read_chunk",
+           "scan_chunks"]
 
 BLOCK_BYTES = 8 * 2**20
 """Bytes read per step while scanning."""
-MAX_RECORD_BYTES = 256 * 2**20
-"""A record still unparsed after this many bytes makes the array invalid (rather than reading on)."""
-BOM = b"\xef\xbb\xbf"
-"""UTF-8's byte order mark: some editors and tools write it at the start of a file."""
 
-_SPACE = re.compile(r"[ \t\n\r]*")
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_DECODER = json.JSONDecoder()
-
-
-class MixtureError(ValueError):
-    """A mixture file that cannot be read as a whole; the message names the file (and the line)."""
 
 
 @dataclass(frozen=True)
@@ -62,8 +68,10 @@ class Chunk:
 
 def _blocks(uri: str) -> Iterator[bytes]:
     fs, path = storage.fsspec_fs(uri)
-    if not storage.is_s3(uri) and not stat.S_ISREG(os.stat(path).st_mode):  # a named pipe would block
-        raise MixtureError(f"{uri}: not a regular file")
+    if not storage.is_s3(uri):
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):  # a named pipe would block, a socket cannot be read
+            raise MixtureError(f"{uri}: {describe_mode(mode)}, not a regular file (paths.mixture)")
     with fs.open(path, "rb") as f:
         while block := f.read(BLOCK_BYTES):
             yield block
@@ -71,78 +79,14 @@ def _blocks(uri: str) -> Iterator[bytes]:
 
 def _is_array(blocks: Iterator[bytes], name: str) -> tuple[bool, bytes]:
     """Whether the stream is a JSON array (its first non-blank byte after a BOM is "["), and the bytes
-    read. Refuses UTF-16 (a mixture is UTF-8)."""
+    read. Refuses compressed files and UTF-16 (a mixture is UTF-8 text): json_text.sniff."""
     head = b""
     for block in blocks:
         head += block
         if head.removeprefix(BOM).strip():
             break
-    body = head.removeprefix(BOM)
-    if body.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in body[:4]:
-        raise MixtureError(f"{name} line 1: encoded as UTF-16 (a UTF-16 byte order mark or NUL bytes at the "
-                           f"start); a mixture must be UTF-8")
-    return body.lstrip().startswith(b"["), head
-
-
-def array_records(blocks: Iterable[bytes], name: str) -> Iterator[tuple[int, int, Any, str]]:
-    """(start, end, record, text) of each element of a JSON array streamed in byte blocks; offsets are
-    bytes from the start of the stream, records and their text are decoded as latin-1 (see the module
-    doc). Raises MixtureError naming `name` and the line if the bytes are not one JSON array."""
-    stream = iter(blocks)
-    text, base, pos, done, lines = "", 0, 0, False, 0
-
-    def more() -> bool:
-        nonlocal text, base, pos, done, lines
-        block = next(stream, None)
-        if block is None:
-            done = True
-            return False
-        lines += text.count("\n", 0, pos)
-        text, base, pos = text[pos:] + block.decode("latin-1"), base + pos, 0
-        return True
-
-    def skip_space() -> bool:  # False at the end of the stream
-        nonlocal pos
-        while True:
-            pos = _SPACE.match(text, pos).end()  # type: ignore[union-attr]  # the pattern matches ""
-            if pos < len(text) or not more():
-                return pos < len(text)
-
-    def invalid(what: str, at: int) -> MixtureError:
-        line = lines + text.count("\n", 0, at) + 1
-        return MixtureError(f"{name}: not valid JSON ({what}) at line {line} (byte {base + at})")
-
-    if more() and text.startswith(BOM.decode("latin-1")):
-        pos = len(BOM)
-    if not skip_space() or text[pos] != "[":
-        raise invalid("expected an array of records", pos)
-    pos += 1
-    expect_value = None  # None: a value or "]" may follow "["; True: after ","
-    while True:
-        if not skip_space():
-            raise invalid("the array is not closed", pos)
-        if text[pos] == "]" and expect_value is not True:
-            pos += 1
-            if skip_space():
-                raise invalid("more after the array's closing ']'", pos)
-            return
-        if expect_value is False:
-            if text[pos] != ",":
-                raise invalid("expected ',' or ']'", pos)
-            pos += 1
-            expect_value = True
-            continue
-        while True:
-            try:
-                record, end = _DECODER.raw_decode(text, pos)
-            except json.JSONDecodeError as err:
-                if done or len(text) - pos > MAX_RECORD_BYTES or not more():
-                    raise invalid(err.msg, err.pos) from err
-                continue
-            if end < len(text) or done or not more():  # a number at the very end may go on
-                break
-        yield base + pos, base + end, record, text[pos:end]
-        pos, expect_value = end, False
+    sniff(head, name)
+    return head.removeprefix(BOM).lstrip().startswith(b"["), head
 
 
 def scan_chunks(uri: str, rows: int) -> tuple[list[Chunk], list[str]]:
@@ -162,14 +106,14 @@ def scan_chunks(uri: str, rows: int) -> tuple[list[Chunk], list[str]]:
 
 def _jsonl_chunks(stream: Iterator[bytes], uri: str, rows: int, paths: set[str]) -> list[Chunk]:
     chunks: list[Chunk] = []
-    offset = lines = chunk_start = records = first_line = 0
+    offset = lines = chunk_start = 0
     tail = b""
+    scan = _LineScan(uri, paths)
     for block in stream:
         text, begin = tail + block, 0
         base = offset - len(tail)
         while (newline := text.find(b"\n", begin)) >= 0:
-            records += _scan_line(text[begin:newline], lines, records, uri, paths)
-            first_line = first_line or (records and lines + 1)
+            scan.line(text[begin:newline], lines)
             lines, begin = lines + 1, newline + 1
             if lines % rows == 0:
                 chunks.append(Chunk(len(chunks), chunk_start, base + begin, lines - rows, rows, jsonl=True))
@@ -177,41 +121,66 @@ def _jsonl_chunks(stream: Iterator[bytes], uri: str, rows: int, paths: set[str])
         tail = text[begin:]
         offset += len(block)
     if tail.strip():
-        records += _scan_line(tail, lines, records, uri, paths)
+        scan.line(tail, lines)
         lines += 1
-    if not records:
+    scan.finish()
+    if not scan.records:
         return []
-    if records == 1 and uri.endswith(".json"):
-        raise MixtureError(f"{uri} line {first_line or lines}: holds one JSON object, not an array of records "
-                           f"(JSONL is read from any name, but a .json file of one line is taken for a mistake)")
     if offset > chunk_start:
         first = len(chunks) * rows
         chunks.append(Chunk(len(chunks), chunk_start, offset, first, max(lines - first, 0), jsonl=True))
     return chunks
 
 
-def _scan_line(line: bytes, number: int, records: int, uri: str, paths: set[str]) -> int:
-    """1 for a record line, 0 for a blank one; notes its image path. The first record line must be a
-    JSON object: else the file is not JSONL (a pretty-printed object, a text file) and is refused."""
-    if _blank(line, number):
-        return 0
-    if records == 0:
-        record = decode_line(line, number)
-        if not isinstance(record, dict):
-            what = f"{type(record).__name__}: {record}" if isinstance(record, Exception) else type(record).__name__
-            raise MixtureError(f"{uri} line {number + 1}: not a JSON record ({what}); a mixture is a JSON array of "
-                               f"records, or JSONL with one record per line")
-        _note_image(record.get("image"), paths)
-    elif b'"image"' in line:
-        record = decode_line(line, number)
-        if isinstance(record, dict):  # lines that do not read are the workers' to set aside
-            _note_image(record.get("image"), paths)
-    return 1
+class _LineScan:
+    """The JSONL scan's view of its lines: how many records, their image paths, and whether the file is
+    JSONL at all. It is when its first record line is a JSON object (read past bytes that are not
+    UTF-8), or when that line is not but the next record line is: the first line is then one bad
+    record. Else the file is not JSONL (a pretty-printed object, a text file) and is refused."""
+
+    def __init__(self, uri: str, paths: set[str]):
+        self.uri, self.paths = uri, paths
+        self.records = self.first_line = 0
+        self.first_problem: Any = None
+
+    def line(self, line: bytes, number: int) -> None:
+        if _blank(line, number):
+            return
+        self.records += 1
+        if self.records == 1:
+            self.first_line = number + 1
+            record = decode_lenient(line)
+            if isinstance(record, dict):
+                _note_image(record.get("image"), self.paths)
+            else:
+                self.first_problem = record
+        elif self.records == 2 and self.first_problem is not None:
+            if not isinstance(decode_lenient(line), dict):
+                self.refuse()
+        if self.records > 1 and b'"image"' in line:
+            record = decode_line(line, number)
+            if isinstance(record, dict):  # lines that do not read are the workers' to set aside
+                _note_image(record.get("image"), self.paths)
+
+    def refuse(self) -> None:
+        problem = self.first_problem
+        what = f"{type(problem).__name__}: {problem}" if isinstance(problem, Exception) else \
+            f"JSON {json_type(problem)}"
+        raise MixtureError(f"{self.uri} line {self.first_line}: not a JSON record ({what}), nor is the next; a "
+                           f"mixture is a JSON array of records, or JSONL with one record per line")
+
+    def finish(self) -> None:
+        if self.records == 1 and self.first_problem is not None:
+            self.refuse()
+        if self.records == 1 and self.uri.endswith(".json"):
+            raise MixtureError(f"{self.uri} line {self.first_line}: holds one JSON object, not an array of records "
+                               f"(JSONL is read from any name, but a .json file of one line is taken for a mistake)")
 
 
 def _note_image(image: Any, paths: set[str]) -> None:
-    # A path with a lone surrogate is not text: its record is set aside, the image never looked for.
-    if isinstance(image, str) and image and not _SURROGATE.search(image):
+    # A path with a lone surrogate is not text, one with a NUL no file's name: its record is set aside,
+    # the image never looked for.
+    if isinstance(image, str) and image and not _SURROGATE.search(image) and not unusable_path(image):
         paths.add(image)
 
 
@@ -241,15 +210,6 @@ def _chain(head: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
     if head:
         yield head
     yield from rest
-
-
-def decode_record(data: bytes) -> Any:
-    """One record's bytes as JSON read from strict UTF-8, or the exception if they are not (a
-    UnicodeDecodeError for bytes that are not UTF-8, a JSONDecodeError for text that is not JSON)."""
-    try:
-        return json.loads(data.decode("utf-8"))
-    except ValueError as err:
-        return err
 
 
 def decode_line(line: bytes, index: int) -> Any:
@@ -286,7 +246,7 @@ def parse_chunk(data: bytes, chunk: Chunk) -> Iterator[tuple[int, Any]]:
         return
     try:  # the run's bytes are its records and the commas between them: one C-speed parse of them all
         records = json.loads("[" + data.decode("utf-8") + "]")
-    except ValueError:  # some record is not UTF-8: read them one by one, so that it alone is set aside
+    except (ValueError, RecursionError):  # some record does not read: read them one by one, so it alone is set aside
         wrapped = b"[" + data + b"]"
         records = [decode_record(wrapped[start:end]) for start, end, _, _ in array_records([wrapped], "a run")]
     if len(records) != chunk.count:

@@ -13,7 +13,8 @@ from typing import Any
 import pyarrow as pa
 
 from pipelines import storage
-from pipelines.images import OUTSIDE_ROOT, escapes_root
+from pipelines.images import BAD_PATH, OUTSIDE_ROOT, escapes_root, unusable_path
+from pipelines.shard.json_text import json_type
 from pipelines.shard.mixture import Chunk, read_chunk
 from trim.conversation import template_conflict
 
@@ -56,8 +57,9 @@ def check_record(index: int, record: Any) -> Reject | None:
     if isinstance(record, Exception):
         return Reject(index, f"#{index}", "malformed record", f"does not parse: {record}")
     if not isinstance(record, dict):
-        return Reject(index, f"#{index}", "malformed record",
-                      f"not an object but a JSON {type(record).__name__}: {repr(record)[:80]}")
+        shown = json.dumps(record, ensure_ascii=False)[:80] if not isinstance(record, (list, dict)) else \
+            f"{repr(record)[:80]}"
+        return Reject(index, f"#{index}", "malformed record", f"not an object but JSON {json_type(record)}: {shown}")
     problem = _id_problem(record.get("id"))
     if problem:  # the id cannot name the record: its position does
         return Reject(index, f"#{index}", "malformed record", problem)
@@ -84,6 +86,8 @@ def check_record(index: int, record: Any) -> Reject | None:
         return Reject(index, rid, "image without <image> tag", f"image {image} but no {IMAGE_TAG} in any turn")
     if not image and tags:
         return Reject(index, rid, "<image> tag without image", f"{tags} {IMAGE_TAG} tag(s) but no image field")
+    if image and unusable_path(image):
+        return Reject(index, rid, BAD_PATH, unusable_path(image) or "")
     if image and escapes_root(image):
         return Reject(index, rid, OUTSIDE_ROOT, escapes_root(image) or "")
     if tags > 1 or (tags == 1 and IMAGE_TAG not in turns[0]["value"]):
@@ -98,7 +102,7 @@ def _id_through(data: Any, index: int) -> str:
     """The id of a record whose bytes are not all UTF-8, read past the bad bytes, or "#index"."""
     try:
         record = json.loads(bytes(data).decode("utf-8", errors="replace"))
-    except ValueError:
+    except (ValueError, RecursionError):
         return f"#{index}"
     rid = record.get("id") if isinstance(record, dict) else None
     return f"#{index}" if _id_problem(rid) else str(rid)
@@ -109,7 +113,7 @@ def _id_problem(rid: Any) -> str | None:
     if rid is None:
         return "no id"
     if isinstance(rid, bool) or not isinstance(rid, (str, int)):
-        return f"the id is a JSON {type(rid).__name__}, not a string or an integer: {repr(rid)[:80]}"
+        return f"the id is a JSON {json_type(rid)}, not a string or an integer: {repr(rid)[:80]}"
     if isinstance(rid, str) and not rid.strip():
         return f"the id is empty: {rid!r}"
     if len(str(rid)) > MAX_ID_CHARS:
@@ -131,18 +135,23 @@ def _turn_problem(i: int, turn: Any) -> str | None:
     return None
 
 
-def _surrogate_in(value: Any, where: str = "") -> str | None:
-    """Where in value (a JSON value) a string or key holds a lone surrogate, or None."""
-    if isinstance(value, str):
-        return where if _SURROGATE.search(value) else None
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        inner = f"{where}.{key}" if isinstance(key, str) else f"{where}[{key}]"
-        if isinstance(key, str) and _SURROGATE.search(key):
-            return f"a key of {where or 'the record'}"
-        found = _surrogate_in(item, inner.lstrip("."))
-        if found:
-            return found
+def _surrogate_in(value: Any) -> str | None:
+    """Where in value (a JSON value) a string or key holds a lone surrogate, or None. A walk with its
+    own stack: a value nested as deep as the JSON reader allows is still walked."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return where
+            continue
+        pairs = item.items() if isinstance(item, dict) else enumerate(item) if isinstance(item, list) else ()
+        inner = []
+        for key, child in pairs:
+            if isinstance(key, str) and _SURROGATE.search(key):
+                return f"a key of {where or 'the record'}"
+            inner.append((f"{where}.{key}".lstrip(".") if isinstance(key, str) else f"{where}[{key}]", child))
+        stack += reversed(inner)  # depth first, in order: the first one found is named
     return None
 
 

@@ -9,7 +9,7 @@ Output, one version folder per identity under `shards/` (pipelines.manifests: ve
                              ShardConfig.rows_per_shard records, in mixture order: index, id, source,
                              image_path, image_key, conversations
   v-<12 hex>/images-NNNNN.parquet   one row per distinct image (by content hash): image_key, bytes, width,
-                             height; the file is the key's hash bucket, rows sorted by key (pipelines.images)
+                             height; the file is the key's hash bucket, rows sorted by key (pipelines.image_store)
   v-<12 hex>/rejects.parquet one row per record set aside: index, id, reason, detail
   v-<12 hex>/image_index.parquet    every distinct image path: key or error, size, modification stamp
   v-<12 hex>/manifest.json   every file above with its rows, counts per source and per reject reason
@@ -20,7 +20,9 @@ newer complete ones exist. Readers (precompute) read only the files the manifest
 The driver never holds the mixture: one worker scans it for the byte ranges of runs of records
 (pipelines.shard.mixture) and hashes it, workers stat, read and hash the distinct images (an image whose
 size and stamp match the current version's index is not read again), parse and check the runs, write
-the images once each, then write the samples with their image keys. The driver keeps one entry per
+the images once each, then write the samples with their image keys. Where the image writers find an
+image's bytes no longer hash to its key (it changed since it was indexed or read), those images are read
+again and the version written anew under the identity their new content gives. The driver keeps one entry per
 distinct image path (for the keys) and per run (for the counts), never one per record.
 """
 
@@ -37,7 +39,8 @@ import pyarrow as pa
 
 from pipelines import storage
 from pipelines.config import ShardConfig
-from pipelines.images import IMAGE_LAYOUT, images_file, load_image
+from pipelines.image_store import IMAGE_LAYOUT, images_file
+from pipelines.images import load_image
 from pipelines.manifests import ShardsManifest, publish, resolve_output, start_version, version_of
 from pipelines.shard.image_index import (
     HASH_COLUMNS,
@@ -103,17 +106,28 @@ def run_shard(mixture: str, image_root: str, out: str, cfg: ShardConfig) -> Shar
     digest, chunks, paths = ray.get(ray.remote(num_cpus=1)(_scan).remote(mixture, cfg.rows_per_shard))
     logger.info("%s: %d records in %d runs of up to %d, %d distinct image paths", mixture, sum(c.count for c in chunks),
                 len(chunks), cfg.rows_per_shard, len(paths))
-    identity = base_identity(mixture, digest, image_root, cfg)
-    index = _hash_images(paths, image_root, cfg, _known_images(out, identity))
-    del paths
-    identity["images"] = {"distinct_paths": len(index.key_of) + len(index.error_of), "sha256": index.digest()}
-    version = version_of(identity)
-    previous = ShardsManifest.read_if_exists(storage.join(out, version))
-    if previous is not None:
-        logger.info("%s/%s is already complete for this input; nothing to write", out, version)
-        publish(out, version, cfg.keep_versions)
-        return previous
-    manifest = _write_version(start_version(out, identity), identity, chunks, mixture, image_root, index, cfg)
+    known = _known_images(out, image_root)
+    for attempt in (1, 2):
+        identity = base_identity(mixture, digest, image_root, cfg)
+        index = _hash_images(paths, image_root, cfg, known)
+        identity["images"] = {"distinct_paths": len(index.key_of) + len(index.error_of), "sha256": index.digest()}
+        version = version_of(identity)
+        previous = ShardsManifest.read_if_exists(storage.join(out, version))
+        if previous is not None:
+            logger.info("%s/%s is already complete for this input; nothing to write", out, version)
+            publish(out, version, cfg.keep_versions)
+            return previous
+        manifest, changed = _write_version(start_version(out, identity), identity, chunks, mixture, image_root, index,
+                                           cfg)
+        if not changed:
+            break
+        if attempt == 2:
+            raise RuntimeError(f"{len(changed)} image(s) changed while shard was running, e.g. "
+                               f"{storage.join(image_root, changed[0])}; run shard again once they stay put")
+        logger.warning("%d image(s) changed since they were indexed (e.g. %s): reading them again", len(changed),
+                       changed[0])
+        known = {path: entry for path, entry in known.items() if path not in set(changed)}
+    assert manifest is not None  # the loop leaves with a manifest or raises
     manifest.seconds = round(time.time() - started, 2)
     manifest.write(storage.join(out, version))  # last: the version is complete
     publish(out, version, cfg.keep_versions)
@@ -123,11 +137,14 @@ def run_shard(mixture: str, image_root: str, out: str, cfg: ShardConfig) -> Shar
 
 
 def _write_version(folder: str, identity: dict[str, Any], chunks: list[Chunk], mixture: str, image_root: str,
-                   index: ImageIndex, cfg: ShardConfig) -> ShardsManifest:
+                   index: ImageIndex, cfg: ShardConfig) -> tuple[ShardsManifest | None, list[str]]:
     """Every file of a version written into its folder (names fixed by the identity, so a stopped
-    attempt's files are overwritten, never mixed in); returns its manifest, not yet written."""
+    attempt's files are overwritten, never mixed in); returns its manifest, not yet written, or None
+    with the image paths whose bytes changed since the first pass (the version is then left unfinished)."""
     counts = _write_samples(chunks, mixture, folder, index, cfg)
     stored = _write_images(index, counts["keys"], image_root, folder, cfg)
+    if stored["changed"]:
+        return None, sorted(stored["changed"])
     rejects = [storage.read_parquet(storage.join(folder, WORK, f"rejects-{c.number:05d}.parquet")) for c in chunks]
     table = pa.concat_tables(rejects) if rejects else REJECT_SCHEMA.empty_table()
     storage.write_parquet(storage.join(folder, "rejects.parquet"), table)
@@ -144,10 +161,10 @@ def _write_version(folder: str, identity: dict[str, Any], chunks: list[Chunk], m
         image_bytes=sum(stored["bytes"]), image_files=len(stored["bucket"]),
         per_source=dict(sorted(counts["source"].items())), per_reject_reason=dict(sorted(counts["reason"].items())),
         image_layout=IMAGE_LAYOUT, sample_files=max(len(chunks), 1), version=version_of(identity),
-        files=dict(sorted(files.items())))
+        files=dict(sorted(files.items()))), []
 
 
-def _known_images(out: str, identity: dict[str, Any]) -> dict[str, tuple]:
+def _known_images(out: str, image_root: str) -> dict[str, tuple]:
     """The current version's image index where it has the same image root (its paths mean the same
     files): path -> (size, stamp, key, width, height); {} otherwise."""
     try:
@@ -155,7 +172,7 @@ def _known_images(out: str, identity: dict[str, Any]) -> dict[str, tuple]:
         manifest = ShardsManifest.read(folder)
     except FileNotFoundError:
         return {}
-    if manifest.input.get("image_root") != identity["image_root"] or INDEX_FILE not in manifest.files:
+    if manifest.input.get("image_root") != image_root or INDEX_FILE not in manifest.files:
         return {}
     known = read_known(folder)
     logger.info("%d image(s) known from %s: read again only where their size or stamp changed", len(known), folder)
@@ -174,7 +191,7 @@ def _hash_images(paths: list[str], image_root: str, cfg: ShardConfig, known: dic
     blocks = -(-len(paths) // cfg.read_batch_size)
     dataset = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=blocks).map_batches(
         hash_image_batch, fn_kwargs={"image_root": image_root, "known": known_ref, "cfg": cfg},  # type: ignore[arg-type]
-        batch_size=cfg.read_batch_size, compute=ray.data.TaskPoolStrategy(size=cfg.concurrency), batch_format="default")
+        batch_size=cfg.read_batch_size, compute=_tasks(cfg, blocks), batch_format="default")
     for batch in dataset.iter_batches(batch_size=None, batch_format="default"):
         for path, key, width, height, size, stamp, error, detail in zip(*(batch[k] for k in HASH_COLUMNS)):
             index.add(str(path), str(key), int(width), int(height), int(size), str(error), str(detail), str(stamp))
@@ -182,18 +199,26 @@ def _hash_images(paths: list[str], image_root: str, cfg: ShardConfig, known: dic
     return index
 
 
+def _tasks(cfg: ShardConfig, blocks: int) -> Any:
+    """At most cfg.concurrency tasks, and no more than there are blocks of work (Ray Data warns of idle slots)."""
+    import ray
+
+    return ray.data.TaskPoolStrategy(size=max(1, min(cfg.concurrency, blocks)))
+
+
 def _write_images(index: ImageIndex, used: set[str], image_root: str, out: str, cfg: ShardConfig) -> dict[str, list]:
     """The images the kept samples use, each stored once, in files written by workers."""
     import ray
 
-    written: dict[str, list] = {"bucket": [], "images": [], "bytes": []}
+    written: dict[str, list] = {"bucket": [], "images": [], "bytes": [], "changed": []}
     buckets = index.buckets(cfg.images_per_shard, used)
     dataset = ray.data.from_items(buckets, override_num_blocks=len(buckets)).map_batches(
         write_bucket_batch, fn_kwargs={"image_root": image_root, "out": out},  # type: ignore[arg-type]
-        batch_size=1, compute=ray.data.TaskPoolStrategy(size=cfg.concurrency), batch_format="default")
+        batch_size=1, compute=_tasks(cfg, len(buckets)), batch_format="default")
     for batch in dataset.iter_batches(batch_size=None, batch_format="default"):
-        for key in written:
+        for key in ("bucket", "images", "bytes"):
             written[key] += [int(v) for v in batch[key]]
+        written["changed"] += [path for paths in batch["changed"] for path in json.loads(str(paths))]
     return written
 
 
@@ -208,7 +233,7 @@ def _write_samples(chunks: list[Chunk], mixture: str, out: str, index: ImageInde
     ref = ray.put((index.key_of, index.error_of))
     dataset = ray.data.from_items([asdict(c) for c in chunks], override_num_blocks=len(chunks)).map_batches(
         write_chunk_batch, fn_kwargs={"mixture": mixture, "out": out, "index_ref": ref},  # type: ignore[arg-type]
-        batch_size=1, compute=ray.data.TaskPoolStrategy(size=cfg.concurrency), batch_format="default")
+        batch_size=1, compute=_tasks(cfg, len(chunks)), batch_format="default")
     for batch in dataset.iter_batches(batch_size=None, batch_format="default"):
         for number, kept, counts, keys in zip(batch["chunk"], batch["kept"], batch["counts"], batch["keys"]):
             totals["files"][samples_file(int(number))] = int(kept)

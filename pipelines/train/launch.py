@@ -15,6 +15,7 @@ from typing import Any
 from pipelines import storage
 from pipelines.config import PathsConfig, Recipe
 from pipelines.manifests import CacheManifest
+from pipelines.ray_cluster import train_logging
 from pipelines.tracking_store import experiment_name
 from pipelines.train import checkpoints
 from pipelines.train.engine import deepspeed_config
@@ -85,7 +86,8 @@ def run_finetune(job: TrainJob, paths: PathsConfig, cache: str) -> tuple[Any, st
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                                        # A lost worker: Ray Train restarts the group in this job, and each
                                        # worker resumes from the newest checkpoint (pipelines.train.worker.train_loop).
-                                       failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
+                                       failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+                                       logging_config=train_logging()),  # type: ignore[call-arg]  # Train V2 has it
     )
     result = trainer.fit()
     if result.checkpoint:  # the checkpoint resumed from, if Ray Train never registered it, is spent now

@@ -62,7 +62,7 @@ def s3_env(tmp_path_factory):
 def ray_local():
     import ray
 
-    from pipelines.runtime import init_ray
+    from pipelines.ray_cluster import init_ray
 
     os.environ["TRIM_PROGRESS"] = "0"
     init_ray(num_cpus=2)

@@ -350,3 +350,54 @@ def test_a_local_copy_of_an_s3_checkpoint_can_leave_the_weights_behind(s3_env, t
     finally:
         for key in s3_env:
             os.environ.pop(key, None)
+
+
+def test_image_bytes_replaced_under_the_same_size_and_mtime_are_sharded_and_cached_anew(tmp_path, tiny_models,
+                                                                                      ray_local):
+    """An image's bytes replaced, its size and mtime put back: with the mixture unchanged, and then grown
+    by one record, the rerun reads the image again, writes new shards and the cache holds the new pixels'
+    tokens. An index whose key for an unchanged stamp is stale (a file system with coarse times) is
+    caught by the image writers, and those images are read again: never an endless error."""
+    import pyarrow as pa
+
+    from pipelines.shard.image_index import INDEX_FILE
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for n in range(3):
+        Image.new("RGB", (48, 36), (40 * n, 90, 200)).save(images / f"img{n}.bmp")
+    turns = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Blue."}]
+    records = [{"id": f"r{i}", "image": f"img{i % 3}.bmp", "conversations": turns} for i in range(6)]
+    mixture = tmp_path / "mix.json"
+    mixture.write_text(json.dumps(records))
+    shards, cache, clip = str(tmp_path / "shards"), str(tmp_path / "cache"), str(tiny_models.clip)
+    cfg = ShardConfig(rows_per_shard=4, images_per_shard=2, concurrency=1)
+    first = run_shard(str(mixture), str(images), shards, cfg)
+    first_cache = run_precompute(shards, cache, clip, TrimConfig(), PRECOMPUTE_CFG)
+
+    def tokens(folder):
+        return {r["index"]: (r["image_key"], r["tokens"]) for r in iter_cache(folder, ["index", "image_key", "tokens"])}
+
+    before = os.stat(images / "img0.bmp")
+    Image.new("RGB", (48, 36), (250, 10, 10)).save(images / "img0.bmp")
+    os.utime(images / "img0.bmp", ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(images / "img0.bmp").st_size == before.st_size
+    second = run_shard(str(mixture), str(images), shards, cfg)  # the mixture unchanged
+    assert second.version != first.version
+    second_cache = run_precompute(shards, cache, clip, TrimConfig(), PRECOMPUTE_CFG)
+    old, new = tokens(f"{cache}/{first_cache.version}"), tokens(f"{cache}/{second_cache.version}")
+    key = __import__("hashlib").sha256((images / "img0.bmp").read_bytes()).hexdigest()
+    for index in (0, 3):  # the records of img0.bmp: the new bytes' key and tokens
+        assert new[index][0] == key != old[index][0] and new[index][1] != old[index][1]
+    assert all(new[i] == old[i] for i in (1, 2, 4, 5))
+    # A stale key under an unchanged stamp, planted in the current index; the mixture grown by a record.
+    folder = resolve_output(shards)
+    index = storage.read_parquet(f"{folder}/{INDEX_FILE}").to_pylist()
+    for row in index:
+        row["image_key"] = row["image_key"] if row["path"] != "img1.bmp" else "0" * 64
+    storage.write_parquet(f"{folder}/{INDEX_FILE}", pa.Table.from_pylist(index))
+    mixture.write_text(json.dumps(records + [dict(records[1], id="r6")]))
+    third = run_shard(str(mixture), str(images), shards, cfg)
+    stored = {r["image_key"] for r in _rows(resolve_output(shards), "images-", third)}
+    assert third.samples == 7 and "0" * 64 not in stored
+    assert __import__("hashlib").sha256((images / "img1.bmp").read_bytes()).hexdigest() in stored

@@ -161,7 +161,7 @@ def test_jobs_on_a_ray_head_leak_no_secret_and_their_workers_still_reach_s3(s3_e
 LOCAL_SCRIPT = """
 import hashlib, json, os
 import ray
-from pipelines.runtime import init_ray
+from pipelines.ray_cluster import init_ray
 init_ray(num_cpus=1)
 digest = lambda: hashlib.sha256(os.environ.get("AWS_SECRET_ACCESS_KEY", "").encode()).hexdigest()
 same = ray.get(ray.remote(digest).remote()) == digest() != hashlib.sha256(b"").hexdigest()

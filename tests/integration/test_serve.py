@@ -90,7 +90,7 @@ def server(model_dir):
     import ray
     from ray import serve
 
-    from pipelines.runtime import init_ray
+    from pipelines.ray_cluster import init_ray
     from pipelines.serve.app import build
     from pipelines.serve.config import ServeConfig
 

@@ -6,22 +6,26 @@ file), or read correctly."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
 import pickle
 import shutil
 import signal
+import socket
 import tempfile
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from PIL import Image
 
 from pipelines.config import ShardConfig
+from pipelines.images import BAD_PATH
 from pipelines.shard.image_index import ImageIndex, hash_image_batch
 from pipelines.shard.mixture import MixtureError, scan_chunks
 from pipelines.shard.records import sort_run
@@ -145,6 +149,29 @@ def _unreadable(path: Path) -> None:
     path.chmod(0)
 
 
+def _socket(path: Path) -> None:
+    """A listening Unix socket at path (bound from its folder: socket paths are short)."""
+    here = os.getcwd()
+    os.chdir(path.parent)
+    try:
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(path.name)
+        _SOCKETS.append(server)
+    finally:
+        os.chdir(here)
+
+
+_SOCKETS: list[socket.socket] = []
+
+
+def _array(*items: bytes) -> bytes:
+    return b"[" + b",\n".join(items) + b"]"
+
+
+def _jsonl(*items: bytes) -> bytes:
+    return b"".join(item + b"\n" for item in items)
+
+
 # The corpus -------------------------------------------------------------------------------------
 
 
@@ -162,12 +189,22 @@ class Case:
     """Run as a user that file permissions apply to (root reads everything)."""
     rid: str = "bad"
     """Rejects: the id the reject carries ("#<index>" where the record's own id is unusable)."""
+    at: int = 1
+    """Rejects: the index of the bad record (the good one is the other of the two)."""
+    cfg: ShardConfig = field(default_factory=lambda: SMALL_RUNS)
+    """The shard settings the case runs with."""
 
 
 OBJECT = json.dumps({"data": [GOOD]}, indent=1)
 JPEG = _good_bytes()
 NOT_CLOSED = json.dumps([GOOD, GOOD], indent=1)[:-2]
 UTF8_BAD = json.dumps([GOOD, bad(conversations=[dict(TURNS[0]), {"from": "gpt", "value": "caf@"}])]).encode()
+G = json.dumps(GOOD).encode()
+DEEP = b"[" * 100_000 + b"]" * 100_000
+DEEP_RECORD = b'{"id": "bad", "image": "bad/x.png", "conversations": ' + DEEP + b"}"
+LONG_INT_RECORD = b'{"id": ' + b"7" * 5000 + b', "image": "bad/x.png", "conversations": ' + json.dumps(TURNS).encode() + b"}"
+BAD_UTF8_RECORD = json.dumps(bad()).encode().replace(b"A square", b"A squ\xffre")
+ZSTD = pa.compress(json.dumps([GOOD]).encode(), codec="zstd", asbytes=True)
 
 CASES = [
     # Whole files: refused before any work, naming the file and the line.
@@ -187,12 +224,18 @@ CASES = [
     Case("utf16-file", raw(json.dumps([GOOD]).encode("utf-16")), "refused", "UTF-16", line=1),
     Case("utf16-no-bom", raw(json.dumps([GOOD]).encode("utf-16-le")), "refused", "UTF-16", line=1),
     Case("text-file", raw(b"id,image\ngood,ok/good.png\n", "m.csv"), "refused", "not a JSON record", line=1),
+    Case("gzip-named-json", raw(gzip.compress(json.dumps([GOOD]).encode())), "refused", "gzip-compressed"),
+    Case("zstd-named-json", raw(ZSTD), "refused", "zstd-compressed"),
+    Case("mixture-is-a-socket", lambda root: (_folder(root), _socket(root / "m.json"), root / "m.json")[-1],
+         "refused", "a socket, not a regular file"),
     Case("mixture-named-pipe", lambda root: (_folder(root), os.mkfifo(root / "m.json"), root / "m.json")[-1],
          "refused", "not a regular file"),
     # Text that is not UTF-8 or not Unicode: the record alone is set aside.
     Case("invalid-utf8-array", raw(UTF8_BAD.replace(b"caf@", b"caf\xe9")), "invalid UTF-8", "byte"),
     Case("invalid-utf8-jsonl", raw(json.dumps(GOOD).encode() + b"\n" + json.dumps(bad()).encode().replace(
          b"A square", b"A squ\xffre") + b"\n", "m.jsonl"), "invalid UTF-8", "invalid start byte"),
+    Case("invalid-utf8-jsonl-line-1", raw(_jsonl(BAD_UTF8_RECORD, G), "m.jsonl"), "invalid UTF-8",
+         "invalid start byte", at=0),
     Case("surrogate-bytes-jsonl", raw(json.dumps(GOOD).encode() + b"\n" + json.dumps(bad()).encode().replace(
          b"A square", b"A \xed\xa0\x80") + b"\n", "m.jsonl"), "invalid UTF-8"),
     Case("lone-surrogate-array", records(bad(conversations=[TURNS[0], {"from": "gpt", "value": "x \ud800"}])),
@@ -204,14 +247,28 @@ CASES = [
     Case("broken-jsonl-line", raw(json.dumps(GOOD).encode() + b"\n{\"id\": \"bad\", \n", "m.jsonl"),
          "malformed record", "does not parse", rid="#1"),
     # Ids.
-    Case("record-not-object", records(7), "malformed record", "a JSON int: 7", rid="#1"),
+    Case("record-not-object", records(7), "malformed record", "not an object but JSON number: 7", rid="#1"),
+    Case("null-record", records(None), "malformed record", "not an object but JSON null", rid="#1"),
+    Case("null-record-jsonl-line-1", raw(_jsonl(b"null", G), "m.jsonl"), "malformed record", "JSON null", rid="#0",
+         at=0),
     Case("no-id", records(bad(id=DROP)), "malformed record", "no id", rid="#1"),
     Case("empty-id", records(bad(id="")), "malformed record", "the id is empty", rid="#1"),
     Case("null-id", records(bad(id=None)), "malformed record", "no id", rid="#1"),
-    Case("float-id", records(bad(id=1.5)), "malformed record", "a JSON float", rid="#1"),
-    Case("bool-id", records(bad(id=True)), "malformed record", "a JSON bool", rid="#1"),
-    Case("list-id", records(bad(id=["a"])), "malformed record", "a JSON list", rid="#1"),
+    Case("float-id", records(bad(id=1.5)), "malformed record", "a JSON number", rid="#1"),
+    Case("bool-id", records(bad(id=True)), "malformed record", "a JSON boolean", rid="#1"),
+    Case("list-id", records(bad(id=["a"])), "malformed record", "a JSON array", rid="#1"),
     Case("long-id", records(bad(id="x" * 5000)), "malformed record", "5000 characters", rid="#1"),
+    Case("5000-digit-id-array", raw(_array(G, LONG_INT_RECORD)), "malformed record", "more than 4300 digits",
+         rid="#1"),
+    Case("5000-digit-id-jsonl", raw(_jsonl(G, LONG_INT_RECORD), "m.jsonl"), "malformed record",
+         "more than 4300 digits", rid="#1"),
+    # Nested deeper than Python's JSON reader follows: the record alone, wherever it stands.
+    Case("deep-record-array", raw(_array(G, DEEP_RECORD)), "malformed record", "nested deeper", rid="#1"),
+    Case("deep-record-array-first", raw(_array(DEEP_RECORD, G)), "malformed record", "nested deeper", rid="#0", at=0),
+    Case("deep-bare-array-element", raw(_array(G, DEEP)), "malformed record", "nested deeper", rid="#1"),
+    Case("deep-record-jsonl", raw(_jsonl(G, DEEP_RECORD), "m.jsonl"), "malformed record", "nested deeper", rid="#1"),
+    Case("deep-record-jsonl-line-1", raw(_jsonl(DEEP_RECORD, G), "m.jsonl"), "malformed record", "nested deeper",
+         rid="#0", at=0),
     # Conversations.
     Case("wrong-role", records(bad(conversations=[{"from": "robot", "value": "<image>\nhi"}, TURNS[1]])),
          "malformed conversation", "'robot'"),
@@ -247,6 +304,8 @@ CASES = [
     Case("dotdot-path", records(bad(image="../secret.png")), "path outside image root", "'..'"),
     Case("absolute-path", records(bad(image="/etc/passwd")), "path outside image root", "not a path relative"),
     Case("symlink-out-of-root", image(_outside), "path outside image root", "outside"),
+    Case("nul-in-image-path", records(bad(image="bad/x\u0000.png")), BAD_PATH, "NUL character"),
+    Case("socket-image", image(_socket), "not a regular file", "is a socket"),
     Case("missing-file", image(lambda p: None), "missing file", "{images}/bad/x.png: does not exist"),
     Case("directory-named-jpg", image(lambda p: p.mkdir(), "bad/x.jpg"), "not a regular file", "is a directory"),
     Case("named-pipe", image(os.mkfifo), "not a regular file", "is a named pipe"),
@@ -261,13 +320,17 @@ CASES = [
          "1 x 30000 pixels"),
     Case("bomb-144-mpixel", image(lambda p: _bomb_png(p, 12000, 12000)), "image too large", "144000000 pixels"),
     Case("bomb-over-pil-limit", image(lambda p: _bomb_png(p, 20000, 10000)), "image too large",
-         "decompression bomb"),
+         "20000 x 10000 = 200000000 pixels, over the cap of 16777216 (shard.max_image_pixels)"),
+    Case("over-memory-budget", image(lambda p: _png(p, (40, 30), "RGBA")), "image too large",
+         "take 9600 bytes decoded, over the per-image memory budget of 5000 (shard.max_image_bytes)",
+         cfg=ShardConfig(rows_per_shard=2, max_image_bytes=5000)),
     # Read correctly.
     Case("bom-array", raw(b"\xef\xbb\xbf" + json.dumps([GOOD, bad()]).encode()), "kept"),
     Case("bom-jsonl", raw(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in (GOOD, bad())).encode(),
                           "m.jsonl"), "kept"),
     Case("crlf-jsonl", raw("".join(json.dumps(r) + "\r\n" for r in (GOOD, bad())).encode(), "m.jsonl"), "kept"),
     Case("duplicate-ids", records(bad(id="good")), "kept"),
+    Case("wide-18000x900-png", image(lambda p: _png(p, (18000, 900))), "kept"),
     Case("integer-id", records(bad(id=7)), "kept"),
     Case("null-image-on-text-record", records(bad(image=None, conversations=TEXT_TURNS)), "kept"),
     Case("escaped-non-ascii-path", image(lambda p: _png(p), "bad/caf\u00e9.png"), "kept"),
@@ -299,7 +362,11 @@ def test_every_bad_input_is_refused_or_set_aside_by_name(case: Case, tmp_path):
 def _check(case: Case, root: Path) -> None:
     mixture = case.write(root)
     images = root / "images"
-    outcome = _run(lambda: shard_locally(mixture, images), as_nobody=case.unprivileged and os.geteuid() == 0)
+    try:
+        outcome = _run(lambda: shard_locally(mixture, images, case.cfg), as_nobody=case.unprivileged and os.geteuid() == 0)
+    finally:
+        while _SOCKETS:
+            _SOCKETS.pop().close()
     holds = case.holds.replace("{images}", str(images))
     if case.outcome == "refused":
         assert isinstance(outcome, MixtureError), outcome
@@ -312,10 +379,10 @@ def _check(case: Case, root: Path) -> None:
         assert rejects == [] and [s["index"] for s in kept] == [0, 1]
         assert all(s["image_key"] or not s["image_path"] for s in kept)
         return
-    assert [s["id"] for s in kept] == ["good"]
+    assert [(s["index"], s["id"]) for s in kept] == [(1 - case.at, "good")]
     [reject] = rejects
-    assert (reject["index"], reject["reason"]) == (1, case.outcome)
-    place = "line 2" if mixture.suffix == ".jsonl" else "record #1"
+    assert (reject["index"], reject["reason"]) == (case.at, case.outcome)
+    place = f"line {case.at + 1}" if mixture.suffix == ".jsonl" else f"record #{case.at}"
     assert reject["detail"].startswith(f"{mixture} {place} (id {reject['id']!r}): "), reject["detail"]
     assert holds in reject["detail"], reject["detail"]
     assert reject["id"] == case.rid

@@ -53,7 +53,7 @@ def test_an_s3_root_refuses_escaping_paths_before_any_request():
 def test_the_image_store_fetches_one_image_by_its_key_from_the_bucket_layout(tmp_path):
     import hashlib
 
-    from pipelines.images import IMAGE_LAYOUT, ImageStore, bucket_of
+    from pipelines.image_store import IMAGE_LAYOUT, ImageStore, bucket_of
     from pipelines.manifests import ShardsManifest
     from pipelines.shard.image_index import ImageIndex, write_bucket_batch
 

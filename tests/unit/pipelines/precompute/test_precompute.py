@@ -16,7 +16,7 @@ from PIL import Image
 
 from pipelines import storage
 from pipelines.cache_format import committed_parts, decode_tokens, iter_cache, part_table
-from pipelines.images import IMAGE_LAYOUT, images_file
+from pipelines.image_store import IMAGE_LAYOUT, images_file
 from pipelines.manifests import ShardsManifest
 from pipelines.precompute.encode import UnitArrays, batch_grouped, encode_unit, sub_batches
 from pipelines.precompute.prepare import prepare_batch
@@ -340,3 +340,47 @@ def test_the_cache_identity_covers_weights_dtype_layout_trim_and_the_shards_vers
     save_file(tensors, weights, metadata={"format": "pt"})
     assert (clip / "config.json").read_bytes() == (tiny_models.clip / "config.json").read_bytes()
     assert version(clip=clip) != base
+
+
+# Bounded memory ---------------------------------------------------------------------------------
+
+_WIDE_IMAGES = """
+import io, resource, sys
+import numpy as np
+from PIL import Image
+from pipelines.pictures import draw
+from pipelines.precompute.prepare import prepare_unit
+from trim.encoders import ClipHost
+
+host = ClipHost(sys.argv[1])
+pngs = []
+for shade in range(5):  # five 18000 x 900 PNGs of a few KB each, as a hostile mixture may hold
+    buffer = io.BytesIO()
+    Image.new("RGB", (18000, 900), (shade, 80, 160)).save(buffer, format="PNG")
+    pngs.append(buffer.getvalue())
+samples = [{"conversations": '[{"from": "human", "value": "<image>\\\\nq"}, {"from": "gpt", "value": "a"}]'}] * 5
+small = io.BytesIO()
+Image.new("RGB", (40, 30)).save(small, format="PNG")
+prepare_unit(host, samples[:1], [small.getvalue()], "conversation", False)  # tokenizer and processor warm
+draw(Image.open(small), np.zeros(576), [0], sys.argv[2] + "/warm.png")
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = prepare_unit(host, samples, pngs, "conversation", False)
+assert out["pixel_shape"] == [5, 3, 336, 336], out["pixel_shape"]
+for n, data in enumerate(pngs):
+    draw(Image.open(io.BytesIO(data)), np.zeros(576), [0, 5], sys.argv[2] + f"/{n}.png")
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_wide_images_are_prepared_and_drawn_one_at_a_time_without_their_padded_squares(tiny_models, tmp_path):
+    """Five 18000 x 900 images: padded to squares at full resolution they would take 1.3 GB each (PIL's
+    32-bit pixels); one at a time, in strips, the peak grows by about one decoded image (65 MB)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _WIDE_IMAGES, str(tiny_models.clip), str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    growth = int(result.stdout.split()[-1])
+    assert growth < 400 * 2**20, f"peak memory grew by {growth / 2**20:.0f} MiB"
+    assert len(list(tmp_path.glob("[0-9].png"))) == 5

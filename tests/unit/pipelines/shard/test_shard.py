@@ -221,6 +221,47 @@ def test_an_image_unchanged_since_the_last_index_is_not_read_again_and_a_changed
     assert again.key_of["b.png"] == first.key_of["b.png"]  # read again, same bytes
 
 
+def _bmp(path, colour):
+    """A 6 x 4 BMP: uncompressed, so every colour gives a file of the same size."""
+    Image.new("RGB", (6, 4), colour).save(path, format="BMP")
+
+
+def test_bytes_replaced_under_the_same_size_and_mtime_are_read_again(tmp_path):
+    import os
+
+    from pipelines.shard.image_index import INDEX_FILE, read_known
+
+    _bmp(tmp_path / "img0.bmp", (1, 2, 3))
+    first = _hash(tmp_path, ["img0.bmp"])
+    storage.write_parquet(str(tmp_path / INDEX_FILE), first.table())
+    known = read_known(str(tmp_path))
+    before = os.stat(tmp_path / "img0.bmp")
+    _bmp(tmp_path / "img0.bmp", (250, 2, 3))
+    os.utime(tmp_path / "img0.bmp", ns=(before.st_atime_ns, before.st_mtime_ns))  # size and mtime put back
+    after = os.stat(tmp_path / "img0.bmp")
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    again = _hash(tmp_path, ["img0.bmp"], known)  # the inode change time moved: read again
+    assert again.key_of["img0.bmp"] != first.key_of["img0.bmp"]
+    assert again.digest() != first.digest()  # so the shards' identity, and their version, change
+
+
+def test_an_image_whose_bytes_no_longer_hash_to_its_key_is_reported_not_written(tmp_path):
+    from pipelines.shard.image_index import write_bucket_batch
+
+    _bmp(tmp_path / "a.bmp", (1, 2, 3))
+    _bmp(tmp_path / "b.bmp", (4, 5, 6))
+    stale = _hash(tmp_path, ["a.bmp", "b.bmp"])
+    _bmp(tmp_path / "b.bmp", (7, 8, 9))
+    items = stale.buckets(10)  # one file
+    batch = {k: [item[k] for item in items] for k in ("bucket", "keys", "paths", "widths", "heights")}
+    out = tmp_path / "out"
+    summary = write_bucket_batch(batch, str(tmp_path), str(out))
+    assert summary["changed"] == ['["b.bmp"]'] and not out.exists()  # the driver reads it again
+    fresh = _hash(tmp_path, ["a.bmp", "b.bmp"]).buckets(10)
+    batch = {k: [item[k] for item in fresh] for k in ("bucket", "keys", "paths", "widths", "heights")}
+    assert write_bucket_batch(batch, str(tmp_path), str(out))["changed"] == ["[]"] and out.exists()
+
+
 def test_the_images_digest_follows_content_added_and_missing_images_not_stamps(tmp_path):
     import os
 

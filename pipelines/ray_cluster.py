@@ -1,4 +1,5 @@
-"""Starting or joining Ray the same way from every job, and keeping secrets in the process that has them.
+"""Starting or joining Ray the same way from every job: the workers' environment, and Ray's own
+console output kept at WARNING unless asked for.
 
 Credentials never travel through Ray: a job's runtime_env is readable by anyone who can list jobs
 (`ray job list`, the dashboard's jobs API) and is written to the runtime-env agent's log. Each Ray
@@ -7,28 +8,25 @@ started it: for a local cluster (`ray.init()` without an address) the raylet is 
 driver and inherits the driver's environment; for `ray start` (a node on this machine or a pod on
 Kubernetes) it inherits the environment of the shell or container that ran `ray start`, which on
 Kubernetes holds the Secret trim-credentials (envFrom) or a service account's web identity.
-Only settings that are not secret are forwarded to the workers.
+Only settings that are not secret are forwarded to the workers (pipelines.redaction names the secret ones).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
+import sys
 from collections.abc import Mapping
 from typing import Any
+
+from pipelines.redaction import SECRET_ENV, has_credentials, redact_uri
 
 logger = logging.getLogger(__name__)
 
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "MLFLOW_TRACKING_URI",
-                 "TOKENIZERS_PARALLELISM")
+                 "TOKENIZERS_PARALLELISM", "TRIM_RAY_LOG_LEVEL")
 """Settings a worker needs to reach S3 and MLflow like the driver does, none of them secret. The AWS
 key id is left out on purpose: forwarded without its secret it would pair with another one."""
-
-SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "MLFLOW_TRACKING_PASSWORD",
-              "MLFLOW_TRACKING_TOKEN", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "RAY_AUTH_TOKEN")
-"""Variables whose values are secret: never forwarded, and blanked wherever the project writes text
-that others read (MLflow params and tags, log lines that name a URI)."""
 
 WORKER_DEFAULTS = {"THP_MEM_ALLOC_ENABLE": "1"}
 """Set in every worker unless the driver sets them otherwise. THP_MEM_ALLOC_ENABLE: PyTorch backs CPU
@@ -38,37 +36,6 @@ trim_tokens at B=256, N=576 took 134 ms instead of 172 ms on this project's CPU 
 
 CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", *SECRET_ENV)
 """What a worker must find in its own environment when the driver has it (names only are logged)."""
-
-_USERINFO = re.compile(r"(?P<scheme>\b[a-z][a-z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@", re.IGNORECASE)
-REDACTED = "***"
-
-
-def redact_uri(uri: str) -> str:
-    """The URI with any user:password@ part replaced: `http://alice:pw@host` -> `http://***@host`."""
-    return _USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", uri)
-
-
-def has_credentials(uri: str) -> bool:
-    return _USERINFO.search(uri) is not None
-
-
-def redact(value: Any, environ: Mapping[str, str] | None = None) -> Any:
-    """`value` (a string, or nested dicts and lists of them) with every secret it might hold blanked:
-    credentials inside URIs and the value of any SECRET_ENV variable set in `environ` (default: this
-    process's environment). Other values are returned as they are."""
-    environ = os.environ if environ is None else environ
-    if isinstance(value, dict):
-        return {k: redact(v, environ) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [redact(v, environ) for v in value]
-    if not isinstance(value, str):
-        return value
-    text = redact_uri(value)
-    for name in SECRET_ENV:
-        secret = environ.get(name, "")
-        if len(secret) >= 4 and secret in text:  # shorter values would blank common words
-            text = text.replace(secret, REDACTED)
-    return text
 
 
 def forwarded_env(environ: Mapping[str, str]) -> dict[str, str]:
@@ -87,14 +54,72 @@ def worker_env(environ: Mapping[str, str]) -> dict[str, str]:
     return {**{name: environ.get(name, value) for name, value in WORKER_DEFAULTS.items()}, **forwarded_env(environ)}
 
 
+RAY_LOG_LEVEL_ENV = "TRIM_RAY_LOG_LEVEL"
+"""The environment variable that asks for Ray's own log lines (e.g. TRIM_RAY_LOG_LEVEL=INFO: cluster
+start, Ray Data's execution plans and statistics); unset, they are kept at WARNING, and the console
+holds the stages' own progress lines. Ray keeps every line in its session logs either way."""
+
+
+def ray_log_level(environ: Mapping[str, str]) -> int:
+    """The level of Ray's own loggers: RAY_LOG_LEVEL_ENV's where it names a level, else WARNING."""
+    level = logging.getLevelName(environ.get(RAY_LOG_LEVEL_ENV, "WARNING").strip().upper())
+    return level if isinstance(level, int) else logging.WARNING
+
+
+def train_logging() -> Any:
+    """Ray Train's LoggingConfig at ray_log_level: its controller's and workers' own console lines
+    ("Attempting to start training worker group", ...) at WARNING unless asked for; its log files
+    under the session keep every line."""
+    import ray.train
+
+    return ray.train.LoggingConfig(log_level=logging.getLevelName(ray_log_level(os.environ)))
+
+
+def progress_bars(environ: Mapping[str, str]) -> bool:
+    """Whether Ray Data draws progress bars: TRIM_PROGRESS=1 or 0 where set, else where a terminal is
+    attached to stderr (a log file gets the stages' own progress lines only)."""
+    if environ.get("TRIM_PROGRESS") in ("0", "1"):
+        return environ["TRIM_PROGRESS"] == "1"
+    return sys.stderr.isatty()
+
+
+class _NotBarsOff(logging.Filter):
+    """Drops Ray Data's notice that progress bars are off: they are off on purpose (progress_bars)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Progress bars disabled")
+
+
+def quiet_ray_data(level: int) -> None:
+    """Ray Data's console lines at `level` (its execution plans and timings are INFO); its session log
+    file keeps every line."""
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler).__name__ == "PlainRayHandler":  # the console handler of Ray Data's logging config
+            handler.setLevel(max(level, handler.level))
+            handler.addFilter(_NotBarsOff())
+
+
 def quiet_local_ray() -> None:
     """Run in every Ray worker. Ray Train's placement-group cleaner asks the State API (served by the
     dashboard) about the controller every second and warns each time it cannot; without a dashboard
     that is every second of a local run. On a cluster with a dashboard it never warns."""
+    import ray
+
     from pipelines.logs import setup_logging
 
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    # The cleaner finds the cluster from RAY_ADDRESS; without it, where several Ray instances run on one
+    # machine, its monitor thread dies with a traceback ("Found multiple active Ray instances").
+    address = ray.get_runtime_context().gcs_address
+    if address:
+        os.environ.setdefault("RAY_ADDRESS", address)
     setup_logging()
+    level = ray_log_level(os.environ)
+    logging.getLogger("ray").setLevel(level)
+    # Ray Train's worker context logs every report ("Reporting training result ...") under a logger named
+    # after its file, outside "ray.train", where LoggingConfig's level does not reach.
+    context = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
+    logging.getLogger(context).setLevel(max(level, logging.WARNING))
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -106,8 +131,9 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     runtime_env = {"env_vars": worker_env(os.environ),
-                   "worker_process_setup_hook": "pipelines.runtime.quiet_local_ray"}
-    kwargs: dict[str, Any] = {"runtime_env": runtime_env, "log_to_driver": True}
+                   "worker_process_setup_hook": "pipelines.ray_cluster.quiet_local_ray"}
+    level = ray_log_level(os.environ)
+    kwargs: dict[str, Any] = {"runtime_env": runtime_env, "log_to_driver": True, "logging_level": level}
     if os.environ.get("RAY_ADDRESS"):
         held = [name for name in CREDENTIAL_ENV if os.environ.get(name)]
         if held:
@@ -119,7 +145,10 @@ def init_ray(num_cpus: int | None = None) -> None:
         kwargs["num_cpus"] = num_cpus
         kwargs["include_dashboard"] = False
     ray.init(**kwargs)
-    ray.data.DataContext.get_current().enable_progress_bars = os.environ.get("TRIM_PROGRESS", "1") == "1"
+    import ray.data  # sets its loggers up at import: adjusted after it
+
+    quiet_ray_data(level)
+    ray.data.DataContext.get_current().enable_progress_bars = progress_bars(os.environ)
 
 
 def node_count() -> int:
