@@ -6,9 +6,10 @@ zero.Init and the streamed ZeRO-3 load), trained by `worker.fit` on packed micro
 cache, checkpointed by `pipelines.train.checkpoints` and exported in 16 bits by `engine.export`.
 
 The cache holds one micro-batch of image samples, so every step trains on the same batch (its loss
-must fall). Full and TRIM runs train `STEPS` steps each, checkpointing every `STEPS // 2`; then the
-TRIM run's last checkpoint and export are removed and the run is started again: it resumes at the
-middle checkpoint, and its next losses must be the uninterrupted run's.
+must fall). Full and TRIM runs train `STEPS` steps each (the full run checkpoints at its end only, the
+TRIM run at `STEPS // 2` too: a ZeRO-3 checkpoint of ~1B parameters is ~15 GB); then the TRIM run's
+last checkpoint and export are removed and the run is started again: it resumes at the middle
+checkpoint, and its next losses must be the uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def recipe_for(run: Run, root: Path, llm: str, name: str, micro: int):
     train = dataclasses.replace(
         base.train, run_name=f"engine-{name}", num_workers=1, use_gpu=cuda,
         deepspeed_config=str(REPO / "infra" / "deepspeed" / "zero3.json"), micro_batch_size=micro,
-        grad_accum_steps=1, lr=base.train.lr if run.tiny else 1e-4, max_steps=STEPS, checkpoint_every=STEPS // 2,
+        grad_accum_steps=1, lr=base.train.lr if run.tiny else 1e-4, max_steps=STEPS,
+        checkpoint_every=STEPS if name == "full" else STEPS // 2,
         max_length=1024 if run.tiny else 2048, gradient_checkpointing=cuda, packing=True, preload=True,
         attn_implementation=base.train.attn_implementation if cuda else "sdpa_packed", max_failures=0)
     paths = dataclasses.replace(base.paths, root=str(root), llm=llm, projector="", clip="").resolved()
@@ -158,6 +160,8 @@ def engine_section(run: Run) -> None:
                            f"engine_loss_last_{name}": losses[name][-1],
                            f"engine_padding_share_{name}": steps[STEPS]["padding_share"],
                            f"engine_checkpoints_{name}": [n for n, _ in context.reports]})
+                if name == "full":
+                    shutil.rmtree(job.run_dir)  # disk: only the TRIM run's checkpoints are needed
             size = sum(f.stat().st_size for f in Path(job.export_dir).rglob("*") if f.is_file())
             run.put(engine_export_gib=size / 2**30, engine_export_loss_trim=export_loss(run, job, rows))
             # Interrupt the TRIM run after its middle checkpoint: remove what came after, start again.
