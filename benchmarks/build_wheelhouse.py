@@ -6,7 +6,7 @@ no network, small enough to travel beside the working tree.
 DeepSpeed ships as a source archive only: it is built here into a pure-Python wheel (DS_BUILD_OPS=0,
 no compiled op; the few a run needs are compiled just in time where a compiler is, and the engine's
 optimizer is torch's AdamW, which needs none). Beside it go DeepSpeed's requirements that such a node
-lacks (NODE_LACKS), each at the version installed here, binary wheels for the node's Python and this
+lacks (CARRIED), each at the version installed here, binary wheels for the node's Python and this
 one's. The folder gets a requirements.txt naming exactly those, so the node installs them alone,
 without resolving torch:
 
@@ -31,9 +31,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DEEPSPEED = "deepspeed"
-NODE_LACKS = ("hjson", "pydantic", "pydantic-core", "annotated-types", "typing-inspection")
-"""DeepSpeed's requirements (and theirs) that the GPU node's image lacks; it has the others (einops,
-msgpack, ninja, numpy, packaging, psutil, py-cpuinfo, torch, tqdm: docs/gpu.md)."""
+CARRIED = ("hjson", "pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions")
+"""What DeepSpeed needs beside itself on the GPU node: the requirements (and theirs) its image lacks,
+and typing-extensions, which it has but perhaps older than pydantic's minimum (4.16; a newer one serves
+every other user). The image has DeepSpeed's other requirements (einops, msgpack, ninja, numpy,
+packaging, psutil, py-cpuinfo, torch, tqdm: docs/gpu.md)."""
 NODE_ABSENT_MODULES = ("deepspeed", "hjson", "pydantic", "pydantic_core", "annotated_types", "typing_inspection",
                        "ray", "mlflow")
 """Top-level modules hidden from the copy of this environment that --check runs in."""
@@ -57,7 +59,7 @@ def build(out: Path, python_versions: list[str]) -> list[str]:
     # The sdist's setup.py imports torch: built against this environment's, no isolation; no op compiled.
     pip("wheel", "--no-deps", "--no-build-isolation", "--no-cache-dir", "--no-binary", DEEPSPEED, "-w", str(out),
         f"{DEEPSPEED}=={version}", env={**os.environ, "DS_BUILD_OPS": "0"})
-    pins = [f"{DEEPSPEED}=={version}"] + [f"{name}=={importlib.metadata.version(name)}" for name in NODE_LACKS]
+    pins = [f"{DEEPSPEED}=={version}"] + [f"{name}=={importlib.metadata.version(name)}" for name in CARRIED]
     platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
     for python in python_versions:
         pip("download", "--no-deps", "--only-binary=:all:", "--implementation", "cp", "--python-version", python,
