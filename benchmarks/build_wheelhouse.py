@@ -23,6 +23,7 @@ import argparse
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -91,13 +92,17 @@ def node_like_site(folder: Path) -> Path:
 def check(out: Path) -> dict:
     """Install the wheelhouse as the node would into a temporary target and run the engine section of
     gpu_check.py --tiny on a copy of this environment without DeepSpeed; returns its RESULT."""
+    # A fixed target and a torch_extensions folder of its own: DeepSpeed's CPU shared-memory op is
+    # compiled once for this target, and the build cached for this environment's DeepSpeed is untouched.
+    work = Path(tempfile.gettempdir(), "trim-wheelhouse-check")
+    target = work / "target"
+    shutil.rmtree(target, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix="wheelhouse-check-") as tmp:
-        target = Path(tmp, "target")
         pip("install", "-q", "--no-index", "--no-deps", "--no-compile", "--target", str(target),
             "--find-links", str(out), "-r", str(out / "requirements.txt"))
         site = node_like_site(Path(tmp, "site"))
         env = {**os.environ, "PYTHONPATH": f"{target}{os.pathsep}{site}", "CUDA_VISIBLE_DEVICES": "",
-               "TOKENIZERS_PARALLELISM": "false"}
+               "TOKENIZERS_PARALLELISM": "false", "TORCH_EXTENSIONS_DIR": str(work / "torch_extensions")}
         # -S: no site-packages of this environment, only what PYTHONPATH names.
         where = subprocess.run([sys.executable, "-S", "-c", "import deepspeed; print(deepspeed.__file__)"],
                                env=env, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
