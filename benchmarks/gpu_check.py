@@ -1,10 +1,12 @@
-"""One GPU check for issues 14 (fine-tuning), 15 (inference) and 16 (precompute), printed as ratios.
+"""What TRIM buys on one GPU, full vs TRIM side by side: the training step, inference, the precompute
+encoder stage, and the training engine as the workers run it.
 
-    python benchmarks/gpu_check.py [--tiny] [--out DIR] [--geometries 7b,13b] [--deadline-s 240]
+    python benchmarks/gpu_check.py [--tiny] [--out DIR] [--geometries 7b,13b] [--only engine,eval_7b]
 
-Needs only torch, transformers, numpy, PIL (torchvision optional) and `trim/`: random weights at
-vicuna-7B/13B and CLIP ViT-L/14-336 geometry, bf16, built on the device. `--tiny` runs the same code
-at tiny sizes (CPU, under a minute). Each section is guarded: a failure is printed and recorded, the
+The model sections need only torch, transformers, numpy, PIL (torchvision optional) and `trim/`: random
+weights at vicuna-7B/13B and CLIP ViT-L/14-336 geometry, bf16, built on the device. The engine section
+needs DeepSpeed too (benchmarks/build_wheelhouse.py brings it to a node without it). `--tiny` runs the
+same code at tiny sizes on the CPU. Each section is guarded: a failure is printed and recorded, the
 others still run. The last line is `RESULT {json}`. docs/gpu.md says what each figure means.
 """
 
@@ -25,6 +27,7 @@ sys.path.insert(0, str(REPO))
 
 import transformers  # noqa: E402
 from gpu_sections.encoder import encoder_section, gpu_decode_section, preprocess_section  # noqa: E402
+from gpu_sections.engine import engine_section  # noqa: E402
 from gpu_sections.inference import eval_section, graph_section, prefill_section  # noqa: E402
 from gpu_sections.run import GPU_SIZES, TINY_SIZES, Run, free_memory  # noqa: E402
 from gpu_sections.train import train_section  # noqa: E402
@@ -54,6 +57,10 @@ def summary(results: dict) -> str:
             ("  ... TRIM's counts varied, batches as drawn", "eval_questions_per_s_ratio_varied"),
             ("  ... TRIM's counts varied, batches by length", "eval_questions_per_s_ratio_sorted"),
             ("TTFT b1 eager 13B full / TRIM", "ttft_b1_eager_ratio_13b"),
+            ("engine step full / TRIM (DeepSpeed ZeRO-3)", "engine_step_ratio"),
+            ("  ... token ratio", "engine_token_ratio"),
+            ("engine resumed loss = uninterrupted", "engine_resume_next_loss_equal"),
+            ("engine losses finite / falling", "engine_loss_decreasing"),
             ("decode ms/token full", "decode_ms_per_token_full"), ("decode ms/token TRIM", "decode_ms_per_token_trim"),
             ("encoder raw images/s", "encoder_raw_images_per_s"),
             ("encoder stage images/s", "encoder_stage_images_per_s"),
@@ -75,10 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline-s", type=float, default=240.0,
                         help="optional sections (graphs, 13B) are skipped once this many seconds have passed")
     parser.add_argument("--skip", default="", help="sections not to run, e.g. train_7b,prefill_13b (see the log's ==)")
+    parser.add_argument("--only", default="", help="run these sections alone, e.g. engine,eval_7b")
+    parser.add_argument("--engine-layers", type=int, default=4,
+                        help="decoder layers of the engine section's Llama at vicuna-7B's layer shapes "
+                             "(4: ~1.07B parameters; 32: 7B)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run = Run(device, TINY_SIZES if args.tiny else GPU_SIZES, args.tiny, args.deadline_s, args.out)
     run.skip_sections = set(filter(None, args.skip.split(",")))
+    run.only_sections = set(filter(None, args.only.split(",")))
+    run.engine_layers = args.engine_layers
     default_attn = "flex_attention,sdpa" if device.type == "cuda" else "sdpa_packed"
     run.results["packed_attn_tried"] = (args.packed_attn or default_attn).split(",")
     run.results.update(environment(run))
@@ -97,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         run.section(f"prefill_{geometry}", lambda r, g=geometry: prefill_section(r, g), optional=True)
         run.section(f"graph_{geometry}", lambda r, g=geometry: graph_section(r, g), optional=True)
         run.models.pop(geometry, None)
+    free_memory(run)
+    run.section("engine", engine_section)
     run.results["total_s"] = round(time.perf_counter() - run.start, 1)
     run.log("summary:\n" + summary(run.results))
     line = "RESULT " + json.dumps(run.results, sort_keys=True)

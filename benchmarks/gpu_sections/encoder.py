@@ -1,4 +1,4 @@
-"""The precompute encoder stage and image preprocessing (issue 16)."""
+"""The precompute encoder stage and image preprocessing."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Prefill, decode, KV cache, the low-latency path and evaluation throughput (issue 15)."""
+"""Prefill, decode, KV cache, the low-latency path and evaluation throughput."""
 
 from __future__ import annotations
 
@@ -175,7 +175,7 @@ def graph_section(run: Run, geometry: str) -> None:
 
 
 def eval_section(run: Run) -> None:
-    """Evaluation throughput (issue 15): one batch of prefill_batch questions as the evaluation actor
+    """Evaluation throughput: one batch of prefill_batch questions as the evaluation actor
     runs it on the device, full vs TRIM. Encode, as the answerer's reduce (trim.inference): 8-bit
     pixels normalized on the device, the vision tower to layer -2, the text tower, trim_tokens with
     fp32 scoring (full: selection "all", as the evaluation's full-token rows). Answer: answer_tokens

@@ -77,6 +77,8 @@ class Run:
         self.lines: list[str] = []
         self.models: dict = {}
         self.skip_sections: set[str] = set()
+        self.only_sections: set[str] = set()
+        self.engine_layers = 4
 
     def log(self, message: str) -> None:
         line = f"[{time.perf_counter() - self.start:7.1f}s] {message}"
@@ -107,9 +109,9 @@ class Run:
 
     def section(self, name: str, fn: Callable[[Run], None], optional: bool = False) -> None:
         elapsed = time.perf_counter() - self.start
-        if name in self.skip_sections:
-            self.results["skipped"][name] = "--skip"
-            self.log(f"== {name}: skipped (--skip)")
+        if name in self.skip_sections or (self.only_sections and name not in self.only_sections):
+            self.results["skipped"][name] = "--skip" if name in self.skip_sections else "--only"
+            self.log(f"== {name}: skipped ({self.results['skipped'][name]})")
             return
         if optional and elapsed > self.deadline_s:
             self.results["skipped"][name] = f"deadline: {elapsed:.0f}s > {self.deadline_s:.0f}s"

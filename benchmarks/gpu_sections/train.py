@@ -1,4 +1,4 @@
-"""The training step, full vs TRIM, padded vs packed (issue 14)."""
+"""The training step, full vs TRIM, padded vs packed."""
 
 from __future__ import annotations
 

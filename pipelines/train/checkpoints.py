@@ -26,11 +26,14 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines import storage
 from pipelines.train.checkpoint_digests import DIGESTS_FILE, digest_file, digest_tree, merge, walk
 from pipelines.train.plan import TrainState
+
+if TYPE_CHECKING:
+    from pipelines.train.context import WorkerContext
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +62,11 @@ def step_of(name: str) -> int | None:
 # Worker side ------------------------------------------------------------------------------------
 
 
-def save(engine: Any, state: TrainState, metrics: dict, run_dir: str, is_master: bool) -> None:
-    """Every rank writes its DeepSpeed shards; Ray Train gathers them into one checkpoint folder.
-    Once all ranks have uploaded, rank 0 records the digests of every rank's files, then marks the
-    checkpoint complete."""
-    import ray.train
+def save(engine: Any, state: TrainState, metrics: dict, run_dir: str, is_master: bool,
+         context: WorkerContext) -> None:
+    """Every rank writes its DeepSpeed shards; the context (Ray Train) gathers them into one
+    checkpoint folder. Once all ranks have uploaded, rank 0 records the digests of every rank's files,
+    then marks the checkpoint complete."""
     import torch.distributed as dist
 
     name = dir_name(state.step)
@@ -72,8 +75,7 @@ def save(engine: Any, state: TrainState, metrics: dict, run_dir: str, is_master:
         if is_master:
             Path(directory, STATE_FILE).write_text(state.to_json())
         mine = digest_tree(directory)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                         checkpoint_dir_name=name)
+        context.report(metrics, directory, name)
     # report() returns once this rank's upload is done: the gather also waits for every rank's.
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
@@ -155,26 +157,26 @@ def _is_complete(checkpoint: Any) -> bool:
     return info.type == pafs.FileType.File
 
 
-def restore(engine: Any, registered: Any, found: str | None) -> TrainState:
-    """Load the newer of Ray Train's registered checkpoint and the newest complete one the driver
-    found on storage (a registered one not marked complete only when there is no other); returns the
-    training state (a fresh one when there is neither). Its files are verified before loading."""
+def restore(engine: Any, found: str | None, context: WorkerContext) -> TrainState:
+    """Load the newer of the context's registered checkpoint (Ray Train's) and the newest complete
+    one found on storage (a registered one not marked complete only when there is no other); returns
+    the training state (a fresh one when there is neither). Its files are verified before loading."""
     import pyarrow.fs
-    import ray.train
     import torch.distributed as dist
 
+    registered = context.registered_checkpoint()
     checkpoint = registered
     if found:
         found_step = storage.read_json(storage.join(found, COMPLETE_FILE))["step"]
         if registered is None or not _is_complete(registered) or _state_of(registered).step < found_step:
             fs, path = storage.arrow_fs(found)
-            checkpoint = ray.train.Checkpoint(path, filesystem=fs)
+            checkpoint = context.checkpoint_at(path, fs)
     if checkpoint is None:
         return TrainState()
     if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
         ranks = {dist.get_rank()} if dist.is_available() and dist.is_initialized() else None
         return load(engine, checkpoint.path, checkpoint.path, ranks)
-    return _restore_remote(engine, checkpoint)
+    return _restore_remote(engine, checkpoint, context)
 
 
 RANK_FILE = re.compile(r"(?:^|/)(?:bf16_)?zero_pp_rank_(\d+)_")
@@ -218,16 +220,15 @@ def _download(checkpoint: Any, directory: str, ranks: set[int]) -> None:
                         destination_filesystem=pafs.LocalFileSystem())
 
 
-def _restore_remote(engine: Any, checkpoint: Any) -> TrainState:
+def _restore_remote(engine: Any, checkpoint: Any, context: WorkerContext) -> TrainState:
     """One download per node, by its local rank 0, of the files its ranks read, verified there
     against the recorded digests; read by every rank there, removed once all have loaded (Ray's
     shared as_directory() lets one rank delete it before another has read it)."""
-    import ray.train
     import torch.distributed as dist
 
     name = "trim-restore-" + hashlib.sha1(checkpoint.path.encode()).hexdigest()
     directory = os.path.join(tempfile.gettempdir(), name)
-    first_on_node = ray.train.get_context().get_local_rank() == 0
+    first_on_node = context.local_rank() == 0
     ranks = _ranks_on_this_node()  # collective: every rank takes part
     problem = None
     if first_on_node:

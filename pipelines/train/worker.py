@@ -1,8 +1,11 @@
 """The fine-tuning worker (one per Ray Train rank), in layers as litgpt's finetune: `train_loop`
 sets up (job spec, model and engine, restore, tracking), `fit` only trains, `export` writes the model.
 
-Rank-0 side effects (MLflow, progress lines, the complete marker, the export's write) hang on one
-flag, `is_master`, as nanoGPT's master_process; other ranks log warnings only.
+What the worker takes from its surroundings (rank, registered checkpoint, checkpoint upload, tracker)
+comes from a WorkerContext (pipelines.train.context): Ray Train's by default, a local one where the
+same code runs without Ray. Rank-0 side effects (MLflow, progress lines, the complete marker, the
+export's write) hang on one flag, `is_master`, as nanoGPT's master_process; other ranks log warnings
+only.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 
 from pipelines.tracking import Tracker
 from pipelines.train import checkpoints
+from pipelines.train.context import WorkerContext
 from pipelines.train.data import CacheReader, SampleIndex, collate, micro_batches, positions
 from pipelines.train.engine import Built
 from pipelines.train.identity import resume_differences
@@ -92,8 +96,8 @@ def _mean_over_ranks(values: list[float], world: int) -> float:
 
 class MetricsLog:
     """Each step's metrics, sent to the tracker in one request every METRICS_EVERY_S seconds and
-    at each checkpoint (so a resumed run's history has no gap): a request per step to MLflow took
-    ~10% of rank 0's time at ~110 ms steps (py-spy, sqlite store), and every rank waits for rank 0."""
+    at each checkpoint (so a resumed run's history has no gap): a request per step would hold rank 0
+    up at every step, and every rank waits for rank 0."""
 
     def __init__(self, tracker: Tracker) -> None:
         self.tracker, self.sent = tracker, time.monotonic()
@@ -111,7 +115,7 @@ EpochBatches = Callable[[int, int], Iterable[tuple[int, list[dict]]]]
 
 
 def fit(built: Built, job: TrainJob, state: TrainState, epoch_batches: EpochBatches,
-        tracker: Tracker, is_master: bool, world: int) -> None:
+        tracker: Tracker, is_master: bool, world: int, context: WorkerContext) -> None:
     """Train until job.plan.total_steps: each epoch's micro-batches, an optimizer step at each
     accumulation boundary, metrics and a checkpoint every train.checkpoint_every steps."""
     cfg, plan, engine = job.train, job.plan, built.engine
@@ -147,7 +151,7 @@ def fit(built: Built, job: TrainJob, state: TrainState, epoch_batches: EpochBatc
                 # a run MLflow could only start late is the one a resume continues
                 state.mlflow_run_id = tracker.run_id or state.mlflow_run_id
                 checkpoints.save(engine, state, {**metrics, "step": state.step, "first_loss": state.first_loss},
-                                 job.run_dir, is_master)
+                                 job.run_dir, is_master, context)
             progress.start_step()
         if seen == 0 and state.micro_in_epoch == 0:
             raise RuntimeError("finetune: the training data is empty (is the cache complete?)")
@@ -171,16 +175,14 @@ def _start_tracking(tracker: Tracker, job: TrainJob, state: TrainState) -> None:
                     state.micro_in_epoch, state.mlflow_run_id)
 
 
-def _restore(built: Built, job: TrainJob, world: int) -> TrainState:
+def _restore(built: Built, job: TrainJob, world: int, context: WorkerContext) -> TrainState:
     """The state to start from: fresh, or the newest checkpoint if it belongs to this run. Not the
     driver's view from before the job: after a lost worker Ray Train restarts the group, and the newest
     complete checkpoint is then one this job wrote."""
-    import ray.train
-
     identity = {**job.identity, "workers": world}
     if job.train.start_fresh:
         return TrainState(identity=identity)
-    state = checkpoints.restore(built.engine, ray.train.get_checkpoint(), checkpoints.newest_complete(job.run_dir))
+    state = checkpoints.restore(built.engine, checkpoints.newest_complete(job.run_dir), context)
     differs = []
     if state.step:
         differs = resume_differences(state.identity, identity, state.step, state.micro_in_epoch, job.plan)
@@ -213,27 +215,27 @@ def _epoch_batches(job: TrainJob, index: SampleIndex, rank: int, world: int) -> 
     return epoch_batches
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train's per-worker function: set up, fit, export."""
-    import ray.train
-
+def train_loop(config: dict[str, Any], context: WorkerContext | None = None) -> None:
+    """Ray Train's per-worker function: set up, fit, export. `context`: the worker's surroundings
+    (default: Ray Train's)."""
     from pipelines.logs import setup_logging
+    from pipelines.train.context import RayTrainContext
     from pipelines.train.engine import build, export
 
     job = TrainJob.from_dict({k: v for k, v in config.items() if k != SAMPLE_INDEX_KEY})
     index = config[SAMPLE_INDEX_KEY]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    context = context if context is not None else RayTrainContext()
+    rank, world = context.world_rank(), context.world_size()
     is_master = rank == 0
     setup_logging(quiet=not is_master)
     torch.manual_seed(job.train.seed)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
     built = build(job)
-    state = _restore(built, job, world)
+    state = _restore(built, job, world, context)
     epoch_batches = _epoch_batches(job, index, rank, world)
-    with Tracker(job.tracking_uri, job.experiment, enabled=is_master) as tracker:
+    with context.tracker(job, is_master) as tracker:
         _start_tracking(tracker, job, state)
-        fit(built, job, state, epoch_batches, tracker, is_master, world)
+        fit(built, job, state, epoch_batches, tracker, is_master, world, context)
         export(built, job.export_dir, is_master, tracker, job.registered_model)
         tracker.set_tags({"model_dir": job.export_dir})
