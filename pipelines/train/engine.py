@@ -1,5 +1,5 @@
 """Building what a worker trains: the model, its optimizer and schedule inside a DeepSpeed engine;
-and writing the final model out. Nothing here loops or logs metrics (see train_worker.fit)."""
+and writing the final model out. Nothing here loops or logs metrics (see pipelines.train.worker.fit)."""
 
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ def deepspeed_config(path: str, cfg: TrainConfig) -> dict:
 
 
 @dataclass
-class Built:
-    """A worker's trainable parts."""
+class ModelEngine:
+    """A worker's trainable parts: the model, its tokenizer and the DeepSpeed engine around them."""
 
     model: Any
     """The LlavaTrim module (wrapped by the engine)."""
@@ -78,7 +78,7 @@ def zero3_init(ds_config: dict) -> Iterator[None]:
         del keep_alive
 
 
-def build(job: TrainJob) -> Built:
+def build(job: TrainJob) -> ModelEngine:
     """Model (LLM + projector), AdamW with warmup-cosine, wrapped in a DeepSpeed engine."""
     import deepspeed
 
@@ -104,7 +104,7 @@ def build(job: TrainJob) -> Built:
     scheduler = lr_scheduler(optimizer, job.plan)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=job.deepspeed)
-    return Built(model=model, tokenizer=tokenizer, engine=engine,
+    return ModelEngine(model=model, tokenizer=tokenizer, engine=engine,
                  zero_stage=int(job.deepspeed.get("zero_optimization", {}).get("stage", 0)))
 
 
@@ -116,7 +116,8 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, plan: StepPlan) -> torch.opti
     return get_cosine_schedule_with_warmup(optimizer, plan.warmup_steps, plan.total_steps)
 
 
-def export(built: Built, destination: str, is_master: bool, tracker: Any = None, registered_name: str = "") -> None:
+def export(built: ModelEngine, destination: str, is_master: bool, tracker: Any = None,
+           registered_name: str = "") -> None:
     """Write the final model directory to local disk or S3 (and, with a tracker, into the run and the
     model registry as `registered_name`). Every rank must call this: under ZeRO-3 the partitioned
     weights are gathered (DeepSpeed's save_16bit_model) and rank 0 writes them. The new model is

@@ -23,7 +23,7 @@ from pipelines.tracking import Tracker
 from pipelines.train import checkpoints
 from pipelines.train.context import WorkerContext
 from pipelines.train.data import CacheReader, SampleIndex, collate, micro_batches, positions
-from pipelines.train.engine import Built
+from pipelines.train.engine import ModelEngine
 from pipelines.train.identity import resume_differences
 from pipelines.train.order import epoch_micro_batches, rank_micro_batches
 from pipelines.train.plan import TrainJob, TrainState
@@ -114,7 +114,7 @@ EpochBatches = Callable[[int, int], Iterable[tuple[int, list[dict]]]]
 """(epoch, micro-batches to skip) -> this worker's (position in the epoch, rows) from there on."""
 
 
-def fit(built: Built, job: TrainJob, state: TrainState, epoch_batches: EpochBatches,
+def fit(built: ModelEngine, job: TrainJob, state: TrainState, epoch_batches: EpochBatches,
         tracker: Tracker, is_master: bool, world: int, context: WorkerContext) -> None:
     """Train until job.plan.total_steps: each epoch's micro-batches, an optimizer step at each
     accumulation boundary, metrics and a checkpoint every train.checkpoint_every steps."""
@@ -175,7 +175,7 @@ def _start_tracking(tracker: Tracker, job: TrainJob, state: TrainState) -> None:
                     state.micro_in_epoch, state.mlflow_run_id)
 
 
-def _restore(built: Built, job: TrainJob, world: int, context: WorkerContext) -> TrainState:
+def _restore(built: ModelEngine, job: TrainJob, world: int, context: WorkerContext) -> TrainState:
     """The state to start from: fresh, or the newest checkpoint if it belongs to this run. Not the
     driver's view from before the job: after a lost worker Ray Train restarts the group, and the newest
     complete checkpoint is then one this job wrote."""

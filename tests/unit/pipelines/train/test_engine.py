@@ -51,14 +51,14 @@ class SavingModel:
 
 
 def test_export_writes_beside_the_old_model_and_switches_when_complete(tmp_path):
-    from pipelines.train.engine import Built, export
+    from pipelines.train.engine import ModelEngine, export
 
     destination = tmp_path / "run" / "model"
-    export(Built(SavingModel("old"), None, None, zero_stage=2), str(destination), is_master=True)
+    export(ModelEngine(SavingModel("old"), None, None, zero_stage=2), str(destination), is_master=True)
     with pytest.raises(OSError, match="upload interrupted"):
-        export(Built(SavingModel("new", fail=True), None, None, zero_stage=2), str(destination), is_master=True)
+        export(ModelEngine(SavingModel("new", fail=True), None, None, zero_stage=2), str(destination), is_master=True)
     files = {p.relative_to(destination).as_posix(): p.read_text() for p in destination.rglob("*") if p.is_file()}
     assert files == {"llm/model.safetensors": "old", "trim_llava.json": "old"}
-    export(Built(SavingModel("new"), None, None, zero_stage=2), str(destination), is_master=True)
+    export(ModelEngine(SavingModel("new"), None, None, zero_stage=2), str(destination), is_master=True)
     assert (destination / "trim_llava.json").read_text() == "new"
     assert sorted(p.name for p in destination.parent.iterdir()) == ["model"]
