@@ -92,13 +92,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _baseline_rank(rank: int, world: int, port: int, job_dict: dict, cache: str, steps: int, out: str) -> None:
-    """One rank of the DeepSpeed baseline: the job's engine, this rank's micro-batches of the job's
-    order read and collated before the clock starts, then forward, backward and step only."""
+def _baseline_rank(rank: int, world: int, port: int, jobs: list[tuple[dict, str]], steps: int, out: str) -> None:
+    """One rank of the DeepSpeed baseline, for each (job, cache version folder) in turn: the job's
+    engine, this rank's micro-batches of the job's order read and collated before the clock starts,
+    then forward, backward and step only."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     import deepspeed
 
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # as a Ray Train worker sets them
+    deepspeed.init_distributed(dist_backend="gloo")
+    times = [_baseline_steps(rank, world, job_dict, cache, steps) for job_dict, cache in jobs]
+    Path(out, f"rank{rank}.json").write_text(json.dumps(times))
+
+
+def _baseline_steps(rank: int, world: int, job_dict: dict, cache: str, steps: int) -> list[float]:
     from pipelines.train.data import CacheReader, collate, sample_index
     from pipelines.train.engine import build
     from pipelines.train.order import epoch_micro_batches, rank_micro_batches
@@ -108,12 +116,9 @@ def _baseline_rank(rank: int, world: int, port: int, job_dict: dict, cache: str,
     job = TrainJob.from_dict(job_dict)
     cfg = job.train
     torch.manual_seed(cfg.seed)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # as a Ray Train worker sets them
-    deepspeed.init_distributed(dist_backend="gloo")
     built = build(job)
     index = sample_index(cache)
-    reader = CacheReader(index, tokenizer_path(job.llm), cfg.max_length, memo=True)
-    rows = reader.read(range(len(index)))
+    rows = CacheReader(index, tokenizer_path(job.llm), cfg.max_length).read(range(len(index)))
     tokenizer = built.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batches, epoch = [], 0
@@ -138,22 +143,26 @@ def _baseline_rank(rank: int, world: int, port: int, job_dict: dict, cache: str,
             now = time.perf_counter()
             times.append(now - started)
             started = now
-    Path(out, f"rank{rank}.json").write_text(json.dumps(times))
+    engine.destroy()
+    return times
 
 
-def deepspeed_step(root: Path, overrides: list[str], steps: int) -> float:
-    """Median step time (rank 0, after SKIP warm-up steps) of the DeepSpeed baseline on `root`'s cache."""
+def deepspeed_steps(roots: dict[str, Path], overrides: list[str], steps: int) -> dict[str, float]:
+    """Median step time (rank 0, after SKIP warm-up steps) of the DeepSpeed baseline on each root's
+    cache, one root after the other in the same two processes."""
     from pipelines.train.launch import train_job
 
-    recipe = load_recipe("tiny", [f"paths.root={root}", *overrides])
-    cache = resolve_output(recipe.paths.cache)  # the version the job trains on
-    job_dict = train_job(recipe, "", cache).to_dict()
-    world = recipe.train.num_workers
+    jobs = []
+    for root in roots.values():
+        recipe = load_recipe("tiny", [f"paths.root={root}", *overrides])
+        cache = resolve_output(recipe.paths.cache)  # the version the job trains on
+        jobs.append((train_job(recipe, "", cache).to_dict(), cache))
+    world = load_recipe("tiny", overrides).train.num_workers
     with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(_baseline_rank, args=(world, _free_port(), job_dict, cache, steps, out), nprocs=world,
-                           join=True, start_method="spawn")
+        mp.start_processes(_baseline_rank, args=(world, _free_port(), jobs, steps, out), nprocs=world, join=True,
+                           start_method="spawn")
         times = json.loads(Path(out, "rank0.json").read_text())
-    return statistics.median(times[SKIP:])
+    return {kind: statistics.median(kind_times[SKIP:]) for kind, kind_times in zip(roots, times)}
 
 
 def bare_ratio(root: Path, llm: Path, micro: int, threads: int, batches: int = 8,
@@ -221,16 +230,16 @@ def main() -> None:
     run_measured([sys.executable, __file__, "--prepare", "--workdir", str(work)])
 
     common = [*model_sets, f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro}",
-              "train.checkpoint_every=10", "train.deepspeed_config=infra/deepspeed/zero2.json",
+              "train.checkpoint_every=10", f"train.deepspeed_config={REPO / 'infra' / 'deepspeed' / 'zero2.json'}",
               "train.max_length=1024"]  # room for all 576 visual tokens plus the text
-    results, runs, baseline = {}, {}, {}
+    results, runs = {}, {}
     for kind in ("full", "trim"):
         for preload in (False,) if args.quick else (False, True):
             run_name = f"{kind}-{'preload' if preload else 'loader'}-{int(time.time())}"
             job("finetune", work / kind, *common, f"train.run_name={run_name}", f"train.preload={preload}")
             results[(kind, preload)] = median_step_time(work / kind, run_name)
             runs[(kind, preload)] = run_name
-        baseline[kind] = deepspeed_step(work / kind, common, args.steps)
+    baseline = deepspeed_steps({kind: work / kind for kind in ("full", "trim")}, common, args.steps)
     manifest = CacheManifest.read(str(work / "trim" / "cache"))
     threads = max(1, (os.cpu_count() or 1) // load_recipe("tiny").train.num_workers)  # as a training worker sets them
     bare, full_len, trim_len = bare_ratio(work, models.llm, args.micro, threads, *((2, 2) if args.quick else ()))

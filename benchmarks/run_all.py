@@ -56,6 +56,11 @@ TARGETS: dict[str, list[Target]] = {
 """The bars of each benchmark (its docstring says why); information-only figures have none."""
 
 
+ORDER = ["bench_trim", "bench_zero3_build", "bench_shard", "bench_train", "bench_precompute"]
+"""The shortest first (minutes to tens of minutes on 2 cores), so a run cut short holds the most figures;
+a benchmark not named here runs after them."""
+
+
 def parse_result(output: str) -> dict | None:
     """The figures of the last `RESULT {json}` line of a benchmark's output; None without one."""
     lines = [line for line in output.splitlines() if line.startswith(RESULT_PREFIX)]
@@ -125,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated benchmark names (default: every bench_*.py)")
     parser.add_argument("extra", nargs="*", help="after --: arguments passed to every benchmark")
     args = parser.parse_args(argv)
-    scripts = sorted(HERE.glob("bench_*.py"))
+    scripts = sorted(HERE.glob("bench_*.py"), key=lambda s: (ORDER.index(s.stem) if s.stem in ORDER else len(ORDER),
+                                                            s.stem))
     if args.only:
         wanted = set(args.only.split(","))
         scripts = [s for s in scripts if s.stem in wanted]
