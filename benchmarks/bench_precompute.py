@@ -34,7 +34,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch  # noqa: E402
 from bench_trim import time_trim
-from common import REPO, table
+from common import REPO, child_env, table
 from PIL import Image
 
 from pipelines import storage
@@ -139,9 +139,7 @@ def raw_rates(work: Path, batch: int) -> tuple[float, float, int, int]:
 def run_child(args: argparse.Namespace, stage: str) -> dict:
     command = [sys.executable, __file__, "--child", stage, "--workdir", args.workdir, "--batch", str(args.batch),
                "--threads", str(args.threads), "--rows-per-file", str(args.rows_per_file)]
-    env = dict(os.environ, TRIM_PROGRESS="0", PYTHONPATH=str(REPO))
-    env.pop("RAY_ADDRESS", None)
-    out = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    out = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{stage} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     lines = [line for line in out.stdout.splitlines() if line.startswith("CHILD ")]

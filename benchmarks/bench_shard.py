@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import psutil
-from common import REPO, run_measured, table, tree_rss
+from common import REPO, child_env, run_measured, table, tree_rss
 
 from pipelines.manifests import ShardsManifest
 from synthetic.mixture import write_mixture
@@ -29,10 +29,9 @@ from synthetic.mixture import write_mixture
 
 def run_job(args: list[str], poll: float = 0.1) -> tuple[float, int, int, str]:
     """Run a command; (wall seconds, peak RSS of its own process, peak RSS of its process tree, output)."""
-    env = dict(os.environ, TRIM_PROGRESS="0")
-    env.pop("RAY_ADDRESS", None)
     started = time.perf_counter()
-    process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(args, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(process.stdout or []), daemon=True)
     reader.start()
