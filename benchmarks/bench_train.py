@@ -158,10 +158,18 @@ def deepspeed_steps(roots: dict[str, Path], overrides: list[str], steps: int) ->
         cache = resolve_output(recipe.paths.cache)  # the version the job trains on
         jobs.append((train_job(recipe, "", cache).to_dict(), cache))
     world = load_recipe("tiny", overrides).train.num_workers
+    # The environment Ray gives the job's workers (huge pages for large CPU tensors; one OpenMP thread
+    # per CPU the worker asks for): spawned processes inherit it, torch reads it at its first allocation.
+    from pipelines.runtime import worker_env
+
+    saved = dict(os.environ)
+    os.environ.update({**worker_env(os.environ), "OMP_NUM_THREADS": "1"})
     with tempfile.TemporaryDirectory() as out:
         mp.start_processes(_baseline_rank, args=(world, _free_port(), jobs, steps, out), nprocs=world, join=True,
                            start_method="spawn")
         times = json.loads(Path(out, "rank0.json").read_text())
+    os.environ.clear()
+    os.environ.update(saved)
     return {kind: statistics.median(kind_times[SKIP:]) for kind, kind_times in zip(roots, times)}
 
 
