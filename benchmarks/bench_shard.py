@@ -2,9 +2,10 @@
 (`jobs/shard.py`, its own local Ray), and again at 2M rows with the same pool: wall time, and the
 driver process's peak RSS at 2M rows over at 665K rows (a driver that streams stays flat; one that
 holds the records grows with them). `--naive` adds the single-process loop of naive_shard.py on the
-665K input. Ends with one `RESULT {json}` line.
+665K input. `--quick` runs the same at 2,000 and 4,000 rows with 200 images. Ends with one
+`RESULT {json}` line.
 
-    python benchmarks/bench_shard.py [--rows 665000] [--big-rows 2000000] [--images 30000] [--naive]
+    python benchmarks/bench_shard.py [--rows 665000] [--big-rows 2000000] [--images 30000] [--naive] [--quick]
 """
 
 from __future__ import annotations
@@ -20,17 +21,17 @@ import time
 from pathlib import Path
 
 import psutil
-from common import REPO, run_measured, table, tree_rss
+from common import REPO, child_env, run_measured, table, tree_rss
 
+from pipelines.manifests import ShardsManifest
 from synthetic.mixture import write_mixture
 
 
 def run_job(args: list[str], poll: float = 0.1) -> tuple[float, int, int, str]:
     """Run a command; (wall seconds, peak RSS of its own process, peak RSS of its process tree, output)."""
-    env = dict(os.environ, TRIM_PROGRESS="0")
-    env.pop("RAY_ADDRESS", None)
     started = time.perf_counter()
-    process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(args, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(process.stdout or []), daemon=True)
     reader.start()
@@ -72,17 +73,20 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=30_000)
     parser.add_argument("--naive", action="store_true", help="also time the single-process loop")
     parser.add_argument("--workdir", default="/tmp/bench-shard")
+    parser.add_argument("--quick", action="store_true", help="2,000 and 4,000 rows, 200 images: seconds")
     args = parser.parse_args()
+    if args.quick:
+        args.rows, args.big_rows, args.images = 2_000, 4_000, 200
     work = Path(args.workdir)
     runs = {}
     for rows in [args.rows] + ([args.big_rows] if args.big_rows else []):
         folder = work / f"rows-{rows}-images-{args.images}"
         path = mixture(folder, rows, args.images)
         runs[rows] = shard(folder)
-        manifest = json.loads((folder / "shards" / "manifest.json").read_text())
+        manifest = ShardsManifest.read(str(folder / "shards"))  # the version CURRENT.json names
         print(f"{rows} rows ({path.stat().st_size / 2**20:.0f} MiB): {runs[rows][0]:.1f} s, driver peak RSS "
               f"{runs[rows][1] / 2**20:.0f} MiB, process tree {runs[rows][2] / 2**30:.2f} GiB; "
-              f"{manifest['samples']} samples, {manifest['images']} images", flush=True)
+              f"{manifest.samples} samples, {manifest.images} images", flush=True)
     rows = [[f"ray data job, {n} rows", wall, own / 2**20, tree / 2**30] for n, (wall, own, tree, _) in runs.items()]
     result = {"seconds": round(runs[args.rows][0], 2), "driver_peak_rss_mb": round(runs[args.rows][1] / 2**20, 1)}
     if args.big_rows:

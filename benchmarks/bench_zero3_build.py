@@ -2,13 +2,15 @@
 share of the weights, with and without parameters created already partitioned (DeepSpeed's
 zero.Init through transformers' HfDeepSpeedConfig, as pipelines/train_engine.build does).
 
-    python benchmarks/bench_zero3_build.py [--layers 18] [--hidden 1024]
+    python benchmarks/bench_zero3_build.py [--layers 18] [--hidden 1024] [--quick]
 
 A ~300M-parameter Llama (fp32) is saved once in sharded safetensors (as real checkpoints ship), then
 2 ranks (gloo, on this CPU) each build LlavaTrim from it and hand it to deepspeed.initialize with
 ZeRO-3. Each rank reports its peak RSS above its RSS before the build (imports excluded), divided
 by its share of the fp32 weights (all parameters x 4 bytes / ranks). Ends with one `RESULT {json}`
 line holding `zero3_build_peak_rss_over_share` (target <= 1.5) and the same figure without zero.Init.
+`--quick` runs the same with a 2-layer, 256-wide Llama (seconds; its ratios are dominated by fixed
+overheads and mean nothing).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import json
 import os
 import resource
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -72,7 +75,14 @@ def _rank(rank: int, world: int, port: int, llm: str, zero_init: bool, out: str)
         "engine_peak_mb": engine_peak, "params": params, "partitioned_at_build": partitioned}))
 
 
-def measure(llm: str, zero_init: bool, world: int = 2, port: int = 29611) -> dict:
+def free_port() -> int:
+    """A port nothing on 127.0.0.1 holds now (two runs side by side must not share one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure(llm: str, zero_init: bool, port: int, world: int = 2) -> dict:
     with tempfile.TemporaryDirectory() as out:
         mp.start_processes(_rank, args=(world, port, llm, zero_init, out), nprocs=world, join=True,
                            start_method="spawn")
@@ -90,7 +100,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=18)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--workdir", default=str(REPO / "runs" / "bench-zero3"))
+    parser.add_argument("--quick", action="store_true", help="2 layers of width 256")
     args = parser.parse_args()
+    if args.quick:
+        args.layers, args.hidden = 2, 256
     from transformers import LlamaConfig, LlamaForCausalLM
 
     llm = Path(args.workdir) / f"llama-{args.layers}x{args.hidden}"
@@ -99,8 +112,8 @@ def main() -> None:
                              num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
                              num_key_value_heads=args.hidden // 64, vocab_size=32000)
         LlamaForCausalLM(config).save_pretrained(llm, max_shard_size="100MB")
-    with_init = measure(str(llm), zero_init=True)
-    without = measure(str(llm), zero_init=False, port=29612)
+    with_init = measure(str(llm), zero_init=True, port=free_port())
+    without = measure(str(llm), zero_init=False, port=free_port())
     print(f"{with_init['params'] / 1e6:.0f}M parameters, 2 ranks, share {with_init['share_mb']:.0f} MB/rank (fp32)")
     print("peak RSS while building the model, above the pre-build RSS: "
           f"zero.Init {with_init['peak_over_before_mb']:.0f}"

@@ -31,10 +31,19 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+def child_env(extra: dict | None = None) -> dict[str, str]:
+    """The environment of a job a benchmark runs: its own local Ray (no RAY_ADDRESS), no progress bars,
+    and this checkout first on PYTHONPATH, so the job's Ray workers (started by the raylet from this
+    environment) import the code measured here rather than whichever checkout the virtualenv installed."""
+    env = dict(os.environ, TRIM_PROGRESS="0", **(extra or {}))
+    env.pop("RAY_ADDRESS", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env
+
+
 def run_measured(args: list[str], env: dict | None = None, poll: float = 0.2) -> tuple[float, int, str]:
     """Run a command; return (wall seconds, peak RSS of its process tree, combined output)."""
-    full_env = dict(os.environ, TRIM_PROGRESS="0", **(env or {}))
-    full_env.pop("RAY_ADDRESS", None)
+    full_env = child_env(env)
     started = time.perf_counter()
     process = subprocess.Popen(args, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
