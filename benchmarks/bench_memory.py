@@ -1,6 +1,6 @@
 """Peak memory of the shard and precompute jobs, on hostile wide images and on ordinary ones, side by side.
 
-    python benchmarks/bench_memory.py [--root /tmp/bench-memory] [--cap-gb 4]
+    python benchmarks/bench_memory.py [--root /tmp/bench-memory] [--cap-gb 4] [--quick]
 
 Two run roots, each with its own mixture: `wide`, five 18000 x 900 PNGs of about 18 KB each (inside the
 default caps on pixels and aspect ratio; padded to squares at full resolution they would take 1.3 GB
@@ -39,18 +39,18 @@ CGROUP = Path("/sys/fs/cgroup/memory")
 TURNS = [{"from": "human", "value": "<image>\nWhat is in the picture?"}, {"from": "gpt", "value": "Colours."}]
 
 
-def write_case(root: Path, kind: str) -> None:
-    """The mixture and image folder of one case under root/data."""
+def write_case(root: Path, kind: str, count: int) -> None:
+    """The mixture and image folder of one case under root/data: `count` images."""
     images = root / "data" / "images"
     images.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     records = []
     if kind == "wide":
-        for n in range(5):
+        for n in range(count):
             Image.new("RGB", (18000, 900), (40 * n, 120, 200)).save(images / f"wide{n}.png")
             records.append({"id": f"wide-{n}", "image": f"wide{n}.png", "conversations": TURNS})
     else:
-        for n in range(120):
+        for n in range(count):
             pixels = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
             photo = Image.fromarray(pixels).resize((640, 480), Image.Resampling.BICUBIC)
             buffer = io.BytesIO()
@@ -139,7 +139,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="/tmp/bench-memory")
     parser.add_argument("--cap-gb", type=float, default=4.0, help="0: no cgroup cap")
+    parser.add_argument("--quick", action="store_true", help="2 wide images and 8 photos (a smoke run)")
     args = parser.parse_args()
+    counts = {"wide": 2, "ordinary": 8} if args.quick else {"wide": 5, "ordinary": 120}
     from synthetic.tiny_models import build_tiny_models
 
     base = Path(args.root)
@@ -147,8 +149,8 @@ def main() -> None:
     peaks: dict[str, int] = {}
     for kind in ("wide", "ordinary"):
         root = base / kind
-        if not (root / "data").exists():
-            write_case(root, kind)
+        shutil.rmtree(root / "data", ignore_errors=True)
+        write_case(root, kind, counts[kind])
         for output in ("shards", "cache"):  # measured from scratch, not a rerun that finds them complete
             shutil.rmtree(root / output, ignore_errors=True)
         for job in ("shard", "precompute"):
@@ -157,7 +159,7 @@ def main() -> None:
             each = ", ".join(f"{name} {pss / 2**20:.0f} MiB" for name, pss in sorted(workers.items()))
             print(f"{kind}: {job} peak {peaks[f'{job}_{kind}_peak_mib']} MiB (PSS of the job's process tree); "
                   f"per Ray worker: {each}")
-    result = dict(peaks, cap_gb=args.cap_gb,
+    result = dict(peaks, cap_gb=args.cap_gb, images=counts,
                   shard_wide_over_ordinary=round(peaks["shard_wide_peak_mib"] / peaks["shard_ordinary_peak_mib"], 2),
                   precompute_wide_over_ordinary=round(
                       peaks["precompute_wide_peak_mib"] / peaks["precompute_ordinary_peak_mib"], 2))

@@ -26,9 +26,14 @@ QUICK = {
                                "zero3_engine_peak_rss_over_share", "partitioned_at_build", "params", "share_mb"]),
     "bench_train": ([], ["step_ratio", "token_ratio", "step_over_token_ratio", "padding_share",
                          "pipeline_over_deepspeed", "pipeline_over_deepspeed_full", "deepspeed_ratio", "bare_ratio"]),
+    "bench_serve": ([], ["questions_per_s_trim", "questions_per_s_full", "serve_over_answerer", "p50_latency_s",
+                         "p95_latency_s", "mean_batch_size"]),
+    "bench_memory": ([], ["shard_wide_peak_mib", "precompute_wide_peak_mib", "shard_ordinary_peak_mib",
+                          "precompute_ordinary_peak_mib", "shard_wide_over_ordinary", "precompute_wide_over_ordinary"]),
 }
 """Benchmark -> (extra arguments of its quick run, the RESULT keys it promises)."""
 TAKES_WORKDIR = {"bench_shard", "bench_precompute", "bench_zero3_build", "bench_train"}
+TAKES_ROOT = {"bench_memory"}
 
 
 def test_every_benchmark_has_a_quick_run_here():
@@ -42,6 +47,8 @@ def test_quick_form_prints_its_result(name, tmp_path):
     args = [sys.executable, str(REPO / "benchmarks" / f"{name}.py"), "--quick", *extra]
     if name in TAKES_WORKDIR:
         args += ["--workdir", str(tmp_path / "work")]
+    if name in TAKES_ROOT:
+        args += ["--root", str(tmp_path / "work")]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false", "TRIM_PROGRESS": "0"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
