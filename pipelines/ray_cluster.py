@@ -144,6 +144,9 @@ def init_ray(num_cpus: int | None = None) -> None:
         # benchmarks/bench_train.py: pipeline / bare step-time ratio 0.79 with it, 1.02 without).
         kwargs["num_cpus"] = num_cpus
         kwargs["include_dashboard"] = False
+        # A new instance of our own: without an address, ray.init would join any cluster `ray start`
+        # left running on this machine (another job's), with its resources and its code.
+        kwargs["address"] = "local"
     ray.init(**kwargs)
     import ray.data  # sets its loggers up at import: adjusted after it
 
