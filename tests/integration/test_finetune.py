@@ -125,7 +125,7 @@ def test_ray_job_submit_runs_the_finetune_job(cached_root, tiny_models, tmp_path
                    "python", "jobs/finetune.py", "--recipe", "tiny"]
         for o in model_overrides(cached_root, tiny_models) + ["train.run_name=submitted", "train.max_steps=2"]:
             command += ["--set", o]
-        for _ in range(6):  # a head just started may not have its job agent up yet: Ray says so and asks to retry
+        for _ in range(18):  # a head just started may not have its job agent up yet: Ray says so and asks to retry
             result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
             if "No available agent to submit job" not in result.stderr:
                 break
