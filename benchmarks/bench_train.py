@@ -25,9 +25,9 @@ from pipelines.config import load_recipe
 from pipelines.manifests import resolve_output
 from synthetic.mixture import write_mixture
 from synthetic.tiny_models import build_tiny_models
+from trim.batching import pack_batch
 from trim.conversation import tokenize_conversation
 from trim.formats import load_llava_trim
-from trim.model import pack_batch
 
 
 def job(name, root, *overrides):

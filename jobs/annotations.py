@@ -30,7 +30,7 @@ from pipelines.evaluate.annotation_formats import (  # noqa: E402
     pope_annotations,
     to_jsonl,
 )
-from pipelines.evaluate.scoring import iter_question_records  # noqa: E402
+from pipelines.evaluate.annotations import iter_question_records  # noqa: E402
 from pipelines.logs import setup_logging  # noqa: E402
 
 logger = logging.getLogger("jobs.annotations")

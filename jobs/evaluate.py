@@ -28,6 +28,7 @@ from pipelines.manifests import EvalManifest  # noqa: E402
 from pipelines.runtime import init_ray, redact_uri  # noqa: E402
 from pipelines.tracking_store import default_tracking_uri  # noqa: E402
 from pipelines.train.runs import resolve_run_name  # noqa: E402
+from trim.model_files import SETTINGS_FILE  # noqa: E402
 
 logger = logging.getLogger("jobs.evaluate")
 
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> EvalManifest:
     recipe = resolve_run_name(load_recipe(args.recipe, args.overrides))  # {cache_version}: the current cache's run
     recipe.paths.require("clip", "eval_questions", "eval_images")
     model_dir = recipe.paths.model_dir(recipe.train.run_name)
-    if not storage.exists(storage.join(model_dir, "trim_llava.json")):
+    if not storage.exists(storage.join(model_dir, SETTINGS_FILE)):
         raise SystemExit(f"evaluate: no model at {model_dir}; run jobs/finetune.py first")
     init_ray()
     tracking_uri = default_tracking_uri(recipe.paths.root)

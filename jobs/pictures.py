@@ -24,7 +24,8 @@ from PIL import Image  # noqa: E402
 from pipelines import storage  # noqa: E402
 from pipelines.cli import recipe_argparser  # noqa: E402
 from pipelines.config import load_recipe  # noqa: E402
-from pipelines.evaluate.stage import parse_questions, picture_stem, question_key  # noqa: E402
+from pipelines.evaluate.questions import parse_questions, question_key  # noqa: E402
+from pipelines.evaluate.stage import picture_stem  # noqa: E402
 from pipelines.images import ImageStore, read_image  # noqa: E402
 from pipelines.logs import setup_logging  # noqa: E402
 from pipelines.manifests import MANIFEST_FILE, CacheManifest, resolve_output  # noqa: E402
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     else:
         from pipelines.precompute.stage import load_samples
         from trim.encoders import ClipEncoder
-        from trim.inference import inference_text
+        from trim.questions import inference_text
 
         items = []
         if args.samples:

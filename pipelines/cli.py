@@ -14,6 +14,8 @@ import textwrap
 import typing
 from typing import Any
 
+import tomli_w
+
 from pipelines.config import _SECTIONS, Recipe, load_recipe
 
 
@@ -78,22 +80,15 @@ def recipe_help() -> str:
             lines.append("      the preset the trim fields below are applied to")
         hints, docs = typing.get_type_hints(cls), field_docs(cls)
         for f in dataclasses.fields(cls):
-            lines.append(f"  {f.name} = {_toml_value(_default(f))}  ({_type_name(hints[f.name])})")
+            lines.append(f"  {_toml_line(f.name, _default(f))}  ({_type_name(hints[f.name])})")
             lines.append(textwrap.fill(docs.get(f.name, ""), width=100, initial_indent=" " * 6,
                                        subsequent_indent=" " * 6))
     return "\n".join(lines)
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # JSON's string escapes are TOML's
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"no TOML form for {value!r}")
+def _toml_line(name: str, value: Any) -> str:
+    """`name = value` as TOML writes it (a field whose default is None is unset)."""
+    return f"{name} = (unset)" if value is None else tomli_w.dumps({name: value}).strip()
 
 
 def format_recipe(recipe: Recipe, fmt: str = "toml") -> str:
@@ -101,8 +96,7 @@ def format_recipe(recipe: Recipe, fmt: str = "toml") -> str:
     data = recipe.to_dict()
     if fmt == "json":
         return json.dumps(data, indent=2) + "\n"
-    lines = [f"name = {_toml_value(data.pop('name'))}"]
-    for section, values in data.items():
-        lines += ["", f"[{section}]"]
-        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
-    return "\n".join(lines) + "\n"
+    # TOML has no null: a field left None is left out, and reads back as its default
+    set_only = {k: {f: v for f, v in values.items() if v is not None} if isinstance(values, dict) else values
+                for k, values in data.items()}
+    return tomli_w.dumps(set_only)

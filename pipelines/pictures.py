@@ -84,7 +84,7 @@ def online_pictures(encoder, items: Sequence[tuple[Any, Image.Image, str]], trim
                     out_dir: str | Path, batch_size: int = 8) -> list[Path]:
     """Pictures of (name, image, text) items scored online: CLIP + TRIM with trim_cfg, `text` being
     the text TRIM scores against. Batches of batch_size (the batch matters only for `official`)."""
-    from trim.inference import reduce_images
+    from trim.reduction import reduce_images
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from trim.efficiency import (
     prefill_flops,
 )
 from trim.formats import load_llava_trim
+from trim.model_files import SETTINGS_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +215,7 @@ def load_answerer(recipe):
 
     paths = recipe.paths
     model_dir = paths.model_dir(recipe.train.run_name)
-    if storage.exists(storage.join(model_dir, "trim_llava.json")):
+    if storage.exists(storage.join(model_dir, SETTINGS_FILE)):
         logger.info("model %s", model_dir)
         return Answerer.load(storage.local_copy(model_dir), storage.local_copy(paths.clip))  # on a GPU if any
     paths.require("llm", "clip")

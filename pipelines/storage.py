@@ -92,14 +92,11 @@ def stat(uri: str) -> tuple[int, str]:
     return int(info.get("size") or 0), str(info.get("ETag") or info.get("LastModified") or "")
 
 
-def sha256(uri: str, block: int = 8 * 2**20) -> str:
+def sha256(uri: str) -> str:
     """Hex SHA-256 of a file's bytes, streamed (never the whole file in memory)."""
     fs, path = fsspec_fs(uri)
-    digest = hashlib.sha256()
     with fs.open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def parquet_rows(uri: str) -> int:

@@ -5,41 +5,25 @@ MLFLOW_TRACKING_URI, that server. A resumed run continues the same MLflow run (i
 Ray Train checkpoint). A Tracker is a context manager: the run ends FINISHED, or FAILED when the block
 raises (KILLED on Ctrl-C).
 
-Tracking never stops training and never gives up for good. Each call is tried a few times with a
-short backoff; a call the server refuses (a bad value) is not retried. When the server cannot be
-reached, the failure is logged once per kind of failure, metric calls are skipped for a cool-down
-(growing while the server stays down) and every call gets a single try until one gets through. A
-run that could not be started is started by the next call that reaches the server (with the params
-logged before it).
+Tracking never stops training and never gives up for good (pipelines/tracking_client.py: retries,
+cool-downs). A run that could not be started is started by the next call that reaches the server
+(with the params logged before it).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 from pipelines.runtime import redact, redact_uri
+from pipelines.tracking_client import RetryingClient, refused
 from pipelines.tracking_store import artifact_location
 
 logger = logging.getLogger(__name__)
-
-# Our own retries below replace MLflow's (which would retry for minutes when the server is down).
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-
-REFUSED_CODES = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
-                           "BAD_REQUEST", "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED"})
-"""MLflow error codes that another try would get again: the server answered, and said no."""
-MAX_COOLDOWN_S = 600.0
-"""The longest wait between tries while the server stays unreachable."""
-# Errors of the call itself (a missing artifact file, a bad value), not of the server.
-LOCAL_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, TypeError, ValueError)
 
 
 def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
@@ -54,43 +38,18 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _refused(err: Exception) -> bool:
-    return isinstance(err, LOCAL_ERRORS) or getattr(err, "error_code", None) in REFUSED_CODES
-
-
-@dataclass
-class TrackerStats:
-    """What tracking could not do, for the summary line at the end of a run."""
-
-    tries: int = 0
-    """Requests made (each try of each call)."""
-    failed: int = 0
-    """Calls that failed after all their tries."""
-    skipped: int = 0
-    """Calls not made: metrics during a cool-down, or calls needing a run that could not be started."""
-    kinds: set[tuple[str, str]] = field(default_factory=set)
-    """Kinds of failure seen (error type, MLflow error code), each logged once."""
-
-
-class Tracker:
-    """Rank 0's MLflow run (enabled=False: every method does nothing). Arguments beside the store:
-    attempts per call, the first backoff in seconds (doubled at each try), the first cool-down in
-    seconds (doubled after each further failure, up to MAX_COOLDOWN_S: a server that stays down costs
-    one try now and then, not a share of every step)."""
+class Tracker(RetryingClient):
+    """Rank 0's MLflow run in `experiment` (enabled=False: every method does nothing); the other
+    arguments are RetryingClient's."""
 
     def __init__(self, tracking_uri: str, experiment: str, enabled: bool = True, attempts: int = 3,
                  backoff_s: float = 0.5, cooldown_s: float = 30.0):
+        super().__init__(tracking_uri, attempts, backoff_s, cooldown_s)
         self.enabled = enabled
-        self.tracking_uri = tracking_uri
         self.experiment = experiment
-        self.attempts, self.backoff_s, self.cooldown_s = max(1, attempts), backoff_s, cooldown_s
         self.run_id: str | None = None
-        self.stats = TrackerStats()
-        self._client: Any = None
         self._wanted: tuple[str, str | None] | None = None  # (run name, run id to continue) until started
         self._pending_params: dict[str, str] = {}
-        self._down_until = 0.0
-        self._down_streak = 0  # transient failures since the last call that got through
         self._ended = False
         self._monitor: Any = None  # MLflow's system metrics monitor, while it runs
 
@@ -114,11 +73,6 @@ class Tracker:
 
     # --- calling MLflow -----------------------------------------------------------------------
 
-    def cooling_down(self) -> bool:
-        """True while the server recently failed: metric calls are skipped. Until a call gets through
-        again, every call (metrics after the cool-down) gets a single try."""
-        return time.monotonic() < self._down_until
-
     def _call(self, what: str, fn: Callable[[], Any], metric: bool = False) -> Any:
         """fn() in the run, tried as the module docstring says; None when it could not be done."""
         if not self.enabled or self._ended:
@@ -130,50 +84,6 @@ class Tracker:
             self.stats.skipped += 1
             return None
         return self._with_retries(what, fn)
-
-    def _with_retries(self, what: str, fn: Callable[[], Any]) -> Any:
-        tries = 1 if self._down_streak else self.attempts
-        for attempt in range(tries):
-            self.stats.tries += 1
-            try:
-                if self._client is None:
-                    from mlflow import MlflowClient
-
-                    self._client = MlflowClient(self.tracking_uri)
-                result = fn()
-            except Exception as err:  # any failure to reach or write to the store
-                if _refused(err):
-                    self._failed(what, err, transient=False)
-                    return None
-                if attempt + 1 == tries:
-                    self._failed(what, err, transient=True)
-                    return None
-                time.sleep(self.backoff_s * 2**attempt)
-            else:
-                if self._down_streak:
-                    logger.info("MLflow at %s answers again (%s); %d calls were skipped meanwhile",
-                                redact_uri(self.tracking_uri), what, self.stats.skipped)
-                    self._down_until, self._down_streak = 0.0, 0
-                return result
-        return None
-
-    def _failed(self, what: str, err: Exception, transient: bool) -> None:
-        self.stats.failed += 1
-        if transient:
-            self._down_streak += 1
-            self._down_until = time.monotonic() + min(self.cooldown_s * 2 ** (self._down_streak - 1), MAX_COOLDOWN_S)
-            self._client = None  # a new client next time: the store may have been the problem
-        kind = (type(err).__name__, str(getattr(err, "error_code", "")))
-        if kind in self.stats.kinds:
-            return
-        self.stats.kinds.add(kind)
-        detail = redact(str(err))[:200]
-        if transient:
-            logger.warning("MLflow at %s failed (%s: %s: %s); going on without tracking, trying again after %.0f s",
-                           redact_uri(self.tracking_uri), what, type(err).__name__, detail, self.cooldown_s)
-        else:
-            logger.warning("MLflow at %s refused %s (%s: %s); tracking goes on", redact_uri(self.tracking_uri),
-                           what, type(err).__name__, detail)
 
     # --- the run ------------------------------------------------------------------------------
 
@@ -254,7 +164,7 @@ class Tracker:
         try:
             self._batch(params=params)
         except Exception as err:
-            if not _refused(err):  # a refused value would be refused again: drop it
+            if not refused(err):  # a refused value would be refused again: drop it
                 self._pending_params = {**params, **self._pending_params}
             raise
 

@@ -22,15 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import get_cosine_schedule_with_warmup
 
-from pipelines.train.plan import warmup_cosine
 from synthetic.scenes import Scene, random_scene, render
+from trim.batching import pad_batch
 from trim.config import TrimConfig
 from trim.conversation import IGNORE_INDEX, tokenize_conversation
 from trim.core import trim_tokens
 from trim.encoders import ClipEncoder
 from trim.formats import load_llava_trim
-from trim.model import LlavaTrim, pad_batch
+from trim.model import LlavaTrim
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ SHORT = "Answer the question using a single word or phrase."
 KINDS = {"colour": 0.45, "position": 0.45, "count": 0.1}
 """Question kinds and their shares (counting has the fewest answers, 1-3: a small share keeps the
 majority-answer baseline low)."""
+SCHEDULE = "transformers.get_cosine_schedule_with_warmup, steps // 33 warmup steps"
+"""The learning-rate schedule `fit` uses (part of what a recorded seed's figure depends on)."""
 LOSS_WINDOW = 25
 """Steps per point of the recorded loss curve (the mean loss of each window: one step's loss is noisy)."""
 
@@ -183,7 +186,7 @@ def fit(model: LlavaTrim, train: list[dict], cfg: AblationConfig, pad_id: int, s
     ([last step, mean loss] per LOSS_WINDOW steps, where it flattens says how many steps are enough)."""
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(max(1, cfg.steps // 33), cfg.steps))
+    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, cfg.steps // 33), cfg.steps)
     order = random.Random(seed)
     model.train()
     curve: list[list] = []

@@ -77,7 +77,7 @@ class ClipTrainConfig:
     own, std 0.02, as models/tiny-clip was trained). Left at that, the tiny ViT learns no position (its
     trained embeddings vary 0.05 across patches against the patch content's 0.93; a linear probe reads
     an object's grid cell from its features at 0.14, chance 0.11); at 1.0 the probe reads 0.90, as a
-    real CLIP's features tell where a patch is, but the tiny LLaVA did not learn to use it (README)."""
+    real CLIP's features tell where a patch is, but the tiny LLaVA did not learn to use it (docs/studies.md)."""
 
 
 def preprocess(images: list[Image.Image]) -> torch.Tensor:

@@ -67,13 +67,9 @@ def checkpoint_hash(path: str | Path) -> str:
 
 @lru_cache(maxsize=256)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    """SHA-256 of a file, streamed (about 1.7 GB/s here: CLIP ViT-L/14-336's 1.7 GB in about a second).
-    size and mtime_ns are the cache key: a rewritten file is hashed again."""
-    digest = hashlib.sha256()
+    """SHA-256 of a file, streamed; size and mtime_ns are the cache key: a rewritten file is hashed again."""
     with open(path, "rb") as f:
-        while chunk := f.read(8 * 2**20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def describe_checkpoint(path: str | Path, layer: int = -2) -> dict:

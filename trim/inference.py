@@ -20,7 +20,6 @@ CUDA: one graph replay per decode step instead of a launch-bound eager one), wit
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import warnings
@@ -32,12 +31,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from trim.batching import Batch, pad_batch
 from trim.config import TrimConfig
-from trim.conversation import IMAGE_TOKEN, TrimTextMode, generation_prompt, tokenize_prompt
-from trim.core import TrimOutput, trim_tokens
+from trim.core import TrimOutput
 from trim.encoders import ClipEncoder, checkpoint_hash
 from trim.low_latency import LowLatencyGenerator
-from trim.model import SETTINGS_FILE, Batch, LlavaTrim, pad_batch
+from trim.model import LlavaTrim
+from trim.model_files import SETTINGS_FILE
+from trim.questions import QuestionInputs, clip_batch, inference_text, prompt_ids, question_inputs
+from trim.reduction import concat_outputs, reduce_images, reduce_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -66,55 +68,6 @@ class Answer:
     """Length of the LLM's prompt, visual tokens included."""
 
 
-@dataclass
-class QuestionInputs:
-    """A question's token ids, made on the host (evaluation's CPU tasks make them beside the actors)."""
-
-    clip_ids: list[int]
-    """The TRIM scoring text (inference_text) in the CLIP tokenizer, truncated to the text tower's limit."""
-    prompt_ids: list[int]
-    """BOS + the vicuna_v1 generation prompt in the LLM tokenizer, the image as IMAGE_TOKEN_INDEX."""
-
-
-def question_inputs(clip_host, tokenizer, questions: Sequence[str], mode: TrimTextMode) -> list[QuestionInputs]:
-    """Each question's QuestionInputs. clip_host: a trim.encoders.ClipHost; tokenizer: the LLM's."""
-    texts = [inference_text(q, mode) for q in questions]
-    clip_ids = clip_host.tokenizer(texts, truncation=True, max_length=clip_host.max_text_tokens)["input_ids"]
-    return [QuestionInputs(list(ids), prompt_ids(q, tokenizer)) for ids, q in zip(clip_ids, questions)]
-
-
-def prompt_ids(question: str, tokenizer) -> list[int]:
-    """BOS + the vicuna_v1 generation prompt with the image placeholder, in the LLM tokenizer."""
-    return tokenize_prompt(generation_prompt(strip_image_tag(question), with_image=True), tokenizer)
-
-
-def clip_batch(inputs: Sequence[QuestionInputs], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) [B, L] of the questions' CLIP ids, right-padded to the longest, as
-    the tokenizer pads a batch."""
-    length = max(len(q.clip_ids) for q in inputs)
-    ids = torch.full((len(inputs), length), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(inputs), length), dtype=torch.long)
-    for b, q in enumerate(inputs):
-        ids[b, :len(q.clip_ids)] = torch.tensor(q.clip_ids, dtype=torch.long)
-        mask[b, :len(q.clip_ids)] = 1
-    return ids, mask
-
-
-def inference_text(question: str, mode: TrimTextMode) -> str:
-    """The text TRIM scores patches against at inference, where only the question is known:
-    the question itself ("questions", "first_question") or its templated prompt ("conversation")."""
-    question = strip_image_tag(question)
-    if mode == "conversation":
-        return generation_prompt(question, with_image=False)
-    return question
-
-
-def strip_image_tag(question: str) -> str:
-    """The question without LLaVA's `<image>` tag (evaluation files usually have none; the prompt
-    adds it)."""
-    return question.replace(IMAGE_TOKEN, "").strip()
-
-
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -124,49 +77,6 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
     if torch.device(device).type != "cuda":
         return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def reduce_images(encoder: ClipEncoder, images: Sequence[Image.Image], texts: Sequence[str],
-                  cfg: TrimConfig, alone: bool = False) -> TrimOutput:
-    """reduce_pixels of the images prepared by the encoder's host side (LLaVA's padding, CLIP's resize)
-    and of the texts' CLIP embeddings."""
-    if len(images) != len(texts):
-        raise ValueError(f"{len(images)} images but {len(texts)} texts")
-    if not images:
-        raise ValueError("no images")
-    return reduce_pixels(encoder, encoder.host.prepare(list(images)), encoder.encode_texts(list(texts)), cfg, alone)
-
-
-def reduce_pixels(encoder: ClipEncoder, pixels: torch.Tensor, text_embeds: torch.Tensor,
-                  cfg: TrimConfig, alone: bool = False) -> TrimOutput:
-    """CLIP over 8-bit pixels (uint8 [B, 3, H, W], ClipHost.prepare's; one forward), then TRIM
-    against the texts' CLIP embeddings [B, E]. alone=False: TRIM over the
-    batch as given (with iqr_scope "batch", one IQR and one count for the batch, as the released
-    training). alone=True: each image's tokens as it would get them in a batch of one, as at
-    evaluation: a batch-wide IQR is taken over each image by itself, and the "random" baseline is
-    seeded as a batch of one."""
-    if len(pixels) != len(text_embeds):
-        raise ValueError(f"{len(pixels)} images but {len(text_embeds)} texts")
-    if not len(pixels):
-        raise ValueError("no images")
-    features = encoder.towers.encode_levels(pixels)
-    if not alone:
-        return trim_tokens(features.features, features.patch_embeds, text_embeds, cfg)
-    # The released evaluation upcasts the features to fp32 before scoring (clip_encoder.py, "NOTE:
-    # eval"), whatever dtype the model runs in: "encoder" scoring at inference means fp32.
-    cfg = dataclasses.replace(cfg, score_dtype="float32")
-    if cfg.iqr_scope == "batch" and cfg.threshold == "iqr" and len(pixels) > 1:
-        return concat_outputs([trim_tokens(features.features[i:i + 1], features.patch_embeds[i:i + 1],
-                                           text_embeds[i:i + 1], cfg, seeds=[cfg.seed]) for i in range(len(pixels))])
-    return trim_tokens(features.features, features.patch_embeds, text_embeds, cfg, seeds=[cfg.seed] * len(pixels))
-
-
-def concat_outputs(outputs: Sequence[TrimOutput]) -> TrimOutput:
-    """TRIM outputs of consecutive parts of a batch as one."""
-    return TrimOutput(keep_mask=torch.cat([o.keep_mask for o in outputs]),
-                      scores=torch.cat([o.scores for o in outputs]), num_kept=torch.cat([o.num_kept for o in outputs]),
-                      tokens=[t for o in outputs for t in o.tokens],
-                      has_aggregate=torch.cat([o.has_aggregate for o in outputs]))
 
 
 class Answerer:

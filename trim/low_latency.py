@@ -5,7 +5,7 @@ the same for a 576-token prompt as for a 122-token one, are one graph replay eac
 kernel launches).
 
 At batch 1 a 7B model's eager forward is bound by kernel launches, so TRIM's shorter prompt barely
-shortens the time to first token; replaying a captured graph removes the launch overhead (issue 15).
+shortens the time to first token; replaying a captured graph removes the launch overhead.
 A graph needs fixed shapes and fixed addresses, so:
 
 - the KV cache is a transformers `StaticCache` of `batch_size` rows and `capacity` slots, allocated once;
@@ -37,19 +37,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
 from typing import Any
 
 import torch
-from transformers import DynamicCache, StaticCache
+from transformers import DynamicCache
 
 from trim.attention import NAME as PACKED_ATTENTION
+from trim.static_cache import BucketCache, counters, default_buckets, no_grad_mode, rewind
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BUCKET_STEP = 8
-"""Prompt lengths are padded up to a multiple of this by default: at most 7 padding positions (~3% of
-a TRIM prompt; at batch 1 a 7B prefill costs about linearly in them), at the price of more graphs."""
 PACKED_PREFILL_PADDING = 0.1
 """A batch is prefilled packed when a padded prefill would spend more than this share of its
 positions on padding: measured on an H200 (7B, batch 16), the packed prefill costs ~7% more than
@@ -57,35 +54,6 @@ an unpadded one (one attention call per prompt, the keys and values copied into 
 a padded one computes its padding in vain."""
 _DECODE_WARMUP = 2
 """Decode steps run before a decode graph is captured (they need free cache slots)."""
-
-
-def default_buckets(max_prompt_tokens: int, step: int = DEFAULT_BUCKET_STEP) -> list[int]:
-    """Bucket lengths step, 2*step, ... up to the first >= max_prompt_tokens."""
-    if max_prompt_tokens < 1 or step < 1:
-        raise ValueError(f"need max_prompt_tokens >= 1 and step >= 1, got {max_prompt_tokens}, {step}")
-    return list(range(step, max_prompt_tokens + step, step))
-
-
-def _no_grad_mode() -> ExitStack:
-    """no_grad, and never inference mode: the static buffers are updated in place across calls, which
-    inference tensors forbid outside inference mode."""
-    stack = ExitStack()
-    stack.enter_context(torch.inference_mode(False))
-    stack.enter_context(torch.no_grad())
-    return stack
-
-
-class _BucketCache(StaticCache):
-    """A StaticCache whose update hands the attention only the first `visible` slots when set (the
-    prefill's bucket); the tensors it writes to are the full ones."""
-
-    visible: int | None = None
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        if self.visible is None:
-            return keys, values
-        return keys[:, :, :self.visible], values[:, :, :self.visible]
 
 
 class LowLatencyGenerator:
@@ -125,8 +93,8 @@ class LowLatencyGenerator:
         self.capacity = -(-(self.buckets[-1] + max_new_tokens + _DECODE_WARMUP) // 16) * 16
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        with _no_grad_mode():
-            self.cache = _BucketCache(config=config, max_cache_len=self.capacity)
+        with no_grad_mode():
+            self.cache = BucketCache(config=config, max_cache_len=self.capacity)
             if any(getattr(layer, "is_sliding", False) for layer in self.cache.layers):
                 raise ValueError("sliding-window layers are not supported by the low-latency path")
             self.cache.early_initialization(batch_size=batch_size, num_heads=config.num_key_value_heads,
@@ -146,7 +114,7 @@ class LowLatencyGenerator:
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         # Several prompts: prefilled packed (no padding) where that is cheaper and the cache's write
         # positions can be set.
-        self.packed_prefill = batch_size > 1 and _counters(self.cache) is not None
+        self.packed_prefill = batch_size > 1 and counters(self.cache) is not None
 
     # What each replay runs: only static buffers in, only static buffers out ------------------------
 
@@ -156,7 +124,7 @@ class LowLatencyGenerator:
         return torch.where(visible, torch.zeros((), dtype=self.dtype, device=self.device), hidden)[:, None]
 
     def _prefill_fn(self, bucket: int) -> None:
-        _rewind(self.cache)
+        rewind(self.cache)
         columns = self._columns[:bucket]
         rows, start = columns[:, None], self._start[:, None, None]
         # Real rows see the real slots up to themselves; a padding row sees itself only (no empty row).
@@ -212,7 +180,7 @@ class LowLatencyGenerator:
             sources: Any = layer
             targets.keys[row, :, slot] = sources.keys[0].transpose(0, 1).to(targets.keys.dtype)
             targets.values[row, :, slot] = sources.values[0].transpose(0, 1).to(targets.values.dtype)
-        for counter in _counters(self.cache) or []:
+        for counter in counters(self.cache) or []:
             counter.fill_(bucket)
         self._token[:len(rows), 0] = out.logits[0].argmax(dim=-1)
         self._position.copy_(bucket - self._start[:, None])
@@ -242,7 +210,7 @@ class LowLatencyGenerator:
         each prompt's first token."""
         if not 1 <= len(prompts) <= self.batch_size:
             raise ValueError(f"prefill takes 1 to {self.batch_size} prompts, got {len(prompts)}")
-        with _no_grad_mode():
+        with no_grad_mode():
             rows = [p.reshape(-1, p.shape[-1]) for p in prompts]
             longest = max(r.shape[0] for r in rows)
             bucket = self.bucket_for(longest)
@@ -286,7 +254,7 @@ class LowLatencyGenerator:
         row's new token (the spare rows' included)."""
         if self._generated >= self.max_new_tokens:
             raise ValueError(f"the cache holds {self.max_new_tokens} generated tokens at most")
-        with _no_grad_mode():
+        with no_grad_mode():
             if self.use_graphs:
                 self._decode_graphs[self._bucket].replay()
             else:
@@ -322,23 +290,3 @@ class LowLatencyGenerator:
     def generate(self, embeds: torch.Tensor, max_new_tokens: int, eos_token_id: int) -> list[int]:
         """Greedy tokens after one prompt, stopping at eos (not included) or after max_new_tokens."""
         return self.generate_batch([embeds], max_new_tokens, eos_token_id)[0]
-
-
-def _counters(cache: StaticCache) -> list[torch.Tensor] | None:
-    """Each layer's write position (transformers 5.x static layers count in a device tensor), or
-    None where a layer does not."""
-    counters = [getattr(layer, "cumulative_length", None) for layer in cache.layers]
-    return counters if all(isinstance(c, torch.Tensor) for c in counters) else None  # type: ignore[return-value]
-
-
-def _rewind(cache: StaticCache) -> None:
-    """An empty cache again: every layer's write position back to 0 (the stale keys stay, masked).
-    transformers 5.x static layers count in a device tensor; otherwise the public reset (which also
-    zeroes the keys and values)."""
-    counters = [getattr(layer, "cumulative_length", None) for layer in cache.layers]
-    tensors = [c for c in counters if isinstance(c, torch.Tensor)]
-    if len(tensors) < len(counters):
-        cache.reset()
-        return
-    for counter in tensors:
-        counter.zero_()

@@ -8,8 +8,9 @@ import numpy as np
 import torch
 
 from gpu_sections.run import Run, build_llm, free_memory
+from trim.batching import pack_batch, pad_batch, spliced_length
 from trim.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from trim.model import LlavaTrim, build_projector, pack_batch, pad_batch, spliced_length
+from trim.model import LlavaTrim, build_projector
 
 
 def make_samples(run: Run, k_per_sample: list[int], rng: np.random.Generator) -> list[dict]:

@@ -22,7 +22,7 @@ import posixpath
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from pipelines.evaluate.scoring import fold_text
+from pipelines.evaluate.annotations import fold_text
 
 FORMATS = ("textvqa", "gqa", "pope")
 POPE_PREFIX, POPE_SUFFIX = "coco_pope_", ".json"

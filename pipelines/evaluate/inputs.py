@@ -106,7 +106,7 @@ def pixels_of(rows: Sequence[dict]) -> np.ndarray:
 
 def inputs_of(rows: Sequence[dict]) -> list | None:
     """The QuestionInputs of prepared question rows, None unless every row was tokenized."""
-    from trim.inference import QuestionInputs
+    from trim.questions import QuestionInputs
 
     if not rows or not all(r["inputs"] for r in rows):
         return None
@@ -124,8 +124,8 @@ def prepare_batch(batch: dict[str, Any], clip_path: str, model_dir: str, text_mo
     key = (clip_path, model_dir, text_mode)
     if key not in _HOSTS:
         from trim.encoders import ClipHost
-        from trim.inference import question_inputs
         from trim.llm_tokenizer import load_llm_tokenizer
+        from trim.questions import question_inputs
 
         clip = storage.local_copy(clip_path, skip_suffixes=WEIGHT_SUFFIXES)
         llm = storage.local_copy(storage.join(model_dir, "llm"), skip_suffixes=WEIGHT_SUFFIXES)

@@ -28,213 +28,34 @@ folder, and a run that failed before its manifest leaves answers that nothing re
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
-import math
 import os
-import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
 from pipelines import storage
 from pipelines.config import Recipe
 from pipelines.evaluate import outputs as eval_outputs
-from pipelines.evaluate.inputs import LINE, PREPARED_COLUMNS, inputs_of, pixels_of, prepare_batch
-from pipelines.evaluate.scoring import fold_text, iter_question_records
+from pipelines.evaluate.answering import GENERATIONS, EvalActor, busy_seconds, resolve_trim, trim_name
+from pipelines.evaluate.inputs import LINE, prepare_batch
+from pipelines.evaluate.questions import parse_questions, question_key, record_key
 from pipelines.manifests import EvalManifest
 from pipelines.tracking import Tracker
 from pipelines.tracking_store import default_tracking_uri, experiment_name
 from trim import TrimConfig
+from trim.model_files import SETTINGS_FILE
 
 logger = logging.getLogger(__name__)
-
-ANSWER_KEYS = ("question_id", "prompt", "text", "answer_id", "model_id", "metadata")
-MALFORMED = "malformed question"
-DUPLICATE = "duplicate question"
-GENERATIONS = ("auto", "low_latency", "eager")
-
-
-# Pure helpers ---------------------------------------------------------------------------------
-
-
-def question_key(question_id: Any) -> tuple:
-    """Sort key of question ids: integers in numeric order, then anything else by its string."""
-    if isinstance(question_id, int) and not isinstance(question_id, bool):
-        return (0, question_id, "")
-    return (1, 0, str(question_id))
-
-
-def record_key(record: dict) -> tuple:
-    """Order of answer and reject records: by question_id (question_key), then by line."""
-    line = record.get("metadata", {}).get("line", record.get("line", 0))
-    return question_key(record["question_id"]), line
-
 
 def picture_stem(question: dict, shared: Mapping[str, int]) -> str:
     """A question's picture name: question-<id>, or question-<id>-line<line> for an id several questions
     share (shared: how many questions hold each id, as a string)."""
     qid = str(question["question_id"])
     return f"question-{qid}" if shared.get(qid, 1) == 1 else f"question-{qid}-line{question[LINE]}"
-
-
-def answer_id(question_id: Any, model_id: str, line: int | None = None) -> str:
-    """A deterministic 22-character id (the length of LLaVA's shortuuid) of (model, question[, line])."""
-    digest = hashlib.sha256(json.dumps([model_id, question_id] + ([] if line is None else [line])).encode())
-    return digest.hexdigest()[:22]
-
-
-_PRESET_FIELDS = ("similarity", "keep", "threshold", "iqr_scope", "iqr_multiplier", "aggregate")
-
-
-def trim_name(cfg: TrimConfig) -> str:
-    """A short name of a TRIM config: its preset ("default", "paper", "official", "ratio:0.05") or
-    "custom", with "/<selection>" when the selection is a baseline ("default/all": no reduction)."""
-    def same(preset: TrimConfig) -> bool:
-        fields = _PRESET_FIELDS + (("ratio",) if preset.threshold == "ratio" else ())
-        return all(getattr(cfg, f) == getattr(preset, f) for f in fields)
-
-    name = "custom"
-    if cfg.threshold == "ratio" and same(TrimConfig.fixed_ratio(cfg.ratio)):
-        name = f"ratio:{cfg.ratio:g}"
-    else:
-        for preset in ("default", "paper", "official"):
-            if same(TrimConfig.preset(preset)):
-                name = preset
-                break
-    return name if cfg.selection == "trim" else f"{name}/{cfg.selection}"
-
-
-def resolve_trim(spec: str, recipe_trim: TrimConfig, model_trim: dict | None) -> TrimConfig:
-    """The TRIM config to evaluate with: "model" (the one the model was trained with, as its
-    directory records; the recipe's if it records none), "recipe", "full" (the model's config with
-    every patch kept: the no-TRIM baseline), or a preset name ("default", "paper", "official",
-    "ratio:<float>"), which keeps the model's text settings."""
-    model_cfg = TrimConfig.from_dict(model_trim) if model_trim else recipe_trim
-    if spec == "model":
-        return model_cfg
-    if spec == "recipe":
-        return recipe_trim
-    if spec == "full":
-        return dataclasses.replace(model_cfg, selection="all")
-    return TrimConfig.preset(spec, text=model_cfg.text, text_at_inference=model_cfg.text_at_inference)
-
-
-def parse_questions(data: bytes, where: str) -> tuple[list[dict], list[dict]]:
-    """LLaVA question JSONL -> (questions, each with its line under LINE; rejects). A line without a
-    question_id is an error (the file is not a question file); an id may repeat (LLaVA's TextVQA and
-    MME files); a question without an image path or text is set aside as malformed, and one with the
-    id and text of an earlier line (the same question twice: its answers could not be told apart) as
-    a duplicate."""
-    questions, rejects = [], []
-    seen: dict[str, int] = {}
-    for line, here, record in iter_question_records(data.decode("utf-8"), where, unique=False):
-        qid = record["question_id"]
-        image, text = record.get("image"), record.get("text")
-        if not isinstance(image, str) or not image or not isinstance(text, str) or not text.strip():
-            rejects.append({"question_id": qid, "line": line, "reason": MALFORMED,
-                            "detail": f"{here}: needs an 'image' path and a 'text' string"})
-            continue
-        same = json.dumps([str(qid), fold_text(text)])
-        if same in seen:
-            rejects.append({"question_id": qid, "line": line, "reason": DUPLICATE,
-                            "detail": f"{here}: the question_id and text of line {seen[same]}"})
-            continue
-        seen[same] = line
-        questions.append({**record, LINE: line})
-    return questions, rejects
-
-
-def answer_record(question: dict, answer, model_id: str, trim_label: str) -> dict:
-    """One line of LLaVA's answer file; metadata adds what TRIM did."""
-    line = question.get(LINE)
-    metadata = {"visual_tokens": answer.num_visual_tokens, "kept": answer.num_kept, "trim": trim_label}
-    if line is not None:
-        metadata["line"] = line
-    if "category" in question:
-        metadata["category"] = question["category"]
-    return {"question_id": question["question_id"], "prompt": question["text"], "text": answer.text,
-            "answer_id": answer_id(question["question_id"], model_id, line), "model_id": model_id,
-            "metadata": metadata}
-
-
-def answer_questions(answerer, rows: Sequence[dict], max_new_tokens: int, model_id: str, batch_size: int,
-                     picture_lines: Iterable[int] = (), low_latency: bool = False, sort_window: int = 1) -> list[dict]:
-    """The pure core: prepared rows (pipelines.evaluate.inputs: questions with their 8-bit pixels and
-    token ids, and rejects) -> output rows {kind: "answer" | "reject", record, kept, scores, started, ended}, rejects
-    passed on. kept (JSON list) and scores (fp16 bytes) are filled only for the questions of the lines
-    in picture_lines; started/ended (epoch seconds) bound the answer call of the row's batch (0 on
-    rejects). Questions are answered batch_size at a time, the batches of each sort_window x batch_size
-    questions formed in order of prompt length (Answerer.answer_prepared); low_latency: through
-    trim.low_latency."""
-    pictures = set(picture_lines)
-    label = trim_name(answerer.trim_cfg)
-    out = [{"kind": "reject", "record": r["record"], "kept": "[]", "scores": b"", "started": 0.0, "ended": 0.0}
-           for r in rows if r["kind"] == "reject"]
-    prepared = [r for r in rows if r["kind"] == "question"]
-    if batch_size < 1 or sort_window < 1:
-        raise ValueError(f"batch_size={batch_size}, sort_window={sort_window}: both must be >= 1")
-    window = batch_size * sort_window
-    for start in range(0, len(prepared), window):
-        chunk = prepared[start:start + window]
-        questions = [json.loads(r["record"]) for r in chunk]
-        began = time.time()
-        answers = answerer.answer_prepared(pixels_of(chunk), [q["text"] for q in questions], max_new_tokens,
-                                           low_latency=low_latency, inputs=inputs_of(chunk), batch_size=batch_size)
-        ended = time.time()
-        for question, answer in zip(questions, answers):
-            wanted = question.get(LINE) in pictures
-            out.append({"kind": "answer", "record": json.dumps(answer_record(question, answer, model_id, label)),
-                        "kept": json.dumps(answer.kept_indices if wanted else []),
-                        "scores": answer.scores.astype(np.float16).tobytes() if wanted else b"",
-                        "started": began, "ended": ended})
-    return out
-
-
-def busy_seconds(intervals: Iterable[tuple[float, float]]) -> float:
-    """Length of the union of (start, end) intervals: time some actor spent answering, actors
-    answering at the same time counted once."""
-    total, reached = 0.0, -math.inf
-    for start, end in sorted(set(intervals)):
-        if end > reached:
-            total += end - max(start, reached)
-            reached = end
-    return total
-
-
-# Ray wrapper ----------------------------------------------------------------------------------
-
-
-class EvalActor:
-    """Ray Data actor: loads the model and the CLIP towers once, answers batches of prepared questions."""
-
-    def __init__(self, model_dir: str, clip_path: str, trim_cfg: dict, max_new_tokens: int, model_id: str,
-                 batch_size: int, picture_lines: list[int], generation: str = "auto", sort_window: int = 1):
-        import torch
-
-        from trim.inference import Answerer
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"  # bf16 there (fp16 without bf16), fp32 on CPU
-        local_model, local_clip = storage.local_copy(model_dir), storage.local_copy(clip_path)
-        self.answerer = Answerer.load(local_model, local_clip, TrimConfig.from_dict(trim_cfg), device=device)
-        for local, uri in ((local_model, model_dir), (local_clip, clip_path)):
-            if local != uri:  # a temporary copy of an S3 directory: the weights are in memory now
-                shutil.rmtree(local, ignore_errors=True)
-        self.max_new_tokens, self.model_id = max_new_tokens, model_id
-        self.batch_size, self.picture_lines, self.sort_window = batch_size, picture_lines, sort_window
-        if generation not in GENERATIONS:
-            raise ValueError(f"eval.generation={generation!r}: expected one of {GENERATIONS}")
-        self.low_latency = generation == "low_latency" or (generation == "auto" and device == "cuda")
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        rows = [dict(zip(PREPARED_COLUMNS, values)) for values in zip(*(batch[name] for name in PREPARED_COLUMNS))]
-        out = answer_questions(self.answerer, rows, self.max_new_tokens, self.model_id, self.batch_size,
-                               self.picture_lines, self.low_latency, self.sort_window)
-        return {name: [r[name] for r in out] for name in ("kind", "record", "kept", "scores", "started", "ended")}
 
 
 def _jsonl(records: Iterable[dict]) -> bytes:
@@ -246,13 +67,12 @@ def _read_jsonl(uri: str) -> list[dict]:
 
 
 def _score(answers: list[dict], annotations_uri: str, kind: str, questions: list[dict]) -> dict[str, float]:
-    from pipelines.evaluate.scoring import load_annotations, score
+    """Score against the annotation file; its errors name the file as the recipe gives it."""
+    from pipelines.evaluate.annotations import read_annotations
+    from pipelines.evaluate.scoring import score
 
-    with tempfile.TemporaryDirectory() as directory:
-        local = os.path.join(directory, "annotations.jsonl")
-        with open(local, "wb") as f:
-            f.write(storage.read_bytes(annotations_uri))
-        return score(answers, load_annotations(local), kind=kind, questions=questions)  # type: ignore[arg-type]
+    text = storage.read_bytes(annotations_uri).decode("utf-8", errors="replace")
+    return score(answers, read_annotations(text, annotations_uri), kind=kind, questions=questions)  # type: ignore[arg-type]
 
 
 def _infer(questions: list[dict], model_dir: str, trim_cfg: TrimConfig, recipe, picture_lines: list[int], gpus: int
@@ -332,7 +152,7 @@ def run_evaluate(recipe: Recipe, model_dir: str, trim_spec: str = "model",
     if cfg.batch_size < 1 or cfg.sort_window < 1:
         raise ValueError(f"eval.batch_size={cfg.batch_size}, eval.sort_window={cfg.sort_window}: both must be >= 1")
     model_id = recipe.train.run_name
-    settings = storage.read_json(storage.join(model_dir, "trim_llava.json"))
+    settings = storage.read_json(storage.join(model_dir, SETTINGS_FILE))
     trim_cfg = resolve_trim(trim_spec, recipe.trim, settings.get("trim"))
     label = trim_name(trim_cfg)
     question_bytes = storage.read_bytes(paths.eval_questions)

@@ -13,12 +13,9 @@ by rank 0 before the complete marker."""
 
 
 def digest_file(path: str | Path) -> str:
-    """SHA-256 of a file, read in 8 MiB blocks (shards are gigabytes)."""
-    digest = hashlib.sha256()
+    """SHA-256 of a file, streamed (shards are gigabytes)."""
     with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def walk(directory: str | Path) -> tuple[list[str], list[str]]:

@@ -25,8 +25,8 @@ import torch
 
 from pipelines import storage
 from pipelines.train.plan import WINDOW_MICRO_BATCHES
+from trim.batching import Batch, pack_batch, pad_batch
 from trim.conversation import tokenize_conversation
-from trim.model import Batch, pack_batch, pad_batch
 
 logger = logging.getLogger(__name__)
 TOKENIZED_COLUMNS = ("index", "id", "input_ids", "labels", "tokens", "num_tokens", "token_dim", "length")

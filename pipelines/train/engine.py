@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from pipelines.config import TrainConfig
-from pipelines.train.plan import TrainJob, warmup_cosine
+from pipelines.train.plan import StepPlan, TrainJob
 
 logger = logging.getLogger(__name__)
 
@@ -101,12 +101,19 @@ def build(job: TrainJob) -> Built:
     tokenizer = load_llm_tokenizer(tokenizer_path(job.llm))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(job.plan.warmup_steps,
-                                                                           job.plan.total_steps))
+    scheduler = lr_scheduler(optimizer, job.plan)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=job.deepspeed)
     return Built(model=model, tokenizer=tokenizer, engine=engine,
                  zero_stage=int(job.deepspeed.get("zero_optimization", {}).get("stage", 0)))
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, plan: StepPlan) -> torch.optim.lr_scheduler.LambdaLR:
+    """LLaVA's learning-rate schedule: transformers' cosine schedule with warmup (linear from 0 over
+    plan.warmup_steps, then cosine to 0 at plan.total_steps), stepped once per optimizer step."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(optimizer, plan.warmup_steps, plan.total_steps)
 
 
 def export(built: Built, destination: str, is_master: bool, tracker: Any = None, registered_name: str = "") -> None:

@@ -1,5 +1,5 @@
-"""Stage 3, fine-tune (driver side): the TRIM cache's light index (train_data.sample_index), and a
-TorchTrainer whose workers run `train_worker.train_loop` (each reads its rows in the epoch's seeded
+"""Stage 3, fine-tune (driver side): the TRIM cache's light index (pipelines.train.data.sample_index), and a
+TorchTrainer whose workers run `pipelines.train.worker.train_loop` (each reads its rows in the epoch's seeded
 global order; DeepSpeed, checkpoints, MLflow). No vision tower anywhere.
 
 The same train.run_name resumes from the newest complete checkpoint (see pipelines/train/checkpoints.py):
@@ -18,7 +18,8 @@ from pipelines.manifests import CacheManifest
 from pipelines.tracking_store import experiment_name
 from pipelines.train import checkpoints
 from pipelines.train.engine import deepspeed_config
-from pipelines.train.plan import TrainJob, plan_steps, run_identity
+from pipelines.train.identity import run_identity
+from pipelines.train.plan import TrainJob, plan_steps
 from trim.formats import check_vision_settings, read_vision_settings
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def run_finetune(job: TrainJob, paths: PathsConfig, cache: str) -> tuple[Any, st
         run_config=ray.train.RunConfig(name=cfg.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                                        # A lost worker: Ray Train restarts the group in this job, and each
-                                       # worker resumes from the newest checkpoint (train_worker.train_loop).
+                                       # worker resumes from the newest checkpoint (pipelines.train.worker.train_loop).
                                        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
     )
     result = trainer.fit()

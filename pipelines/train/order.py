@@ -27,12 +27,12 @@ import numpy as np
 
 
 def order_rules(group: bool, balance: bool) -> int:
-    """The version of the rules an epoch's order follows with these settings, recorded in each
-    checkpoint (train_plan.run_identity): an epoch continues exactly only under the rules it began
-    with. 1: a plain shuffle (or, before version 3, steps of neighbouring lengths from pools of 8 steps
-    sorted together, cut into consecutive micro-batches); 2: as 1, packed steps split into
-    micro-batches of even totals; 3: steps drawn at random, as LLaVA's, each cut into consecutive
-    micro-batches of its sorted samples; 4: as 3, packed steps split with even totals (balanced_split)."""
+    """The rules an epoch's order follows with these settings, recorded in each checkpoint
+    (pipelines.train.identity.run_identity): an epoch continues exactly only under the rules it began
+    with. 1: a plain shuffle; 3: steps drawn at random, as LLaVA's, each cut into consecutive
+    micro-batches of its sorted samples; 4: as 3, packed steps split with even totals
+    (balanced_split). A checkpoint that records 1 or 2 with grouping on, or none, was ordered by rules
+    this code no longer follows, so its epoch cannot continue mid-way."""
     if not group:
         return 1
     return 4 if balance else 3

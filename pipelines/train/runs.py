@@ -22,8 +22,10 @@ from pipelines import storage
 from pipelines.config import PathsConfig, Recipe
 from pipelines.manifests import CacheManifest, read_current, resolve_output
 from pipelines.train import checkpoints
+from pipelines.train.identity import resume_differences
 from pipelines.train.launch import run_finetune, train_job
-from pipelines.train.plan import CACHE_VERSION, TrainJob, cache_version_of_run, expand_run_name, resume_differences
+from pipelines.train.plan import TrainJob
+from pipelines.train.run_names import CACHE_VERSION, cache_version_of_run, expand_run_name
 from trim.model_files import SETTINGS_FILE
 
 logger = logging.getLogger(__name__)
@@ -80,6 +82,10 @@ def check_resume(job: TrainJob, checkpoint: str | None) -> None:
         was = (state.get("identity") or {}).get("cache", {}).get("version") or "an unversioned cache"
         hint = (f" The checkpoint was trained on {was}, the current cache is {job.identity['cache']['version']}; "
                 f"runs that should follow the cache name themselves after it: train.run_name=<name>-{CACHE_VERSION}.")
+    if "schedule" in differs:
+        hint += (" The learning-rate schedule's rules changed since that checkpoint (pipelines/train/identity.py, "
+                 "SCHEDULE_RULES: transformers' cosine schedule with warmup, as LLaVA's Trainer), so its run "
+                 "cannot continue on the schedule it began with.")
     if "order" in differs:
         hint += (" The epoch order's rules changed since that checkpoint (pipelines/train/order.py, order_rules: "
                  "steps drawn at random as LLaVA's, packed ones split with even token totals), so its epoch "

@@ -20,9 +20,10 @@ from pipelines.tracking import Tracker
 from pipelines.train import checkpoints
 from pipelines.train.data import CacheReader, SampleIndex, collate, micro_batches, positions
 from pipelines.train.engine import Built
+from pipelines.train.identity import resume_differences
 from pipelines.train.order import epoch_micro_batches, rank_micro_batches
-from pipelines.train.plan import TrainJob, TrainState, resume_differences
-from trim.model import Batch
+from pipelines.train.plan import TrainJob, TrainState
+from trim.batching import Batch
 
 logger = logging.getLogger(__name__)
 SAMPLE_INDEX_KEY = "sample_index"

@@ -52,7 +52,7 @@ def test_a_broken_entrypoint_fails(case):
 
 def test_the_retraining_runs_the_four_stages_in_order_under_a_run_named_after_the_cache():
     from pipelines.config import load_recipe
-    from pipelines.train.plan import CACHE_VERSION, cache_version_of_run, expand_run_name
+    from pipelines.train.run_names import CACHE_VERSION, cache_version_of_run, expand_run_name
 
     template = ks.load("schedule/cronjob/retrain-template.yaml")
     commands = ep.job_commands(template)

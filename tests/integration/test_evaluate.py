@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from pipelines.evaluate.stage import ANSWER_KEYS, answer_id
+from pipelines.evaluate.answering import ANSWER_KEYS, answer_id
 from tests.integration import servers
 from tests.integration.conftest import REPO
 from trim import TrimConfig

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pipelines import storage
 from pipelines.manifests import CacheManifest, EvalManifest, ShardsManifest, read_current, resolve_output
-from pipelines.train.plan import CACHE_VERSION
+from pipelines.train.run_names import CACHE_VERSION
 from tests.infra import k8s_entrypoints as ep
 from tests.infra import k8s_support as ks
 from tests.integration.conftest import model_overrides, run_job

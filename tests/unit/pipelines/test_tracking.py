@@ -59,7 +59,7 @@ def test_runs_end_finished_failed_or_killed_with_what_was_logged(tmp_path):
 
 def test_an_unreachable_server_is_retried_said_once_and_metrics_skipped_during_the_cooldown(caplog):
     uri = dead_uri()
-    with caplog.at_level(logging.INFO, logger="pipelines.tracking"), tracker(uri, attempts=3) as t:
+    with caplog.at_level(logging.INFO, logger="pipelines"), tracker(uri, attempts=3) as t:
         assert t.start("r") is None
         assert t.stats.tries == 3 and t.cooling_down()
         for step in range(1, 6):
@@ -85,7 +85,7 @@ def test_a_run_that_could_not_start_starts_with_the_next_call_that_gets_through(
     blocker = tmp_path / "store"
     blocker.write_text("a file where the store's folder should be")  # the store cannot be opened
     uri = sqlite_uri(blocker)
-    with caplog.at_level(logging.INFO, logger="pipelines.tracking"), tracker(uri, attempts=2) as t:
+    with caplog.at_level(logging.INFO, logger="pipelines"), tracker(uri, attempts=2) as t:
         assert t.start("late") is None
         t.log_params({"lr": 0.1})
         blocker.unlink()  # the store is back
@@ -103,7 +103,7 @@ def test_a_run_that_could_not_start_starts_with_the_next_call_that_gets_through(
 
 def test_a_refused_call_is_not_retried_and_tracking_goes_on(tmp_path, caplog):
     uri = sqlite_uri(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="pipelines.tracking"), tracker(uri) as t:
+    with caplog.at_level(logging.WARNING, logger="pipelines"), tracker(uri) as t:
         t.start("refused")
         t.log_params({"lr": 0.1})
         tries = t.stats.tries

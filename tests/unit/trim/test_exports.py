@@ -10,10 +10,11 @@ from PIL import Image
 from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
 from trim import TrimConfig, trim_tokens
+from trim.batching import pad_batch
 from trim.conversation import IMAGE_TOKEN_INDEX, conversation_prompt, generation_prompt, tokenize_prompt
 from trim.encoders import ClipEncoder, describe_checkpoint
 from trim.formats import check_vision_settings, detect_layout, export_model, load_llava_trim, load_starting_point
-from trim.model import LlavaTrim, pad_batch
+from trim.model import LlavaTrim
 
 QUESTION = "What is the colour of the circle?"
 

@@ -12,7 +12,9 @@ from transformers import AutoTokenizer
 
 from trim import TrimConfig
 from trim.formats import load_llava_trim
-from trim.inference import Answerer, default_dtype, inference_text, reduce_images
+from trim.inference import Answerer, default_dtype
+from trim.questions import inference_text
+from trim.reduction import reduce_images
 from trim.timing import device_name, question_of_length, timed_generation
 
 QUESTIONS = [

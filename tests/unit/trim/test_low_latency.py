@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from trim.low_latency import LowLatencyGenerator, default_buckets
+from trim.low_latency import LowLatencyGenerator
+from trim.static_cache import default_buckets
 
 
 def small_llama(device: str = "cpu", dtype: torch.dtype = torch.float32, attn: str = "sdpa", kv_heads: int = 2):
@@ -104,14 +105,14 @@ def test_the_prefill_attends_over_its_bucket_only(llm, monkeypatch):
     from trim import low_latency
 
     widths: list[int] = []
-    update = low_latency._BucketCache.update
+    update = low_latency.BucketCache.update
 
     def recording(self, *args, **kwargs):
         keys, values = update(self, *args, **kwargs)
         widths.append(keys.shape[2])
         return keys, values
 
-    monkeypatch.setattr(low_latency._BucketCache, "update", recording)
+    monkeypatch.setattr(low_latency.BucketCache, "update", recording)
     generator = LowLatencyGenerator(llm, max_new_tokens=3, max_prompt_tokens=192)
     embeds = prompt(20, seed=4)
     assert generator.generate(embeds, 3, eos_token_id=-1) == reference(llm, embeds, 3)

@@ -4,9 +4,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from trim.batching import pack_batch, pad_batch, spliced_length
 from trim.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from trim.formats import load_llava_trim
-from trim.model import PROJECTOR_FILE, LlavaTrim, build_projector, pack_batch, pad_batch, spliced_length
+from trim.model import PROJECTOR_FILE, LlavaTrim, build_projector
 
 
 @pytest.fixture(scope="module")

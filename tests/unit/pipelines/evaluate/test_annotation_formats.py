@@ -7,7 +7,8 @@ import json
 import pytest
 
 from pipelines.evaluate.annotation_formats import convert, pope_annotations, to_jsonl
-from pipelines.evaluate.scoring import load_annotations, score
+from pipelines.evaluate.annotations import load_annotations
+from pipelines.evaluate.scoring import score
 
 
 def answer(qid, prompt, text):

@@ -10,24 +10,23 @@ from PIL import Image
 
 from pipelines import storage
 from pipelines.evaluate import outputs as eval_outputs
-from pipelines.evaluate.inputs import LINE, fetch_bytes, pixels_of, prepare_questions
-from pipelines.evaluate.stage import (
+from pipelines.evaluate.answering import (
     ANSWER_KEYS,
-    _metrics,
     answer_id,
     answer_questions,
     answer_record,
     busy_seconds,
-    parse_questions,
-    question_key,
-    record_key,
     resolve_trim,
     trim_name,
 )
+from pipelines.evaluate.inputs import LINE, fetch_bytes, pixels_of, prepare_questions
+from pipelines.evaluate.questions import parse_questions, question_key, record_key
+from pipelines.evaluate.stage import _metrics
 from synthetic.tiny_models import shipped_clip
 from trim import TrimConfig
 from trim.encoders import ClipHost
-from trim.inference import Answer, QuestionInputs
+from trim.inference import Answer
+from trim.questions import QuestionInputs
 
 
 class FakeAnswerer:
@@ -255,3 +254,14 @@ def test_an_unknown_generation_is_refused_before_any_work(tmp_path):
     recipe.eval.generation = "fast"
     with pytest.raises(ValueError, match="eval.generation='fast': expected one of"):
         run_evaluate(recipe, str(tmp_path / "no-model"))
+
+
+def test_a_scoring_error_names_the_users_annotation_file_and_line(tmp_path):
+    from pipelines.evaluate.stage import _score
+
+    annotations = tmp_path / "my-annotations.jsonl"
+    annotations.write_text('{"question_id": 1, "answers": ["cat"]}\n{"question_id": 2}\n')
+    answers = [{"question_id": 1, "prompt": "q", "text": "cat"}, {"question_id": 2, "prompt": "q", "text": "dog"}]
+    with pytest.raises(ValueError) as raised:
+        _score(answers, str(annotations), "vqa", [])
+    assert f"{annotations}:2" in str(raised.value) and "tmp" + "/annotations.jsonl" not in str(raised.value)

@@ -6,10 +6,8 @@ import json
 
 import pytest
 
+from pipelines.evaluate.annotations import Annotation, find_missing, load_annotations
 from pipelines.evaluate.scoring import (
-    Annotation,
-    find_missing,
-    load_annotations,
     score,
     score_choice,
     score_vqa,

@@ -22,8 +22,8 @@ def test_a_training_step_on_cuda_takes_a_batch_built_on_the_cpu(tiny_models):
     """The first GPU step used to crash ("index is on cpu"): batches are collated on the host."""
     import torch
 
+    from trim.batching import pack_batch, pad_batch
     from trim.conversation import IMAGE_TOKEN_INDEX
-    from trim.model import pack_batch, pad_batch
 
     model = load_llava_trim(tiny_models.llm, feature_dim=64, dtype=torch.bfloat16, gradient_checkpointing=True)
     model.to("cuda")

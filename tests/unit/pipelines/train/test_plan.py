@@ -6,7 +6,7 @@ import numpy as np
 
 from pipelines.config import TrainConfig
 from pipelines.train.order import epoch_micro_batches, rank_micro_batches
-from pipelines.train.plan import TrainState, plan_steps, warmup_cosine
+from pipelines.train.plan import TrainState, plan_steps
 
 
 def test_global_batch_and_steps():
@@ -15,7 +15,7 @@ def test_global_batch_and_steps():
     assert plan.global_batch == 128
     # each modality cut on its own: 39,039 + 2,543 micro-batches, padded to 5,198 for each of 8 workers
     assert plan.micro_batches_per_epoch == 5198
-    assert plan.total_steps == 5198 and plan.warmup_steps == int(5198 * 0.03)
+    assert plan.total_steps == 5198 and plan.warmup_steps == 156  # ceil(5198 * 0.03), as LLaVA's Trainer
     assert plan_steps(100, 50, TrainConfig(max_steps=7)).total_steps == 7
     accum = plan_steps(64, 64, TrainConfig(num_workers=2, micro_batch_size=4, grad_accum_steps=2, epochs=2))
     assert accum.global_batch == 16 and accum.total_steps == 8
@@ -33,11 +33,32 @@ def test_the_plan_counts_the_micro_batches_the_epochs_order_deals_each_worker():
     assert plain.micro_batches_per_epoch == 2  # one shuffle of all samples: 4 micro-batches
 
 
-def test_warmup_then_cosine_to_zero():
-    f = warmup_cosine(warmup_steps=3, total_steps=13)
-    assert [round(f(s), 3) for s in range(3)] == [0.25, 0.5, 0.75]
-    assert f(3) == 1.0 and abs(f(8) - 0.5) < 1e-9 and f(13) == 0.0
-    assert all(f(s) >= f(s + 1) for s in range(3, 13))
+def test_the_schedule_is_llavas_at_every_step_of_llava_1_5(tmp_path):
+    """LLaVA-1.5's fine-tuning: 5,198 steps, warmup ratio 0.03, cosine; its Trainer builds the schedule
+    with TrainingArguments.get_warmup_steps and transformers' "cosine" scheduler."""
+    import torch
+    from transformers import TrainingArguments, get_scheduler
+
+    from pipelines.train.engine import lr_scheduler
+
+    cfg = TrainConfig(max_steps=5198, warmup_ratio=0.03, lr=2e-5)
+    plan = plan_steps(665_298, 624_610, cfg)
+    args = TrainingArguments(output_dir=str(tmp_path), warmup_steps=0.03, lr_scheduler_type="cosine",
+                             learning_rate=2e-5, max_steps=5198, report_to=[])
+
+    def optimizer():
+        return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-5)
+
+    ours = lr_scheduler(optimizer(), plan)
+    theirs = get_scheduler(args.lr_scheduler_type, optimizer(), num_warmup_steps=args.get_warmup_steps(5198),
+                           num_training_steps=5198)
+    assert plan.warmup_steps == args.get_warmup_steps(5198) == 156
+    for step in range(5198):
+        assert ours.get_last_lr() == theirs.get_last_lr(), step
+        ours.optimizer.step(), theirs.optimizer.step()
+        ours.step(), theirs.step()
+    ours_lrs = [lr_scheduler(optimizer(), plan).lr_lambdas[0](s) for s in (0, 78, 156, 5198)]
+    assert ours_lrs[0] == 0.0 and ours_lrs[1] == 0.5 and ours_lrs[2] == 1.0 and ours_lrs[3] == 0.0
 
 
 def test_train_state_round_trips_and_ignores_unknown_keys():
@@ -47,7 +68,7 @@ def test_train_state_round_trips_and_ignores_unknown_keys():
 
 
 def test_a_resume_must_share_the_cache_the_training_settings_and_the_workers():
-    from pipelines.train.plan import identity_differences, run_identity
+    from pipelines.train.identity import identity_differences, run_identity
 
     manifest = {"encoder": {"path": "clip"}, "trim": {"keep": "least_similar"}, "samples": 64, "cache_bytes": 10}
     base = {**run_identity(TrainConfig(), manifest, "llm", ""), "workers": 2}

@@ -8,7 +8,9 @@ import pytest
 
 from pipelines.config import PathsConfig, TrainConfig
 from pipelines.manifests import CURRENT_FILE
-from pipelines.train.plan import StepPlan, TrainJob, cache_version_of_run, expand_run_name, run_identity
+from pipelines.train.identity import run_identity
+from pipelines.train.plan import StepPlan, TrainJob
+from pipelines.train.run_names import cache_version_of_run, expand_run_name
 from pipelines.train.runs import already_complete, check_resume, remove_superseded_runs
 
 V1, V2, V3 = "v-111111111111", "v-222222222222", "v-333333333333"
@@ -83,13 +85,18 @@ def test_a_complete_run_on_the_same_cache_needs_nothing_and_another_cache_is_ref
         check_resume(_job(tmp_path, lr=0.5), last)
 
 
+def _checkpoint_without(part, job, step, micro_in_epoch):
+    """A checkpoint written before `part` of the identity was recorded."""
+    folder = Path(_checkpoint(job, step))
+    state = json.loads((folder / "complete.json").read_text())
+    del state["identity"][part]
+    (folder / "complete.json").write_text(json.dumps(dict(state, micro_in_epoch=micro_in_epoch)))
+    return str(folder)
+
+
 def test_a_packed_run_checkpointed_mid_epoch_under_the_old_order_is_refused_saying_why(tmp_path):
-    def old_checkpoint(job, step, micro_in_epoch):  # written before the order's rules were recorded
-        folder = Path(_checkpoint(job, step))
-        state = json.loads((folder / "complete.json").read_text())
-        del state["identity"]["order"]
-        (folder / "complete.json").write_text(json.dumps(dict(state, micro_in_epoch=micro_in_epoch)))
-        return str(folder)
+    def old_checkpoint(job, step, micro_in_epoch):
+        return _checkpoint_without("order", job, step, micro_in_epoch)
 
     packed = _job(tmp_path / "packed")
     with pytest.raises(RuntimeError, match=r"differ: order\).*order's rules changed"):
@@ -110,3 +117,18 @@ def test_a_packed_run_checkpointed_mid_epoch_under_the_old_order_is_refused_sayi
         check_resume(padded, old_checkpoint(padded, 2, micro_in_epoch=3))
     plain = _job(tmp_path / "plain", group_by_length=False)
     check_resume(plain, old_checkpoint(plain, 2, micro_in_epoch=3))  # a plain shuffle, as then
+
+
+def test_a_run_checkpointed_under_the_old_schedule_is_refused_saying_why_unless_it_is_finished(tmp_path):
+    def old_checkpoint(job, step, micro_in_epoch):
+        return _checkpoint_without("schedule", job, step, micro_in_epoch)
+
+    job = _job(tmp_path / "mid")
+    with pytest.raises(RuntimeError, match=r"differ: schedule\).*learning-rate schedule's rules changed"):
+        check_resume(job, old_checkpoint(job, 2, micro_in_epoch=3))
+    epoch_end = _job(tmp_path / "epoch")  # the next epoch still runs on the schedule: refused there too
+    with pytest.raises(RuntimeError, match=r"differ: schedule\)"):
+        check_resume(epoch_end, old_checkpoint(epoch_end, 2, micro_in_epoch=epoch_end.plan.micro_batches_per_epoch))
+    done = _job(tmp_path / "done")
+    last = old_checkpoint(done, 4, micro_in_epoch=3)
+    check_resume(done, last)  # nothing is left to schedule
