@@ -18,6 +18,7 @@ def test_quick_ablation_writes_its_table_and_result(tmp_path):
         assert 0 <= result[key] <= (576 if key.startswith("mean") else 1), key
     assert result["mean_visual_tokens_full"] == 576
     assert result["seeds"] == 1 and result["accuracy_trim_std"] == 0.0
+    assert "trim seed 0: accuracy" in done.stdout  # the studies' progress lines reach the log
     table = (tmp_path / "ablation-quick" / "table.md").read_text().splitlines()
     rows = [line.split("|")[1].strip() for line in table[2:]]
     assert rows[:6] == ["full", "trim", "trim_no_aggregate", "uniform", "random", "trim_other_sign"]
