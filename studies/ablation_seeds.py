@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from studies.ablation import KINDS, SCHEDULE, AblationConfig, Encoded, RowData, Sample, encode, run_seed
+from studies.ablation import KINDS, AblationConfig, Encoded, RowData, Sample, encode, run_seed
 from synthetic.scenes import Scene
 from trim.encoders import ClipEncoder
 
@@ -59,10 +59,9 @@ def summarise(name: str, per_seed: Sequence[dict]) -> dict:
 
 def record_key(cfg: AblationConfig, row: RowData, seed: int, clip: str) -> str:
     """What a (row, seed) figure depends on: the config (but the seed count), the row's reduction,
-    the model seed, the learning-rate schedule and the CLIP checkpoint's hash."""
+    the model seed and the CLIP checkpoint's hash."""
     ablation = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "seeds"}
-    text = json.dumps({"ablation": ablation, "trim": row.trim.to_dict(), "seed": seed, "clip": clip,
-                       "schedule": SCHEDULE}, sort_keys=True)
+    text = json.dumps({"ablation": ablation, "trim": row.trim.to_dict(), "seed": seed, "clip": clip}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
