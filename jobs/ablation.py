@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.cli import recipe_argparser  # noqa: E402
@@ -47,8 +49,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scenes", type=int, default=0, help="training scenes (default: the config's)")
     parser.add_argument("--eval-scenes", type=int, default=0, help="held-out scenes (default: the config's)")
     parser.add_argument("--clip", default="", help="CLIP checkpoint (default: the shipped models/tiny-clip)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (default: torch's; 1 on a crowded machine)")
     args = parser.parse_args(argv)
     setup_logging()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     recipe = load_recipe(args.recipe, args.overrides)
     given = {"seeds": args.seeds, "steps": args.steps, "train_scenes": args.scenes, "eval_scenes": args.eval_scenes}
