@@ -1,21 +1,27 @@
 """The paper's ablation in miniature: fine-tune the tiny LLaVA on synthetic scenes once per reduction
 (all 576 tokens, TRIM, TRIM without the aggregate, uniform pooling and random patches at TRIM's count,
-TRIM with the other sign) and score each on held-out scenes.
+TRIM with the other sign) and model seed, and score each on held-out scenes.
 
-    python jobs/ablation.py --recipe tiny [--quick] [--steps N] [--set trim.keep=most_similar]
+    python jobs/ablation.py --recipe tiny [--seeds N] [--quick] [--steps N] [--rows full,trim]
 
-Writes <root>/ablation/table.md and results.json, logs one MLflow run per row (experiment
-"<recipe>-ablation"), and ends with one `RESULT {json}` line. --quick: a few steps on a few scenes,
-to check that it runs end to end (CI), not to measure.
+Writes <root>/ablation/table.md (each row's mean ± standard deviation over its seeds) and results.json
+(with every seed's figures and loss curve), logs one MLflow run per row (experiment
+"<recipe>-ablation"), and ends with one `RESULT {json}` line. A stopped run resumes: each finished
+(row, seed) is kept under <root>/ablation/seeds/. --quick: a few steps on a few scenes, to check that it
+runs end to end (CI), not to measure.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import sys
+import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -24,68 +30,74 @@ from pipelines.config import load_recipe  # noqa: E402
 from pipelines.logs import setup_logging  # noqa: E402
 from pipelines.tracking import Tracker, flatten  # noqa: E402
 from pipelines.tracking_store import default_tracking_uri  # noqa: E402
-from studies.ablation import AblationConfig, chance, encode, make_split, run_row, variants  # noqa: E402
+from studies.ablation import AblationConfig, chance, make_split, prepare_row, variants  # noqa: E402
+from studies.ablation_seeds import encode_cached, result_figures, run_rows, table  # noqa: E402
 from synthetic.tiny_models import build_tiny_llm, shipped_clip  # noqa: E402
-from trim.encoders import ClipEncoder  # noqa: E402
+from trim.encoders import ClipEncoder, checkpoint_hash  # noqa: E402
+from trim.llm_tokenizer import load_llm_tokenizer  # noqa: E402
 
 logger = logging.getLogger("jobs.ablation")
 QUICK = AblationConfig(train_scenes=48, eval_scenes=24, steps=6, batch_size=8, llm_hidden=32, llm_depth=1)
 
 
-def table(rows: list[dict], chance_level: float) -> str:
-    lines = ["| row | accuracy | colour | position | count | mean visual tokens | train step (s) |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['row']} | {r['accuracy']:.3f} | {r['accuracy_colour']:.3f} | {r['accuracy_position']:.3f} "
-                     f"| {r['accuracy_count']:.3f} | {r['mean_visual_tokens']:.1f} | {r['step_seconds']:.3f} |")
-    lines.append(f"| chance (most common answer per kind) | {chance_level:.3f} | | | | | |")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = recipe_argparser(__doc__)
     parser.add_argument("--quick", action="store_true", help="a few steps on a few scenes (CI)")
+    parser.add_argument("--seeds", type=int, default=0, help="model seeds per row (default: the config's)")
     parser.add_argument("--steps", type=int, default=0, help="optimizer steps per row (default: the config's)")
     parser.add_argument("--rows", default="", help="comma-separated rows to run (default: all)")
     parser.add_argument("--scenes", type=int, default=0, help="training scenes (default: the config's)")
+    parser.add_argument("--eval-scenes", type=int, default=0, help="held-out scenes (default: the config's)")
     parser.add_argument("--clip", default="", help="CLIP checkpoint (default: the shipped models/tiny-clip)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (default: torch's; 1 on a crowded machine)")
     args = parser.parse_args(argv)
     setup_logging()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
     recipe = load_recipe(args.recipe, args.overrides)
-    cfg = QUICK if args.quick else AblationConfig()
-    if args.steps:
-        cfg = dataclasses.replace(cfg, steps=args.steps)
-    if args.scenes:
-        cfg = dataclasses.replace(cfg, train_scenes=args.scenes)
+    given = {"seeds": args.seeds, "steps": args.steps, "train_scenes": args.scenes, "eval_scenes": args.eval_scenes}
+    cfg = dataclasses.replace(QUICK if args.quick else AblationConfig(), **{k: v for k, v in given.items() if v})
     out = Path(recipe.paths.root) / ("ablation-quick" if args.quick else "ablation")
     out.mkdir(parents=True, exist_ok=True)
-    llm = build_tiny_llm(out / "llm", hidden=cfg.llm_hidden, depth=cfg.llm_depth, seed=cfg.seed)
-    encoder = ClipEncoder(args.clip or shipped_clip())
+    clip = args.clip or str(shipped_clip())
+
+    @functools.cache
+    def llm_for_seed(seed: int) -> Path:
+        return build_tiny_llm(out / f"llm-seed{seed}", hidden=cfg.llm_hidden, depth=cfg.llm_depth, seed=seed)
+
+    encoder = ClipEncoder(clip)
     train_scenes, train_samples = make_split(cfg.train_scenes, seed=cfg.seed)
     eval_scenes, eval_samples = make_split(cfg.eval_scenes, seed=cfg.seed + 10_000)
-    train = (encode(encoder, train_scenes, train_samples), train_samples)
-    held_out = (encode(encoder, eval_scenes, eval_samples), eval_samples)
+    clip_hash = checkpoint_hash(clip)
+    train = (encode_cached(encoder, clip_hash, train_scenes, train_samples, out / "cache"), train_samples)
+    held_out = (encode_cached(encoder, clip_hash, eval_scenes, eval_samples, out / "cache"), eval_samples)
+    tokenizer = load_llm_tokenizer(llm_for_seed(cfg.seed))
     tracking_uri = default_tracking_uri(recipe.paths.root)
-    rows = []
     chosen = variants(recipe.trim)
     if args.rows:
+        unknown = set(args.rows.split(",")) - set(chosen)
+        if unknown:
+            parser.error(f"--rows: unknown rows {sorted(unknown)} (rows: {', '.join(chosen)})")
         chosen = {name: chosen[name] for name in args.rows.split(",")}
-    for name, trim_cfg in chosen.items():
+    prepared = [prepare_row(name, trim_cfg, train, held_out, tokenizer) for name, trim_cfg in chosen.items()]
+    rows = run_rows(prepared, cfg, llm_for_seed, out / "seeds", clip_hash)
+    for row, row_data in zip(rows, prepared):
         with Tracker(tracking_uri, f"{recipe.name}-ablation") as tracker:
-            tracker.start(f"{name}{'-quick' if args.quick else ''}")
-            tracker.log_params(flatten({"ablation": dataclasses.asdict(cfg), "trim": trim_cfg.to_dict()}))
-            row = run_row(name, trim_cfg, train, held_out, llm, cfg)
+            tracker.start(f"{row['row']}{'-quick' if args.quick else ''}")
+            tracker.log_params(flatten({"ablation": dataclasses.asdict(cfg), "trim": row_data.trim.to_dict()}))
             tracker.log_metrics({k: v for k, v in row.items() if isinstance(v, float)}, step=cfg.steps)
-        logger.info("%s: accuracy %.3f with %.1f visual tokens", name, row["accuracy"], row["mean_visual_tokens"])
-        rows.append(row)
+        logger.info("%s: accuracy %.3f ± %.3f over %d seeds with %.1f visual tokens", row["row"], row["accuracy"],
+                    row["accuracy_std"], cfg.seeds, row["mean_visual_tokens"])
     chance_level = chance(eval_samples)
+    seconds = time.perf_counter() - started
     (out / "table.md").write_text(table(rows, chance_level) + "\n")
-    (out / "results.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "rows": rows,
-                                                  "chance": chance_level}, indent=1))
-    result = {f"accuracy_{r['row']}": round(r["accuracy"], 4) for r in rows}
-    result.update({f"mean_visual_tokens_{r['row']}": round(r["mean_visual_tokens"], 2) for r in rows})
+    (out / "results.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "clip": clip, "rows": rows,
+                                                  "chance": chance_level, "wall_seconds": seconds}, indent=1))
+    result = result_figures(rows, cfg)
     result.update(chance=round(chance_level, 4), trim_keep=recipe.trim.keep, steps=cfg.steps,
-                  table=str(out / "table.md"))
+                  wall_seconds=round(seconds), table=str(out / "table.md"))
     print(table(rows, chance_level))
     print("RESULT " + json.dumps(result))
     return result

@@ -8,7 +8,7 @@ import sys
 
 FORMAT = "%(asctime)s %(stage)s: %(message)s"
 DATE_FORMAT = "%H:%M:%S"
-PROJECT_LOGGERS = ("pipelines", "trim", "jobs", "benchmarks")
+PROJECT_LOGGERS = ("pipelines", "trim", "jobs", "benchmarks", "studies", "synthetic")
 
 
 class _StageName(logging.Filter):

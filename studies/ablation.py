@@ -4,8 +4,9 @@ Held-out scenes are asked the colour of a named shape, where a named object is, 
 there are (single-word answers). One frozen CLIP (the project's tiny one) encodes every scene once; each
 row then reduces the same features its own way (trim/core.py: TRIM with either sign, TRIM without the
 aggregate token, uniform pooling to TRIM's count, random patches of TRIM's count, or all 576), and a
-fresh tiny LLaVA (projector + LLM, same seed, same steps) is fine-tuned on the reduced tokens and
-scored on the held-out questions. Accuracy is exact match of the greedy answer, computed teacher-forced
+fresh tiny LLaVA (projector + LLM, same seeds, same steps) is fine-tuned on the reduced tokens and
+scored on the held-out questions, once per model seed (studies/ablation_seeds.py: the seeds' mean and
+spread per row). Accuracy is exact match of the greedy answer, computed teacher-forced
 (every answer token and the end token the argmax: exactly when greedy decoding produces the answer).
 """
 
@@ -13,15 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import random
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import get_cosine_schedule_with_warmup
 
 from synthetic.scenes import Scene, random_scene, render
 from trim.batching import pad_batch
@@ -38,6 +39,10 @@ SHORT = "Answer the question using a single word or phrase."
 KINDS = {"colour": 0.45, "position": 0.45, "count": 0.1}
 """Question kinds and their shares (counting has the fewest answers, 1-3: a small share keeps the
 majority-answer baseline low)."""
+LOSS_WINDOW = 25
+"""Steps per point of the recorded loss curve (the mean loss of each window: one step's loss is noisy)."""
+
+
 @dataclass(frozen=True)
 class AblationConfig:
     """The miniature ablation's data, model and training."""
@@ -46,8 +51,8 @@ class AblationConfig:
     """Training scenes (one question each)."""
     eval_scenes: int = 600
     """Held-out scenes (another seed), one question each."""
-    steps: int = 1000
-    """Optimizer steps per row."""
+    steps: int = 300
+    """Optimizer steps per row and seed (docs/studies.md: where the loss flattens, what fewer cost)."""
     batch_size: int = 16
     """Samples per step (packed into rows)."""
     lr: float = 2e-3
@@ -57,7 +62,11 @@ class AblationConfig:
     llm_depth: int = 4
     """Layers of the tiny LLM."""
     seed: int = 0
-    """Seeds the scenes, the questions, the model initialisation and the batches."""
+    """Seeds the scenes and the questions (the same for every model seed), and the first model seed."""
+    seeds: int = 1
+    """Model seeds per row: seed, seed + 1, ... Each seeds a fresh model's initialisation (LLM and
+    projector) and the order of its batches; the scenes, the questions, the CLIP features and each
+    row's reduction stay the same, so the spread across seeds is the training's run-to-run spread."""
 
 
 @dataclass(frozen=True)
@@ -170,13 +179,28 @@ def tokenize(samples: Sequence[Sample], visual: Sequence[torch.Tensor], tokenize
     return out
 
 
-def fit(model: LlavaTrim, train: list[dict], cfg: AblationConfig, pad_id: int) -> float:
-    """Train in place; return the mean seconds per step."""
-    torch.manual_seed(cfg.seed)
+def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Learning-rate factor: linear warmup to 1 ((step + 1) / (warmup + 1), never 0), then cosine decay
+    to 0 at total_steps. The ablation's own, so its recorded seeds stay comparable whatever schedule
+    the training pipeline uses."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def fit(model: LlavaTrim, train: list[dict], cfg: AblationConfig, pad_id: int, seed: int) -> tuple[float, list[list]]:
+    """Train in place with `seed`'s batch order; return the mean seconds per step and the loss curve
+    ([last step, mean loss] per LOSS_WINDOW steps, where it flattens says how many steps are enough)."""
+    torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, cfg.steps // 33), cfg.steps)
-    order = random.Random(cfg.seed)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(max(1, cfg.steps // 33), cfg.steps))
+    order = random.Random(seed)
     model.train()
+    curve: list[list] = []
+    window: list[float] = []
     started = time.perf_counter()
     for step in range(cfg.steps):
         batch = pad_batch(order.sample(train, cfg.batch_size), pad_id)
@@ -186,9 +210,13 @@ def fit(model: LlavaTrim, train: list[dict], cfg: AblationConfig, pad_id: int) -
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
+        window.append(loss.item())
+        if len(window) == LOSS_WINDOW or step == cfg.steps - 1:
+            curve.append([step + 1, round(sum(window) / len(window), 4)])
+            window = []
         if step % 250 == 0 or step == cfg.steps - 1:
             logger.info("  step %d/%d loss %.3f", step + 1, cfg.steps, loss.item())
-    return (time.perf_counter() - started) / cfg.steps
+    return (time.perf_counter() - started) / cfg.steps, curve
 
 
 @torch.no_grad()
@@ -207,22 +235,41 @@ def correct(model: LlavaTrim, samples: list[dict], pad_id: int, batch: int = 64)
     return hits
 
 
-def run_row(name: str, cfg: TrimConfig, train: tuple[Encoded, list[Sample]], held_out: tuple[Encoded, list[Sample]],
-            llm_path: Path, ablation: AblationConfig) -> dict:
-    """Reduce, fine-tune a fresh tiny LLaVA, score it: one row of the table."""
-    torch.manual_seed(ablation.seed)
-    model = load_llava_trim(llm_path, feature_dim=train[0].features.shape[-1], attn_implementation="sdpa")
-    from trim.llm_tokenizer import load_llm_tokenizer
+@dataclass
+class RowData:
+    """One row's reduced and tokenized splits (the same for every model seed)."""
 
-    tokenizer = load_llm_tokenizer(llm_path)
+    name: str
+    trim: TrimConfig
+    train: list[dict]
+    held_out: list[dict]
+    kinds: list[str]
+    """The held-out samples' question kinds, in order."""
+    mean_visual_tokens: float
+
+
+def prepare_row(name: str, cfg: TrimConfig, train: tuple[Encoded, list[Sample]],
+                held_out: tuple[Encoded, list[Sample]], tokenizer) -> RowData:
+    """Reduce both splits the row's way and tokenize them."""
     train_tokens = reduce(*train, cfg)
     eval_tokens = reduce(*held_out, cfg)
-    logger.info("row %s: %.1f visual tokens per image on average", name,
-                sum(t.shape[0] for t in eval_tokens) / len(eval_tokens))
-    step_s = fit(model, tokenize(train[1], train_tokens, tokenizer), ablation, tokenizer.pad_token_id)
-    hits = correct(model, tokenize(held_out[1], eval_tokens, tokenizer), tokenizer.pad_token_id)
-    by_kind = {k: [h for h, s in zip(hits, held_out[1]) if s.kind == k] for k in KINDS}
-    return {"row": name, "accuracy": sum(hits) / len(hits),
+    mean_tokens = sum(t.shape[0] for t in eval_tokens) / len(eval_tokens)
+    logger.info("row %s: %.1f visual tokens per image on average", name, mean_tokens)
+    return RowData(name, cfg, tokenize(train[1], train_tokens, tokenizer),
+                   tokenize(held_out[1], eval_tokens, tokenizer), [s.kind for s in held_out[1]], mean_tokens)
+
+
+def run_seed(row: RowData, llm_path: Path, ablation: AblationConfig, seed: int) -> dict:
+    """Fine-tune a fresh tiny LLaVA (the LLM at llm_path, built with `seed`; the projector drawn with
+    it) on one row's tokens and score it: one seed of one row."""
+    from trim.llm_tokenizer import load_llm_tokenizer
+
+    pad_id = load_llm_tokenizer(llm_path).pad_token_id
+    torch.manual_seed(seed)
+    model = load_llava_trim(llm_path, feature_dim=row.train[0]["visual"].shape[-1], attn_implementation="sdpa")
+    step_s, curve = fit(model, row.train, ablation, pad_id, seed)
+    hits = correct(model, row.held_out, pad_id)
+    by_kind = {k: [h for h, kind in zip(hits, row.kinds) if kind == k] for k in KINDS}
+    return {"row": row.name, "seed": seed, "accuracy": sum(hits) / len(hits),
             **{f"accuracy_{k}": sum(v) / max(1, len(v)) for k, v in by_kind.items()},
-            "mean_visual_tokens": sum(t.shape[0] for t in eval_tokens) / len(eval_tokens),
-            "step_seconds": step_s, "trim": cfg.to_dict()}
+            "mean_visual_tokens": row.mean_visual_tokens, "step_seconds": step_s, "loss_curve": curve}

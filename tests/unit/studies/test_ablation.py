@@ -1,6 +1,12 @@
+import dataclasses
+import json
+import math
 import random
 
-from studies.ablation import KINDS, Sample, ask, chance, make_split, variants
+import pytest
+
+from studies.ablation import KINDS, AblationConfig, RowData, Sample, ask, chance, make_split, variants, warmup_cosine
+from studies.ablation_seeds import model_seeds, record_key, result_figures, run_rows, summarise, table
 from trim.config import TrimConfig
 
 
@@ -53,3 +59,68 @@ def test_a_scene_with_no_unique_shape_is_asked_only_to_count():
     asked = [ask(scene, 0, random.Random(i)) for i in range(30)]
     assert {a.kind for a in asked if a is not None} == {"count"}
     assert None in asked
+
+
+def _seed(row, seed, accuracy, colour, position, count):
+    return {"row": row, "seed": seed, "accuracy": accuracy, "accuracy_colour": colour,
+            "accuracy_position": position, "accuracy_count": count, "mean_visual_tokens": 46.0,
+            "step_seconds": 0.2, "loss_curve": [[50, 1.0]]}
+
+
+def test_a_rows_seeds_give_its_mean_and_sample_spread_overall_and_per_kind():
+    row = summarise("trim", [_seed("trim", 0, 0.40, 0.6, 0.1, 0.7), _seed("trim", 1, 0.44, 0.7, 0.2, 0.6),
+                             _seed("trim", 2, 0.42, 0.8, 0.15, 0.5)])
+    assert row["seeds"] == [0, 1, 2]
+    assert row["accuracy"] == pytest.approx(0.42) and row["accuracy_std"] == pytest.approx(0.02)
+    assert row["accuracy_colour"] == pytest.approx(0.7) and row["accuracy_colour_std"] == pytest.approx(0.1)
+    assert row["accuracy_position"] == pytest.approx(0.15) and row["accuracy_position_std"] == pytest.approx(0.05)
+    assert row["accuracy_count"] == pytest.approx(0.6) and row["accuracy_count_std"] == pytest.approx(0.1)
+    assert [s["seed"] for s in row["per_seed"]] == [0, 1, 2]
+
+
+def test_one_seed_has_no_spread_and_no_seed_is_refused():
+    row = summarise("full", [_seed("full", 0, 0.5, 0.5, 0.5, 0.5)])
+    assert row["accuracy"] == 0.5 and row["accuracy_std"] == 0.0
+    with pytest.raises(ValueError, match="full"):
+        summarise("full", [])
+
+
+def test_the_result_holds_each_rows_mean_its_std_and_the_seed_count():
+    cfg = AblationConfig(seeds=2)
+    rows = [summarise(name, [_seed(name, 0, 0.3, 0, 0, 0), _seed(name, 1, 0.5, 0, 0, 0)]) for name in ("full", "trim")]
+    result = result_figures(rows, cfg)
+    assert result["seeds"] == 2
+    for name in ("full", "trim"):
+        assert result[f"accuracy_{name}"] == pytest.approx(0.4)
+        assert result[f"accuracy_{name}_std"] == pytest.approx(0.1414, abs=1e-4)
+    lines = table(rows, 0.167).splitlines()
+    assert lines[2].startswith("| full | 0.400 ± 0.141 |") and lines[-1].startswith("| chance")
+
+
+def test_model_seeds_count_up_from_the_first():
+    assert model_seeds(AblationConfig(seed=5, seeds=3)) == [5, 6, 7]
+    with pytest.raises(ValueError, match="seeds"):
+        model_seeds(AblationConfig(seeds=0))
+
+
+def test_a_finished_seed_is_read_back_and_a_changed_config_is_run_again(tmp_path):
+    cfg = AblationConfig(seeds=2, steps=10)
+    row = RowData("trim", TrimConfig.paper(), train=[], held_out=[], kinds=[], mean_visual_tokens=46.0)
+    for seed, accuracy in ((0, 0.4), (1, 0.5)):
+        (tmp_path / f"trim-seed{seed}.json").write_text(json.dumps(
+            {"key": record_key(cfg, row, seed, "clip-hash"), "result": _seed("trim", seed, accuracy, 0, 0, 0)}))
+
+    def no_training(seed):
+        raise AssertionError(f"seed {seed} trained again")
+
+    assert run_rows([row], cfg, no_training, tmp_path, "clip-hash")[0]["accuracy"] == pytest.approx(0.45)
+    for changed, clip in ((dataclasses.replace(cfg, steps=20), "clip-hash"), (cfg, "another-clip")):
+        with pytest.raises(AssertionError, match="seed 0 trained again"):
+            run_rows([row], changed, no_training, tmp_path, clip)
+
+
+def test_the_learning_rate_warms_up_from_above_zero_then_decays_to_zero():
+    factor = warmup_cosine(9, 300)
+    assert 0 < factor(0) < factor(8) < 1 and factor(9) == 1
+    assert factor(150) == pytest.approx(0.5 * (1 + math.cos(math.pi * 141 / 291)))
+    assert factor(300) == pytest.approx(0.0)
