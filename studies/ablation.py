@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import get_cosine_schedule_with_warmup
 
 from synthetic.scenes import Scene, random_scene, render
 from trim.batching import pad_batch
@@ -179,24 +179,12 @@ def tokenize(samples: Sequence[Sample], visual: Sequence[torch.Tensor], tokenize
     return out
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """Learning-rate factor: linear warmup to 1 ((step + 1) / (warmup + 1), never 0), then cosine decay
-    to 0 at total_steps. The ablation's own, so its recorded seeds stay comparable whatever schedule
-    the training pipeline uses."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return factor
-
-
 def fit(model: LlavaTrim, train: list[dict], cfg: AblationConfig, pad_id: int, seed: int) -> tuple[float, list[list]]:
     """Train in place with `seed`'s batch order; return the mean seconds per step and the loss curve
     ([last step, mean loss] per LOSS_WINDOW steps, where it flattens says how many steps are enough)."""
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(max(1, cfg.steps // 33), cfg.steps))
+    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, cfg.steps // 33), cfg.steps)
     order = random.Random(seed)
     model.train()
     curve: list[list] = []

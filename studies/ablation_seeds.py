@@ -59,9 +59,11 @@ def summarise(name: str, per_seed: Sequence[dict]) -> dict:
 
 def record_key(cfg: AblationConfig, row: RowData, seed: int, clip: str) -> str:
     """What a (row, seed) figure depends on: the config (but the seed count), the row's reduction,
-    the model seed and the CLIP checkpoint's hash."""
+    the model seed, the CLIP checkpoint's hash and the learning-rate schedule (transformers' cosine
+    with warmup)."""
     ablation = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "seeds"}
-    text = json.dumps({"ablation": ablation, "trim": row.trim.to_dict(), "seed": seed, "clip": clip}, sort_keys=True)
+    text = json.dumps({"ablation": ablation, "trim": row.trim.to_dict(), "seed": seed, "clip": clip,
+                       "schedule": "transformers-cosine-with-warmup"}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

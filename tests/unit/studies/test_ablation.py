@@ -1,11 +1,10 @@
 import dataclasses
 import json
-import math
 import random
 
 import pytest
 
-from studies.ablation import KINDS, AblationConfig, RowData, Sample, ask, chance, make_split, variants, warmup_cosine
+from studies.ablation import KINDS, AblationConfig, RowData, Sample, ask, chance, make_split, variants
 from studies.ablation_seeds import model_seeds, record_key, result_figures, run_rows, summarise, table
 from trim.config import TrimConfig
 
@@ -117,10 +116,3 @@ def test_a_finished_seed_is_read_back_and_a_changed_config_is_run_again(tmp_path
     for changed, clip in ((dataclasses.replace(cfg, steps=20), "clip-hash"), (cfg, "another-clip")):
         with pytest.raises(AssertionError, match="seed 0 trained again"):
             run_rows([row], changed, no_training, tmp_path, clip)
-
-
-def test_the_learning_rate_warms_up_from_above_zero_then_decays_to_zero():
-    factor = warmup_cosine(9, 300)
-    assert 0 < factor(0) < factor(8) < 1 and factor(9) == 1
-    assert factor(150) == pytest.approx(0.5 * (1 + math.cos(math.pi * 141 / 291)))
-    assert factor(300) == pytest.approx(0.0)
