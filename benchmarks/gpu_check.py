@@ -30,6 +30,7 @@ from gpu_sections.encoder import encoder_section, gpu_decode_section, preprocess
 from gpu_sections.engine import engine_section  # noqa: E402
 from gpu_sections.inference import eval_section, graph_section, prefill_section  # noqa: E402
 from gpu_sections.run import GPU_SIZES, TINY_SIZES, Run, free_memory  # noqa: E402
+from gpu_sections.serve import serve_section  # noqa: E402
 from gpu_sections.train import train_section  # noqa: E402
 
 
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         run.models.pop(geometry, None)
     free_memory(run)
     run.section("engine", engine_section)
+    run.section("serve", serve_section)
     run.results["total_s"] = round(time.perf_counter() - run.start, 1)
     run.log("summary:\n" + summary(run.results))
     line = "RESULT " + json.dumps(run.results, sort_keys=True)
