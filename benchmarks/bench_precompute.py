@@ -20,7 +20,6 @@ import argparse
 import io
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -34,7 +33,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch  # noqa: E402
 from bench_trim import time_trim
-from common import REPO, child_env, table
+from common import REPO, child_env, peak_rss_mb, table
 from PIL import Image
 
 from pipelines import storage
@@ -68,17 +67,9 @@ def child(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     manifest = run_precompute(str(work / "shards"), str(work / "cache"), str(work / "clip"), PRESET, cfg)
     seconds = time.perf_counter() - started
-    peak = _peak_rss_mb()
+    peak = peak_rss_mb()
     print("CHILD " + json.dumps({"seconds": seconds, "driver_peak_rss_mb": peak, "manifest": manifest.to_dict(),
                                  "steady_images_per_s": steady_rate(work / "cache")}))
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak RSS since it started (VmHWM; ru_maxrss would count the parent it forked from)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB (Linux) -> MB
 
 
 def _warm_up() -> None:

@@ -1,16 +1,17 @@
 """ZeRO-3 model build: peak memory per rank while the model is created and loaded, against the rank's
 share of the weights, with and without parameters created already partitioned (DeepSpeed's
-zero.Init through transformers' HfDeepSpeedConfig, as pipelines/train_engine.build does).
+zero.Init through transformers' HfDeepSpeedConfig, as pipelines/train/engine.build does).
 
     python benchmarks/bench_zero3_build.py [--layers 18] [--hidden 1024] [--quick]
 
 A ~300M-parameter Llama (fp32) is saved once in sharded safetensors (as real checkpoints ship), then
 2 ranks (gloo, on this CPU) each build LlavaTrim from it and hand it to deepspeed.initialize with
-ZeRO-3. Each rank reports its peak RSS above its RSS before the build (imports excluded), divided
-by its share of the fp32 weights (all parameters x 4 bytes / ranks). Ends with one `RESULT {json}`
-line holding `zero3_build_peak_rss_over_share` (target <= 1.5) and the same figure without zero.Init.
-`--quick` runs the same with a 2-layer, 256-wide Llama (seconds; its ratios are dominated by fixed
-overheads and mean nothing).
+ZeRO-3. Each rank reports its peak RSS (VmHWM: its own, not the peak of the parent it was spawned from)
+above its RSS before the build (imports excluded), divided by its share of the fp32 weights (all
+parameters x 4 bytes / ranks). Ends with one `RESULT {json}` line holding
+`zero3_build_peak_rss_over_share` (target <= 1.5) and the same figure without zero.Init. `--quick`
+runs the same with a 2-layer, 256-wide Llama (seconds; its ratios are dominated by fixed overheads
+and mean nothing).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import sys
 import tempfile
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+from common import peak_rss_mb
 
 from trim.formats import load_llava_trim
 
@@ -57,21 +58,20 @@ def _rank(rank: int, world: int, port: int, llm: str, zero_init: bool, out: str)
 
     AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(llm))]
     before = _rss_mb()
-    resource_peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if zero_init:
         with zero3_init(ds_config):
             model = load_llava_trim(llm, feature_dim=1024)
     else:
         model = load_llava_trim(llm, feature_dim=1024)
-    built_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    built_peak = peak_rss_mb()
     partitioned = any(hasattr(p, "ds_numel") for p in model.parameters())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    engine_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    engine_peak = peak_rss_mb()
     # Parameters as DeepSpeed sees them: ds_numel is the full size of a partitioned parameter.
     params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     Path(out, f"rank{rank}.json").write_text(json.dumps({
-        "rss_before_mb": before, "built_peak_mb": max(built_peak, resource_peak_before),
+        "rss_before_mb": before, "built_peak_mb": built_peak,
         "engine_peak_mb": engine_peak, "params": params, "partitioned_at_build": partitioned}))
 
 

@@ -31,6 +31,15 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS since it started, in MiB: VmHWM, which exec resets. Not ru_maxrss: a
+    process started by spawn or subprocess inherits the peak of the parent it was forked from."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
 def child_env(extra: dict | None = None) -> dict[str, str]:
     """The environment of a job a benchmark runs: its own local Ray (no RAY_ADDRESS), no progress bars,
     and this checkout first on PYTHONPATH, so the job's Ray workers (started by the raylet from this

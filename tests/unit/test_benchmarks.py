@@ -25,7 +25,8 @@ QUICK = {
     "bench_zero3_build": ([], ["zero3_build_peak_rss_over_share", "without_zero_init_peak_rss_over_share",
                                "zero3_engine_peak_rss_over_share", "partitioned_at_build", "params", "share_mb"]),
     "bench_train": ([], ["step_ratio", "token_ratio", "step_over_token_ratio", "padding_share",
-                         "pipeline_over_deepspeed", "pipeline_over_deepspeed_full", "deepspeed_ratio", "bare_ratio"]),
+                         "pipeline_over_deepspeed", "pipeline_over_deepspeed_repeats",
+                         "pipeline_over_deepspeed_full", "deepspeed_ratio", "bare_ratio"]),
     "bench_serve": ([], ["questions_per_s_trim", "questions_per_s_full", "serve_over_answerer", "p50_latency_s",
                          "p95_latency_s", "mean_batch_size"]),
     "bench_memory": ([], ["shard_wide_peak_mib", "precompute_wide_peak_mib", "shard_ordinary_peak_mib",
@@ -94,3 +95,17 @@ def test_run_all_goes_past_a_failing_benchmark(tmp_path, monkeypatch, capsys):
     assert any(line.startswith("bench_broken") and "FAILED (exit status 3)" in line for line in lines)
     assert any(line.startswith("bench_fine") and "x=1.0" in line for line in lines)
     assert "failed: bench_broken" in out
+
+
+def test_peak_rss_is_the_process_own_not_its_parents():
+    """A child started by spawn or subprocess inherits its parent's ru_maxrss on Linux: a benchmark
+    reading that in a rank would report the parent's peak (bench_zero3_build once read 1.99 for 1.45)."""
+    block = bytearray(300 * 2**20)
+    block[::4096] = b"x" * len(block[::4096])  # touched, so this process's peak holds it
+    del block
+    code = ("import resource, sys; sys.path.insert(0, 'benchmarks'); import common; "
+            "print(common.peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    own, inherited = map(float, subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                                               text=True, check=True).stdout.split())
+    assert inherited > 300  # what ru_maxrss says: the parent's peak
+    assert own < 150  # a Python with psutil imported
