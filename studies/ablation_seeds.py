@@ -67,6 +67,21 @@ def record_key(cfg: AblationConfig, row: RowData, seed: int, clip: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def record_path(records: Path, row: str, seed: int, key: str) -> Path:
+    """Where a finished (row, seed) is kept: named by its key too, so runs of other settings (say 1000
+    steps beside 300) keep their own records side by side instead of replacing each other's."""
+    return records / f"{row}-seed{seed}-{key}.json"
+
+
+def _saved(path: Path, unkeyed: Path) -> tuple[Path, dict]:
+    """The record at `path`, else one written under the name without a key (before record_path), else {};
+    with the file it came from."""
+    for candidate in (path, unkeyed):
+        if candidate.exists():
+            return candidate, json.loads(candidate.read_text())
+    return path, {}
+
+
 def run_rows(rows: Sequence[RowData], cfg: AblationConfig, llm_for_seed: Callable[[int], Path], records: Path,
              clip: str) -> list[dict]:
     """Every row under every seed, seed by seed (a run stopped early has every row at its first seeds),
@@ -77,10 +92,10 @@ def run_rows(rows: Sequence[RowData], cfg: AblationConfig, llm_for_seed: Callabl
     for seed in model_seeds(cfg):
         for row in rows:
             key = record_key(cfg, row, seed, clip)
-            path = records / f"{row.name}-seed{seed}.json"
-            saved = json.loads(path.read_text()) if path.exists() else {}
+            path = record_path(records, row.name, seed, key)
+            found, saved = _saved(path, records / f"{row.name}-seed{seed}.json")
             if saved.get("key") == key:
-                logger.info("%s seed %d: done before (%s)", row.name, seed, path)
+                logger.info("%s seed %d: done before (%s)", row.name, seed, found)
                 result = saved["result"]
             else:
                 result = run_seed(row, llm_for_seed(seed), cfg, seed)

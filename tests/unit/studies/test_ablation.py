@@ -5,7 +5,7 @@ import random
 import pytest
 
 from studies.ablation import KINDS, AblationConfig, RowData, Sample, ask, chance, make_split, variants
-from studies.ablation_seeds import model_seeds, record_key, result_figures, run_rows, summarise, table
+from studies.ablation_seeds import model_seeds, record_key, record_path, result_figures, run_rows, summarise, table
 from trim.config import TrimConfig
 
 
@@ -106,8 +106,10 @@ def test_a_finished_seed_is_read_back_and_a_changed_config_is_run_again(tmp_path
     cfg = AblationConfig(seeds=2, steps=10)
     row = RowData("trim", TrimConfig.paper(), train=[], held_out=[], kinds=[], mean_visual_tokens=46.0)
     for seed, accuracy in ((0, 0.4), (1, 0.5)):
-        (tmp_path / f"trim-seed{seed}.json").write_text(json.dumps(
-            {"key": record_key(cfg, row, seed, "clip-hash"), "result": _seed("trim", seed, accuracy, 0, 0, 0)}))
+        key = record_key(cfg, row, seed, "clip-hash")
+        # seed 0 under the name records had before they were keyed, seed 1 under record_path's
+        path = tmp_path / "trim-seed0.json" if seed == 0 else record_path(tmp_path, "trim", seed, key)
+        path.write_text(json.dumps({"key": key, "result": _seed("trim", seed, accuracy, 0, 0, 0)}))
 
     def no_training(seed):
         raise AssertionError(f"seed {seed} trained again")
@@ -116,3 +118,30 @@ def test_a_finished_seed_is_read_back_and_a_changed_config_is_run_again(tmp_path
     for changed, clip in ((dataclasses.replace(cfg, steps=20), "clip-hash"), (cfg, "another-clip")):
         with pytest.raises(AssertionError, match="seed 0 trained again"):
             run_rows([row], changed, no_training, tmp_path, clip)
+
+
+def test_runs_of_other_settings_keep_their_own_records(tmp_path):
+    """A 1000-step run beside a 300-step one: each reads back its own seeds, neither replaces the other's."""
+    row = RowData("trim", TrimConfig.paper(), train=[], held_out=[], kinds=[], mean_visual_tokens=46.0)
+    short, long = AblationConfig(steps=300), AblationConfig(steps=1000)
+    trained = []
+
+    def train(accuracy):
+        def run(r, llm, cfg, seed):
+            trained.append(cfg.steps)
+            return _seed("trim", seed, accuracy, 0, 0, 0)
+        return run
+
+    import studies.ablation_seeds as ablation_seeds
+
+    for cfg, accuracy in ((short, 0.4), (long, 0.6)):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ablation_seeds, "run_seed", train(accuracy))
+            run_rows([row], cfg, lambda seed: tmp_path, tmp_path, "clip-hash")
+    assert trained == [300, 1000]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ablation_seeds, "run_seed", train(0.0))
+        assert run_rows([row], short, lambda seed: tmp_path, tmp_path, "clip-hash")[0]["accuracy"] == 0.4
+        assert run_rows([row], long, lambda seed: tmp_path, tmp_path, "clip-hash")[0]["accuracy"] == 0.6
+    assert trained == [300, 1000]  # both read back, none trained again
+    assert len(list(tmp_path.glob("trim-seed0-*.json"))) == 2
