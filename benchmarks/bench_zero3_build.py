@@ -26,20 +26,12 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
-from common import peak_rss_mb
+from common import peak_rss_mb, status_mb
 
 from trim.formats import load_llava_trim
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def _rank(rank: int, world: int, port: int, llm: str, zero_init: bool, out: str) -> None:
@@ -57,7 +49,7 @@ def _rank(rank: int, world: int, port: int, llm: str, zero_init: bool, out: str)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(llm))]
-    before = _rss_mb()
+    before = status_mb("VmRSS")
     if zero_init:
         with zero3_init(ds_config):
             model = load_llava_trim(llm, feature_dim=1024)

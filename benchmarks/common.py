@@ -31,13 +31,18 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+def status_mb(field: str) -> float:
+    """One memory field of /proc/self/status (VmRSS, VmHWM, ...) in MiB (Linux only)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
+
+
 def peak_rss_mb() -> float:
     """This process's peak RSS since it started, in MiB: VmHWM, which exec resets. Not ru_maxrss: a
     process started by spawn or subprocess inherits the peak of the parent it was forked from."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+    return status_mb("VmHWM")
 
 
 def child_env(extra: dict | None = None) -> dict[str, str]:
